@@ -1,0 +1,1 @@
+"""diffjax: diffusion models in JAX/Flax."""
