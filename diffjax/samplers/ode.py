@@ -58,3 +58,10 @@ def heun(process: Process) -> Solver:
     return alpha_n * (xs + (s_n - s) * 0.5 * (d + d_next)), state
 
   return Solver(init=_no_state, step=step, order=2, nfe_per_step=2)
+
+
+ODE_SOLVERS = {
+    "euler": euler,
+    "ddim": euler,
+    "heun": heun,
+}
