@@ -30,7 +30,7 @@ class GaussianMixture:
   variances: jax.Array
 
   @classmethod
-  def load(cls, path) -> "GaussianMixture":
+  def load(cls, path) -> GaussianMixture:
     """From an .npz with ``weights`` (K,), ``means`` (K, d), ``variances`` (K, d)."""
     with np.load(path) as f:
       missing = {"weights", "means", "variances"} - set(f.files)
@@ -39,7 +39,7 @@ class GaussianMixture:
       return cls.create(f["weights"], f["means"], f["variances"])
 
   @classmethod
-  def create(cls, weights, means, variances) -> "GaussianMixture":
+  def create(cls, weights, means, variances) -> GaussianMixture:
     w, m, v = (np.asarray(a, np.float64) for a in (weights, means, variances))
     if w.ndim != 1 or m.ndim != 2 or v.shape != m.shape or m.shape[0] != w.size:
       raise ValueError(f"need weights (K,), means (K, d), variances (K, d); got {w.shape}, {m.shape}, {v.shape}")

@@ -252,26 +252,30 @@ class DiscreteVP(Process):
   t_max: float = struct.field(pytree_node=False, default=999.0)
 
   @classmethod
-  def from_betas(cls, betas) -> "DiscreteVP":
+  def from_betas(cls, betas) -> DiscreteVP:
     betas = np.asarray(betas, np.float64)
     if betas.ndim != 1 or betas.size < 2 or not np.all((betas > 0) & (betas < 1)):
       raise ValueError("betas must be a 1-D array of at least 2 values in (0, 1)")
     alpha_bar = np.cumprod(1.0 - betas)
     log_edm = 0.5 * (np.log1p(-alpha_bar) - np.log(alpha_bar))
-    return cls(log_edm_sigmas=jnp.asarray(log_edm), t_max=float(betas.size - 1))
+    # Kept as float64 numpy: it takes the precision of the computation that uses it.
+    return cls(log_edm_sigmas=log_edm, t_max=float(betas.size - 1))
 
   @classmethod
   def from_schedule(cls, schedule="scaled_linear", num_train_timesteps=1000,
-                    beta_start=0.00085, beta_end=0.012) -> "DiscreteVP":
+                    beta_start=0.00085, beta_end=0.012) -> DiscreteVP:
     return cls.from_betas(_betas(schedule, num_train_timesteps, beta_start, beta_end))
 
   @property
   def num_train_timesteps(self) -> int:
     return int(self.t_max) + 1
 
+  def _table(self):
+    table = jnp.asarray(self.log_edm_sigmas)
+    return jnp.arange(table.shape[0], dtype=table.dtype), table
+
   def _log_edm_sigma(self, t):
-    grid = jnp.arange(self.log_edm_sigmas.shape[0], dtype=self.log_edm_sigmas.dtype)
-    return jnp.interp(t, grid, self.log_edm_sigmas)
+    return jnp.interp(t, *self._table())
 
   def log_snr(self, t):
     return -2.0 * self._log_edm_sigma(t)
@@ -283,8 +287,8 @@ class DiscreteVP(Process):
     return _vp_log_alpha_from_log_snr(-self.log_snr(t))
 
   def t_from_log_snr(self, log_snr):
-    grid = jnp.arange(self.log_edm_sigmas.shape[0], dtype=self.log_edm_sigmas.dtype)
-    return jnp.interp(-0.5 * jnp.asarray(log_snr), self.log_edm_sigmas, grid)
+    grid, table = self._table()
+    return jnp.interp(-0.5 * jnp.asarray(log_snr), table, grid)
 
 
 # ----------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ Conventions (shared by every solver in ``ode.py`` and ``sde.py``):
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,12 +47,12 @@ class Solver(NamedTuple):
   init: Callable[[Array, Array], Any]
   step: Callable[..., tuple[Array, Any]]
   order: int
-  nfe_per_step: Optional[int]
+  nfe_per_step: int | None
   stochastic: bool = False
 
 
 def sample(solver: Solver, denoise: Denoiser, x: Array, ts: Array, *,
-           key: Optional[Array] = None, denoise_final: bool = True) -> Array:
+           key: Array | None = None, denoise_final: bool = True) -> Array:
   """Runs ``solver`` along the grid ``ts`` from ``x`` (at ts[0]) towards clean data.
 
   Args:
