@@ -1,0 +1,1 @@
+"""Metrics that judge samples."""
