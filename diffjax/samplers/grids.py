@@ -33,7 +33,7 @@ def quadratic_t(process: Process, n: int, t_start=None, t_end=None):
 
 
 def log_snr_uniform(process: Process, n: int, t_start=None, t_end=None):
-  """Uniform in log-SNR (DPM-Solver's "logSNR" spacing)."""
+  """Uniform in log-SNR (DPM-Solver's "logSNR" spacing). Needs alpha(t_start) > 0."""
   t_start, t_end = _range(process, t_start, t_end)
   lam = jnp.linspace(process.log_snr(t_start), process.log_snr(t_end), n)
   return process.t_from_log_snr(lam)
@@ -43,7 +43,7 @@ def karras(process: Process, n: int, sigma_min=None, sigma_max=None, rho=7.0):
   """Karras et al. (2022, eq. 5) in the EDM noise level sigma/alpha, rho-warped.
 
   sigma_i = (s_max^(1/rho) + i/(n-1) (s_min^(1/rho) - s_max^(1/rho)))^rho; sigma_min
-  and sigma_max default to the process's range.
+  and sigma_max default to the process's range (which must have alpha(t_max) > 0).
   """
   if sigma_min is None:
     sigma_min = process.edm_sigma(process.t_min)
