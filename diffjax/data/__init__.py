@@ -1,0 +1,1 @@
+"""Datasets (TFDS builders for embedded data) and grain input pipelines."""

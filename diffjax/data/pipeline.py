@@ -1,0 +1,123 @@
+"""grain input pipelines for image-text data.
+
+``load_source`` gives a random-access source (a TFDS ``array_record`` data source:
+the embedded datasets are built locally on first use; any other TFDS name is read
+with ``tfds.data_source`` where it can be downloaded). ``image_text_dataset`` turns
+it into a sharded, seeded, shuffled, augmented, tokenized, batched and prefetched
+``grain.IterDataset`` whose iterator state (``get_state``/``set_state``) is
+checkpointed with the model for exact resumption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import grain
+import numpy as np
+from PIL import Image
+
+EMBEDDED = {
+    "digits_captions": "diffjax.data.digits:DigitsCaptions",
+    "shapes_captions": "diffjax.data.shapes:ShapesCaptions",
+}
+
+
+def load_source(name: str, split: str, data_dir: str | None = None):
+  """A random-access data source of TFDS dataset ``name``, split ``split``.
+
+  Embedded datasets (``EMBEDDED``) are built into ``data_dir`` on first use, offline.
+  """
+  import tensorflow_datasets as tfds  # heavy import, only when data is needed
+
+  if name in EMBEDDED:
+    module, cls = EMBEDDED[name].split(":")
+    builder = getattr(__import__(module, fromlist=[cls]), cls)(data_dir=data_dir)
+    builder.download_and_prepare()
+    sources = builder.as_data_source()
+    if split not in sources:
+      raise ValueError(f"dataset {name!r} has splits {sorted(sources)}, not {split!r}")
+    return sources[split]
+  return tfds.data_source(name, split=split, data_dir=data_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTextOptions:
+  """How examples become training batches.
+
+  Attributes:
+    batch_size: examples per batch on this process (global batch / process count).
+    image_size: output height = width in pixels (bilinear resize when it differs).
+    max_shift: random translation of up to this many pixels (zero padded); 0 = none.
+    image_key, caption_key: feature names in the source.
+    extra_keys: integer features passed through (labels, attributes).
+  """
+
+  batch_size: int
+  image_size: int
+  max_shift: int = 0
+  image_key: str = "image"
+  caption_key: str = "caption"
+  extra_keys: tuple = ()
+
+
+def _prepare(example, options: ImageTextOptions, tokenize: Callable[[str], np.ndarray]):
+  image = np.asarray(example[options.image_key])
+  if image.shape[0] != options.image_size or image.shape[1] != options.image_size:
+    channels = image.shape[-1]
+    pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+    image = np.asarray(pil.resize((options.image_size,) * 2, Image.BILINEAR)).reshape(
+        options.image_size, options.image_size, channels)
+  caption = example[options.caption_key]
+  caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+  out = {"image": image.astype(np.float32) / 127.5 - 1.0, "tokens": np.asarray(tokenize(caption), np.int32)}
+  for key in options.extra_keys:
+    out[key] = np.asarray(example[key], np.int32)
+  return out
+
+
+def _shift(example, rng: np.random.Generator, max_shift: int):
+  dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
+  image = np.roll(example["image"], (dy, dx), axis=(0, 1))
+  h, w = image.shape[:2]
+  fill = -1.0  # background (black) in [-1, 1]
+  if dy > 0:
+    image[:dy] = fill
+  elif dy < 0:
+    image[h + dy:] = fill
+  if dx > 0:
+    image[:, :dx] = fill
+  elif dx < 0:
+    image[:, w + dx:] = fill
+  return {**example, "image": image}
+
+
+def image_text_dataset(source, options: ImageTextOptions, tokenize: Callable[[str], np.ndarray], *, seed: int,
+                       shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
+                       shuffle: bool = True, prefetch_threads: int = 2) -> grain.IterDataset:
+  """Batches of {"image": (B, S, S, C) float32 in [-1, 1], "tokens": (B, L) int32, extra keys (B,)}.
+
+  Args:
+    source: random-access source (``load_source``).
+    options: ``ImageTextOptions``.
+    tokenize: caption string -> (L,) int token ids (fixed L).
+    seed: shuffling and augmentation seed; the same on every process.
+    shard_index, shard_count: this process's share (``jax.process_index()``,
+      ``jax.process_count()``): example i goes to process i % shard_count.
+    num_epochs: None repeats forever.
+    shuffle: reshuffle every epoch.
+  """
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
+  ds = grain.MapDataset.source(source)[shard_index::shard_count]
+  if len(ds) < options.batch_size:
+    raise ValueError(f"this shard has {len(ds)} examples, fewer than one batch of {options.batch_size}")
+  ds = ds.seed(seed)
+  if shuffle:
+    ds = ds.shuffle()
+  ds = ds.repeat(num_epochs)
+  ds = ds.map(lambda ex: _prepare(ex, options, tokenize))
+  if options.max_shift:
+    ds = ds.random_map(lambda ex, rng: _shift(ex, rng, options.max_shift))
+  ds = ds.batch(options.batch_size, drop_remainder=True)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=4))
