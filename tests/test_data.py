@@ -27,7 +27,8 @@ def test_digits_builder_is_the_real_sklearn_data(data_dir):
   ex = train[0]
   assert ex["image"].shape == (8, 8, 1) and ex["image"].dtype == np.uint8
   # every example is one of sklearn's images with its label, and its caption names that label
-  matches = [i for i in range(len(ref.target)) if np.array_equal(np.round(ref.images[i] * 255 / 16), ex["image"][..., 0])]
+  scaled = np.round(ref.images * 255 / 16)
+  matches = [i for i in range(len(ref.target)) if np.array_equal(scaled[i], ex["image"][..., 0])]
   assert matches and all(ref.target[i] == ex["label"] for i in matches)
   captions = collections.Counter()
   for i in range(200):
