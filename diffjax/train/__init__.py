@@ -1,0 +1,1 @@
+"""Training: state, step functions, the trainer, sharding, checkpoints."""

@@ -1,0 +1,80 @@
+"""orbax checkpoints of the training state and the input pipeline position.
+
+One checkpoint per saved step holds two items: ``state`` (any pytree of arrays:
+params, EMA params, optimizer state, step, RNG key data) and ``data`` (the grain
+iterator state, JSON). Saves are asynchronous, at most ``max_to_keep`` are kept.
+
+Restoring walks the steps from newest to oldest: a checkpoint that fails to load
+(corrupt or half-written) is skipped with a warning, so a crash during a save never
+loses the run. ``save`` refuses a state with a non-finite floating-point value.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+def _all_finite(tree) -> bool:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+  return bool(np.all([bool(jnp.all(jnp.isfinite(x))) for x in leaves]))
+
+
+class Checkpointer:
+  """Saves and restores (state, data_state) under ``directory`` (see module docstring)."""
+
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                           create=True)
+    self._directory = os.fspath(directory)
+    self._manager = ocp.CheckpointManager(self._directory, options=options)
+
+  def save(self, step: int, state, data_state: dict | None = None, *, wait: bool = False) -> None:
+    """Starts saving ``state`` and ``data_state`` as ``step`` (``wait=True`` blocks until written)."""
+    if not _all_finite(state):
+      raise FloatingPointError(f"refusing to checkpoint step {step}: the state has a NaN or Inf")
+    args = {"state": ocp.args.StandardSave(state)}
+    if data_state is not None:
+      args["data"] = ocp.args.JsonSave(data_state)
+    self._manager.save(step, args=ocp.args.Composite(**args), force=True)
+    if wait:
+      self._manager.wait_until_finished()
+
+  def restore_latest(self, abstract_state) -> tuple[Any, dict | None, int] | None:
+    """(state, data_state, step) of the newest loadable checkpoint, or None if there is none.
+
+    Args:
+      abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with shardings, for a
+        sharded restore) or arrays with the structure of the saved state.
+    """
+    abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        args = {"state": ocp.args.StandardRestore(abstract_state)}
+        has_data = os.path.isdir(os.path.join(self._directory, str(step), "data"))
+        if has_data:
+          args["data"] = ocp.args.JsonRestore()
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        if restored.state is None:
+          raise ValueError("empty state")
+        return restored.state, (restored.data if has_data else None), step
+      except Exception as e:  # noqa: BLE001 - any failure to read means: try an older one
+        logging.warning("checkpoint at step %d could not be restored (%s: %s); trying an older one", step,
+                        type(e).__name__, str(e)[:200])
+    return None
+
+  def all_steps(self):
+    return sorted(self._manager.all_steps())
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
