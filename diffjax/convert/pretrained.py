@@ -1,0 +1,200 @@
+"""``load_pretrained`` / ``save_pretrained``: Stable Diffusion, diffusers and transformers weights <-> diffjax."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax.convert import configs, ldm
+from diffjax.convert.files import find_weights, read_weights, write_safetensors
+from diffjax.convert.keys import IGNORED_KEYS, flax_from_state_dict, state_dict_from_flax
+from diffjax.models.text import BertEncoder, CLIPTextTransformer
+from diffjax.models.unet import UNet, init_unet
+from diffjax.models.vae import AutoencoderKL, init_vae
+
+PIPELINE_PARTS = ('unet', 'vae', 'text_encoder', 'text_encoder_2')
+Loaded = tuple[nn.Module, dict]
+
+
+# -- building modules and their parameters ----------------------------------------------------------------------
+def _target_shapes(module: nn.Module) -> dict:
+  """The module's parameter tree as ShapeDtypeStructs (no computation)."""
+  if isinstance(module, UNet):
+    init = lambda: init_unet(module, jax.random.key(0))
+  elif isinstance(module, AutoencoderKL):
+    init = lambda: init_vae(module, jax.random.key(0))
+  else:
+    init = lambda: module.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+  return nn.meta.unbox(jax.eval_shape(init))
+
+
+def _params_from_state(module: nn.Module, state: Mapping[str, np.ndarray], param_dtype, what: str,
+                       key_fn: Callable[[str], str] = str, ignore=IGNORED_KEYS) -> dict:
+  params = flax_from_state_dict(state, _target_shapes(module), key_fn=key_fn, ignore=ignore,
+                                dtype=np.dtype(param_dtype), what=what)
+  return jax.tree.map(jnp.asarray, params)
+
+
+def _clip_prefix_fn(state: Mapping) -> Callable[[str], str]:
+  prefix = 'text_model.' if any(k.startswith('text_model.') for k in state) else ''
+  return lambda k: k if k.startswith('text_projection.') else prefix + k
+
+
+_CLIP_IGNORE = IGNORED_KEYS + (re.compile(r'^(vision_model\.|visual_projection\.|logit_scale$)'),)
+
+
+def _bert_prefix(state: Mapping) -> str:
+  return 'bert.' if any(k.startswith('bert.') for k in state) else ''
+
+
+def build(kind: str, config: Any, state: Mapping[str, np.ndarray], *, dtype=jnp.float32, param_dtype=jnp.float32,
+          what: str = 'checkpoint') -> Loaded:
+  """(module, params) for ``kind`` in {'unet', 'vae', 'clip', 'bert'} from a state dict with reference key names."""
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
+  if kind == 'unet':
+    m = UNet(config, **kw)
+    return m, _params_from_state(m, state, param_dtype, what)
+  if kind == 'vae':
+    m = AutoencoderKL(config, **kw)
+    return m, _params_from_state(m, state, param_dtype, what)
+  if kind == 'clip':
+    m = CLIPTextTransformer(config, **kw)
+    return m, _params_from_state(m, state, param_dtype, what, _clip_prefix_fn(state), _CLIP_IGNORE)
+  if kind == 'bert':
+    prefix = _bert_prefix(state)
+    ignore = IGNORED_KEYS + ((re.compile(r'^(?!bert\.)'),) if prefix else ())  # task heads (cls., ...) dropped
+    m = BertEncoder(config, **kw)
+    return m, _params_from_state(m, state, param_dtype, what, lambda k: prefix + k, ignore)
+  raise ValueError(f'unknown model kind {kind!r}')
+
+
+# -- loading ---------------------------------------------------------------------------------------------------------
+def _load_folder(folder: str, allow_pickle: bool, **kw) -> Loaded:
+  with open(os.path.join(folder, 'config.json')) as f:
+    cfg = json.load(f)
+  cls = cfg.get('_class_name')
+  model_type = cfg.get('model_type')
+  if cls == 'UNet2DConditionModel':
+    state = find_weights(folder, ('diffusion_pytorch_model',), allow_pickle)
+    return build('unet', configs.unet_config_from_diffusers(cfg), state, what=folder, **kw)
+  if cls == 'AutoencoderKL':
+    state = find_weights(folder, ('diffusion_pytorch_model',), allow_pickle)
+    return build('vae', configs.vae_config_from_diffusers(cfg), state, what=folder, **kw)
+  if model_type in ('clip_text_model', 'clip'):
+    state = find_weights(folder, ('model',), allow_pickle)
+    return build('clip', configs.clip_text_config_from_transformers(cfg), state, what=folder, **kw)
+  if model_type == 'bert':
+    state = find_weights(folder, ('model',), allow_pickle)
+    pooler = any(k.endswith('pooler.dense.weight') for k in state)
+    return build('bert', configs.bert_config_from_transformers(cfg, pooler), state, what=folder, **kw)
+  raise ValueError(f'{folder}/config.json: unsupported model (_class_name={cls!r}, model_type={model_type!r}); '
+                   f'diffjax loads UNet2DConditionModel, AutoencoderKL, CLIPTextModel and BertModel')
+
+
+def _load_single_file(path: str, allow_pickle: bool, **kw) -> dict[str, Loaded]:
+  parts = ldm.split_checkpoint(read_weights(path, allow_pickle))
+  if not parts:
+    raise ValueError(f'{path}: not an original Stable Diffusion checkpoint (no keys starting with '
+                     f'{ldm.UNET_PREFIX!r}, {ldm.VAE_PREFIX!r} or {ldm.CLIP_PREFIX!r})')
+  out = {}
+  if 'unet' in parts:
+    cfg, state = ldm.unet_from_ldm(parts['unet'])
+    out['unet'] = build('unet', cfg, state, what=f'{path} (U-Net)', **kw)
+  if 'vae' in parts:
+    cfg, state = ldm.vae_from_ldm(parts['vae'])
+    out['vae'] = build('vae', cfg, state, what=f'{path} (autoencoder)', **kw)
+  if 'text_encoder' in parts:
+    state = parts['text_encoder']
+    out['text_encoder'] = build('clip', ldm.clip_config_from_state(state), state, what=f'{path} (CLIP)', **kw)
+  elif 'text_encoder_openclip' in parts:
+    cfg, state = ldm.clip_from_openclip(parts['text_encoder_openclip'])
+    out['text_encoder'] = build('clip', cfg, state, what=f'{path} (OpenCLIP)', **kw)
+  return out
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                    allow_pickle: bool = False) -> Loaded | dict[str, Loaded]:
+  """Loads pretrained weights into diffjax modules.
+
+  Args:
+    path: one of
+      * a diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)
+        of a ``UNet2DConditionModel`` or ``AutoencoderKL``;
+      * a transformers model folder (``config.json`` + ``model.safetensors``) of a
+        ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` or ``BertModel`` (keys with
+        or without the ``text_model.`` / ``bert.`` prefixes; task heads are ignored);
+      * a diffusers pipeline folder with ``unet/``, ``vae/``, ``text_encoder/`` (and
+        ``text_encoder_2/``) subfolders;
+      * an original single-file Stable Diffusion 1.x/2.x checkpoint (``.safetensors``
+        with ``model.diffusion_model.*``, ``first_stage_model.*`` and
+        ``cond_stage_model.*`` keys); the architecture is inferred from tensor shapes.
+    dtype: computation dtype of the returned modules (e.g. ``jnp.bfloat16``).
+    param_dtype: dtype of the returned parameters (float32 by default, whatever the file holds).
+    allow_pickle: also read pickled checkpoints (.ckpt, .bin, .pt), which can execute
+      arbitrary code; refused with ``PickleRefusedError`` otherwise.
+
+  Returns:
+    ``(module, params)`` for a model folder: ``module.apply({'params': params}, ...)``
+    runs it (U-Net and VAE inputs are NHWC). For a pipeline folder or a single-file
+    checkpoint, a dict {'unet' | 'vae' | 'text_encoder' ...: (module, params)}.
+
+  Raises:
+    WeightMismatchError: the weights do not fit the architecture; the message lists
+      every missing, unexpected and mis-shaped key.
+    ValueError: an architecture option diffjax does not implement.
+  """
+  p = os.fspath(path)
+  kw = dict(dtype=dtype, param_dtype=param_dtype)
+  if os.path.isfile(p):
+    return _load_single_file(p, allow_pickle, **kw)
+  if not os.path.isdir(p):
+    raise FileNotFoundError(f'{p} does not exist')
+  if os.path.exists(os.path.join(p, 'config.json')):
+    return _load_folder(p, allow_pickle, **kw)
+  subs = [s for s in PIPELINE_PARTS if os.path.exists(os.path.join(p, s, 'config.json'))]
+  if not subs:
+    raise ValueError(f'{p}: neither a model folder (config.json) nor a pipeline folder ({", ".join(PIPELINE_PARTS)})')
+  return {s: _load_folder(os.path.join(p, s), allow_pickle, **kw) for s in subs}
+
+
+# -- saving ------------------------------------------------------------------------------------------------------------
+def save_pretrained(module: nn.Module | Mapping[str, Loaded], params: Mapping | None = None,
+                    folder: str | os.PathLike = '.', *, dtype=np.float32):
+  """Writes diffusers / transformers ``from_pretrained``-compatible folders.
+
+  ``save_pretrained(unet, params, folder)`` writes ``config.json`` and
+  ``diffusion_pytorch_model.safetensors`` (U-Net, VAE) or ``model.safetensors`` (CLIP,
+  BERT), tensors in PyTorch layout cast to ``dtype``. ``save_pretrained({'unet': (m, p),
+  ...}, None, folder)`` writes one subfolder per entry (as in a pipeline folder).
+  """
+  folder = os.fspath(folder)
+  if isinstance(module, Mapping):
+    for name, (m, p) in module.items():
+      save_pretrained(m, p, os.path.join(folder, name), dtype=dtype)
+    return
+  key_fn, weights = str, 'diffusion_pytorch_model.safetensors'
+  if isinstance(module, UNet):
+    cfg = configs.unet_config_to_diffusers(module.config)
+  elif isinstance(module, AutoencoderKL):
+    cfg = configs.vae_config_to_diffusers(module.config)
+  elif isinstance(module, CLIPTextTransformer):
+    cfg, weights = configs.clip_text_config_to_transformers(module.config), 'model.safetensors'
+    key_fn = lambda k: k if k.startswith('text_projection.') else 'text_model.' + k
+  elif isinstance(module, BertEncoder):
+    cfg, weights = configs.bert_config_to_transformers(module.config), 'model.safetensors'
+  else:
+    raise TypeError(f'cannot export {type(module).__name__}')
+  os.makedirs(folder, exist_ok=True)
+  state = {k: v.astype(dtype) for k, v in state_dict_from_flax(params, key_fn=key_fn).items()}
+  write_safetensors(os.path.join(folder, weights), state)
+  with open(os.path.join(folder, 'config.json'), 'w') as f:
+    json.dump(cfg, f, indent=2, sort_keys=True)
+

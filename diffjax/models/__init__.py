@@ -1,0 +1,21 @@
+"""Flax linen networks: the Stable Diffusion U-Net, the KL autoencoder, and text encoders (NHWC images)."""
+
+from diffjax.models.text import (
+  BERT_CONFIGS,
+  CLIP_TEXT_CONFIGS,
+  BertConfig,
+  BertEncoder,
+  CLIPTextConfig,
+  CLIPTextTransformer,
+  TextOutput,
+  l2_normalize,
+  mean_pool,
+)
+from diffjax.models.unet import UNET_CONFIGS, UNet, UNetConfig, init_unet
+from diffjax.models.vae import VAE_CONFIGS, AutoencoderKL, DiagonalGaussian, VAEConfig, init_vae
+
+__all__ = [
+    'BERT_CONFIGS', 'CLIP_TEXT_CONFIGS', 'UNET_CONFIGS', 'VAE_CONFIGS', 'AutoencoderKL', 'BertConfig', 'BertEncoder',
+    'CLIPTextConfig', 'CLIPTextTransformer', 'DiagonalGaussian', 'TextOutput', 'UNet', 'UNetConfig', 'VAEConfig',
+    'init_unet', 'init_vae', 'l2_normalize', 'mean_pool',
+]

@@ -1,0 +1,308 @@
+"""Tokenizers for the text encoders, pure Python + NumPy.
+
+* ``CLIPTokenizer``: CLIP's byte-level BPE from the ``vocab.json`` / ``merges.txt`` you
+  supply (Radford et al. 2021; Sennrich et al. 2016): NFC, whitespace collapsed,
+  lowercase; words split by CLIP's pattern; ``</w>`` marks the end of a word;
+  ``<|startoftext|> ... <|endoftext|>``, padded / truncated to 77.
+* ``WordPieceTokenizer``: BERT (uncased) basic tokenization and greedy
+  longest-match-first WordPiece from a ``vocab.txt`` (Devlin et al. 2019).
+* ``ByteTokenizer``: UTF-8 bytes + 3 special ids; needs no file (models trained from scratch).
+
+Each is called on a string or a list of strings and returns a ``Tokens`` of int32
+arrays (B, max_length): ``input_ids`` and ``attention_mask`` (1 = token, 0 = padding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import unicodedata
+from collections.abc import Sequence
+
+import numpy as np
+
+try:  # the exact CLIP pattern needs Unicode properties (\p{L}); ``re`` approximates them
+  import regex as _regex
+except ImportError:  # pragma: no cover
+  _regex = None
+
+_CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+_CLIP_PATTERN_RE = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokens:
+  """input_ids (B, L) int32 and attention_mask (B, L) int32 (1 = token, 0 = padding)."""
+
+  input_ids: np.ndarray
+  attention_mask: np.ndarray
+
+
+def _batch(seqs: list[list[int]], max_length: int | None, pad_id: int, pad: bool) -> Tokens:
+  n = max_length if (pad and max_length) else max(len(s) for s in seqs)
+  ids = np.full((len(seqs), n), pad_id, np.int32)
+  mask = np.zeros((len(seqs), n), np.int32)
+  for i, s in enumerate(seqs):
+    ids[i, :len(s)] = s
+    mask[i, :len(s)] = 1
+  return Tokens(ids, mask)
+
+
+def _wrap(body: list[int], bos: int | None, eos: int | None, max_length: int | None) -> list[int]:
+  n_special = (bos is not None) + (eos is not None)
+  if max_length is not None:
+    body = body[:max_length - n_special]
+  return ([bos] if bos is not None else []) + body + ([eos] if eos is not None else [])
+
+
+# -- CLIP byte-level BPE ---------------------------------------------------------------------------------------
+@functools.cache
+def bytes_to_unicode() -> dict[int, str]:
+  """The byte -> printable character map of byte-level BPE (GPT-2, CLIP): printable Latin-1 bytes map to
+  themselves, the other 68 bytes to code points 256, 257, ..."""
+  keep = [*range(ord('!'), ord('~') + 1), *range(ord('¡'), ord('¬') + 1), *range(ord('®'), ord('ÿ') + 1)]
+  out, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      out[b] = chr(b)
+    else:
+      out[b] = chr(256 + extra)
+      extra += 1
+  return out
+
+
+class CLIPTokenizer:
+  """CLIP BPE tokenizer.
+
+  Args:
+    vocab: token -> id (``vocab.json``); merges: ordered pairs (``merges.txt`` lines).
+    max_length: pad / truncate to this many ids including bos and eos (77 for SD).
+    pad_token: padding token (SD 1.x: ``<|endoftext|>``; SD 2.x OpenCLIP pads with ``!``, id 0).
+  """
+
+  def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], max_length: int = 77,
+               bos_token: str = '<|startoftext|>', eos_token: str = '<|endoftext|>', pad_token: str | None = None):
+    self.vocab = dict(vocab)
+    self.ranks = {tuple(m): i for i, m in enumerate(merges)}
+    self.max_length = max_length
+    self.bos_id, self.eos_id = self.vocab[bos_token], self.vocab[eos_token]
+    self.pad_id = self.vocab[pad_token or eos_token]
+    self.unk_id = self.eos_id
+    self.specials = {bos_token: self.bos_id, eos_token: self.eos_id}
+    self.byte_map = bytes_to_unicode()
+    self.pattern = _regex.compile(_CLIP_PATTERN) if _regex else re.compile(_CLIP_PATTERN_RE)
+    self._cache: dict[str, list[str]] = {}
+
+  @classmethod
+  def from_files(cls, vocab_json: str | os.PathLike, merges_txt: str | os.PathLike, **kw) -> CLIPTokenizer:
+    """From ``vocab.json`` and ``merges.txt`` (a ``#version`` first line is skipped)."""
+    with open(vocab_json, encoding='utf-8') as f:
+      vocab = json.load(f)
+    with open(merges_txt, encoding='utf-8') as f:
+      lines = [ln.split() for ln in f.read().split('\n') if ln and not ln.startswith('#version')]
+    return cls(vocab, [tuple(ln) for ln in lines if len(ln) == 2], **kw)
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.vocab)
+
+  def _bpe(self, word: str) -> list[str]:
+    if word in self._cache:
+      return self._cache[word]
+    parts = list(word[:-1]) + [word[-1] + '</w>']
+    while len(parts) > 1:
+      pairs = [(self.ranks.get(p, np.inf), i) for i, p in enumerate(zip(parts, parts[1:], strict=False))]
+      rank, _ = min(pairs)
+      if rank == np.inf:
+        break
+      pair = next(p for p in zip(parts, parts[1:], strict=False) if self.ranks.get(p) == rank)
+      merged, i = [], 0
+      while i < len(parts):
+        if i < len(parts) - 1 and (parts[i], parts[i + 1]) == pair:
+          merged.append(parts[i] + parts[i + 1])
+          i += 2
+        else:
+          merged.append(parts[i])
+          i += 1
+      parts = merged
+    self._cache[word] = parts
+    return parts
+
+  def tokenize(self, text: str) -> list[str]:
+    """BPE tokens of ``text`` (no special tokens)."""
+    text = re.sub(r'\s+', ' ', unicodedata.normalize('NFC', text)).lower()
+    out = []
+    for piece in self.pattern.findall(text):
+      if piece in self.specials:
+        out.append(piece)
+      else:
+        out += self._bpe(''.join(self.byte_map[b] for b in piece.encode('utf-8')))
+    return out
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of ``text`` without bos/eos."""
+    return [self.specials.get(t, self.vocab.get(t, self.unk_id)) for t in self.tokenize(text)]
+
+  def __call__(self, texts: str | Sequence[str], max_length: int | None = -1, padding: bool = True) -> Tokens:
+    """Ids (B, max_length) with bos/eos, truncated to ``max_length`` (default ``self.max_length``; None: no limit)."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    n = self.max_length if max_length == -1 else max_length
+    return _batch([_wrap(self.encode(t), self.bos_id, self.eos_id, n) for t in texts], n, self.pad_id, padding)
+
+  def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+    """Text of ``ids``: bytes decoded, ``</w>`` read as a space."""
+    inv = {v: k for k, v in self.vocab.items()}
+    byte_inv = {c: b for b, c in self.byte_map.items()}
+    special_ids = {self.bos_id, self.eos_id, self.pad_id}
+    words, cur = [], []
+    for i in map(int, ids):
+      if i in special_ids:
+        if not skip_special:
+          words.append(bytes(cur).decode('utf-8', errors='replace') + inv[i])
+          cur = []
+        continue
+      tok = inv[i]
+      end = tok.endswith('</w>')
+      cur += [byte_inv[c] for c in (tok[:-4] if end else tok)]
+      if end:
+        words.append(bytes(cur).decode('utf-8', errors='replace'))
+        cur = []
+    if cur:
+      words.append(bytes(cur).decode('utf-8', errors='replace'))
+    return ' '.join(words)
+
+
+# -- BERT WordPiece -----------------------------------------------------------------------------------------------
+def _is_punct(ch: str) -> bool:
+  cp = ord(ch)
+  if 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126:
+    return True
+  return unicodedata.category(ch).startswith('P')
+
+
+def _is_cjk(cp: int) -> bool:
+  return any(a <= cp <= b for a, b in ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+                                        (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
+
+
+class WordPieceTokenizer:
+  """BERT tokenizer: basic tokenization (clean, CJK split, lowercase + strip accents, punctuation split)
+  then greedy longest-match-first WordPiece (``##`` continuation prefix).
+
+  Args:
+    vocab: token -> id (``vocab.txt``, one token per line, id = line number).
+    max_length: pad / truncate to this many ids including [CLS] and [SEP].
+    lowercase: uncased model (also strips accents).
+  """
+
+  def __init__(self, vocab: dict[str, int], max_length: int = 128, lowercase: bool = True,
+               unk_token: str = '[UNK]', cls_token: str = '[CLS]', sep_token: str = '[SEP]', pad_token: str = '[PAD]',
+               max_chars_per_word: int = 100):
+    self.vocab = dict(vocab)
+    self.max_length = max_length
+    self.lowercase = lowercase
+    self.unk_token = unk_token
+    self.cls_id, self.sep_id, self.pad_id = self.vocab[cls_token], self.vocab[sep_token], self.vocab[pad_token]
+    self.specials = {unk_token, cls_token, sep_token, pad_token, '[MASK]'}
+    self.max_chars_per_word = max_chars_per_word
+
+  @classmethod
+  def from_file(cls, vocab_txt: str | os.PathLike, **kw) -> WordPieceTokenizer:
+    with open(vocab_txt, encoding='utf-8') as f:
+      tokens = f.read().split('\n')
+    if tokens and tokens[-1] == '':
+      tokens.pop()
+    return cls({t: i for i, t in enumerate(tokens)}, **kw)
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.vocab)
+
+  def _basic(self, text: str) -> list[str]:
+    chars = []
+    for ch in text:
+      cp = ord(ch)
+      if cp == 0 or cp == 0xFFFD:
+        continue
+      cat = unicodedata.category(ch)
+      if ch in ' \t\n\r' or cat == 'Zs':
+        chars.append(' ')
+      elif cat.startswith('C'):
+        continue
+      elif _is_cjk(cp):
+        chars.append(f' {ch} ')
+      else:
+        chars.append(ch)
+    words = []
+    for w in ''.join(chars).split():
+      if w in self.specials:
+        words.append(w)
+        continue
+      if self.lowercase:
+        w = ''.join(c for c in unicodedata.normalize('NFD', w.lower()) if unicodedata.category(c) != 'Mn')
+      cur = ''
+      for c in w:
+        if _is_punct(c):
+          words += [cur, c] if cur else [c]
+          cur = ''
+        else:
+          cur += c
+      if cur:
+        words.append(cur)
+    return words
+
+  def _wordpiece(self, word: str) -> list[str]:
+    if len(word) > self.max_chars_per_word:
+      return [self.unk_token]
+    out, start = [], 0
+    while start < len(word):
+      end = len(word)
+      while end > start:
+        piece = ('##' if start else '') + word[start:end]
+        if piece in self.vocab:
+          break
+        end -= 1
+      if end == start:
+        return [self.unk_token]
+      out.append(piece)
+      start = end
+    return out
+
+  def tokenize(self, text: str) -> list[str]:
+    return [p for w in self._basic(text) for p in (self._wordpiece(w) if w not in self.specials else [w])]
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of ``text`` without [CLS]/[SEP]."""
+    unk = self.vocab[self.unk_token]
+    return [self.vocab.get(t, unk) for t in self.tokenize(text)]
+
+  def __call__(self, texts: str | Sequence[str], max_length: int | None = -1, padding: bool = True) -> Tokens:
+    """[CLS] ids [SEP] (B, max_length), truncated to ``max_length`` (default ``self.max_length``)."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    n = self.max_length if max_length == -1 else max_length
+    return _batch([_wrap(self.encode(t), self.cls_id, self.sep_id, n) for t in texts], n, self.pad_id, padding)
+
+
+# -- bytes ----------------------------------------------------------------------------------------------------------
+class ByteTokenizer:
+  """UTF-8 bytes as tokens: pad = 0, bos = 1, eos = 2, byte b = b + 3 (vocab_size 259). No file needed."""
+
+  pad_id, bos_id, eos_id, offset = 0, 1, 2, 3
+  vocab_size = 259
+
+  def __init__(self, max_length: int = 77):
+    self.max_length = max_length
+
+  def encode(self, text: str) -> list[int]:
+    return [b + self.offset for b in text.encode('utf-8')]
+
+  def __call__(self, texts: str | Sequence[str], max_length: int | None = -1, padding: bool = True) -> Tokens:
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    n = self.max_length if max_length == -1 else max_length
+    return _batch([_wrap(self.encode(t), self.bos_id, self.eos_id, n) for t in texts], n, self.pad_id, padding)
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return bytes(int(i) - self.offset for i in ids if int(i) >= self.offset).decode('utf-8', errors='replace')

@@ -1,0 +1,287 @@
+"""The Stable Diffusion U-Net (Rombach et al. 2022) and its pixel-space relatives, NHWC.
+
+The architecture is diffusers' ``UNet2DConditionModel`` with the SD block types:
+each resolution level has ``layers_per_block`` ResNet blocks (optionally each followed
+by a spatial transformer with self- and cross-attention) and a stride-2 downsampler;
+a middle block (ResNet, transformer, ResNet); and a mirrored decoder with
+``layers_per_block + 1`` ResNet blocks per level that consume the encoder's skip
+connections. Pixel-space options: class labels or a pooled text vector added to the
+timestep embedding, scale-shift (AdaGN) norm, dropout, no cross-attention.
+
+Usage::
+
+  cfg = UNET_CONFIGS['sd15']
+  net = UNet(cfg, dtype=jnp.bfloat16)
+  params = net.init(key, x, t, context)['params']
+  eps = net.apply({'params': params}, x, t, context)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffjax.models.layers import (
+  Downsample,
+  Dtype,
+  ResnetBlock,
+  SpatialTransformer,
+  TimestepMLP,
+  Upsample,
+  conv,
+  embed,
+  group_norm,
+  timestep_embedding,
+)
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """Architecture of a ``UNet``. Per-level tuples are ordered from the highest resolution down.
+
+  Attributes:
+    in_channels, out_channels: image / latent channels (SD: 4, 4).
+    block_out_channels: channels per resolution level (SD: 320, 640, 1280, 1280).
+    layers_per_block: ResNet blocks per level in the encoder (decoder: one more).
+    attention_levels: whether each level has spatial transformers.
+    num_heads: attention heads per level (int: the same everywhere). Note that the
+      diffusers config key ``attention_head_dim`` of SD 1.x/2.x holds this number.
+    head_dim: if set, heads = channels // head_dim (overrides ``num_heads``).
+    transformer_depth: transformer blocks per spatial transformer.
+    cross_attention_dim: width D of the context; None for self-attention only.
+    use_linear_projection: linear (SD 2.x) instead of 1x1-conv (SD 1.x) proj_in/out.
+    mid_block_attention: a transformer between the two middle ResNet blocks.
+    norm_num_groups, norm_eps: GroupNorm of the ResNet blocks and output.
+    flip_sin_to_cos, freq_shift: timestep embedding convention (see ``timestep_embedding``).
+    resnet_scale_shift: AdaGN scale-shift conditioning in the ResNet blocks.
+    dropout: dropout rate in the ResNet blocks.
+    num_classes: class-conditional model (labels (B,) int added via an embedding table).
+    pooled_dim: condition on a pooled vector (B, pooled_dim) through a 2-layer MLP.
+  """
+
+  in_channels: int = 4
+  out_channels: int = 4
+  block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+  layers_per_block: int = 2
+  attention_levels: tuple[bool, ...] = (True, True, True, False)
+  num_heads: int | tuple[int, ...] = 8
+  head_dim: int | None = None
+  transformer_depth: int = 1
+  cross_attention_dim: int | None = 768
+  use_linear_projection: bool = False
+  mid_block_attention: bool = True
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  flip_sin_to_cos: bool = True
+  freq_shift: float = 0.0
+  resnet_scale_shift: bool = False
+  dropout: float = 0.0
+  num_classes: int | None = None
+  pooled_dim: int | None = None
+
+  def __post_init__(self):
+    n = len(self.block_out_channels)
+    if len(self.attention_levels) != n:
+      raise ValueError(f'attention_levels has {len(self.attention_levels)} entries, block_out_channels {n}')
+    if not isinstance(self.num_heads, int) and len(self.num_heads) != n:
+      raise ValueError(f'num_heads has {len(self.num_heads)} entries, block_out_channels {n}')
+    if self.num_classes is not None and self.pooled_dim is not None:
+      raise ValueError('num_classes and pooled_dim are exclusive')
+
+  def heads(self) -> tuple[int, ...]:
+    """Attention heads per level."""
+    if self.head_dim is not None:
+      return tuple(ch // self.head_dim for ch in self.block_out_channels)
+    if isinstance(self.num_heads, int):
+      return (self.num_heads,) * len(self.block_out_channels)
+    return tuple(self.num_heads)
+
+  @property
+  def time_embed_dim(self) -> int:
+    return 4 * self.block_out_channels[0]
+
+
+UNET_CONFIGS: dict[str, UNetConfig] = {
+    # ~0.3M parameters, for tests: 2 levels, 8x8 latents are enough.
+    'tiny': UNetConfig(block_out_channels=(32, 64), layers_per_block=1, attention_levels=(False, True),
+                       num_heads=2, cross_attention_dim=32, norm_num_groups=8),
+    # Stable Diffusion 1.x (CLIP ViT-L/14 context, 1x1-conv projections, 8 heads).
+    'sd15': UNetConfig(),
+    # Stable Diffusion 2.x (OpenCLIP ViT-H/14 context, linear projections, 64-dim heads).
+    'sd21': UNetConfig(num_heads=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True),
+}
+
+
+def _resnet(remat: bool):
+  return nn.remat(ResnetBlock, static_argnums=(3,)) if remat else ResnetBlock
+
+
+class _Common(nn.Module):
+  """Fields shared by the U-Net's level blocks."""
+
+  cfg: UNetConfig
+  channels: int
+  attention: bool
+  heads: int
+  remat: bool = False
+  attention_impl: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _res(self, name: str):
+    c = self.cfg
+    return _resnet(self.remat)(self.channels, c.norm_num_groups, c.norm_eps, c.resnet_scale_shift, c.dropout,
+                               self.dtype, self.param_dtype, name=name)
+
+  def _attn(self, name: str):
+    c = self.cfg
+    return SpatialTransformer(
+        self.heads, self.channels // self.heads, c.transformer_depth, c.use_linear_projection,
+        c.cross_attention_dim is not None, c.norm_num_groups, remat=self.remat, implementation=self.attention_impl,
+        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+
+
+class DownBlock(_Common):
+  """One encoder level: (ResNet [+ transformer]) x layers_per_block, then an optional downsampler.
+
+  Returns (h, skips): the output and every intermediate feature map for the decoder.
+  """
+
+  add_downsample: bool = True
+
+  @nn.compact
+  def __call__(self, h, temb, context, deterministic):
+    skips = []
+    for j in range(self.cfg.layers_per_block):
+      h = self._res(f'resnets_{j}')(h, temb, deterministic)
+      if self.attention:
+        h = self._attn(f'attentions_{j}')(h, context, deterministic)
+      skips.append(h)
+    if self.add_downsample:
+      h = Downsample(self.channels, 1, self.dtype, self.param_dtype, name='downsamplers_0')(h)
+      skips.append(h)
+    return h, skips
+
+
+class MidBlock(_Common):
+  """ResNet, [transformer], ResNet at the lowest resolution."""
+
+  @nn.compact
+  def __call__(self, h, temb, context, deterministic):
+    h = self._res('resnets_0')(h, temb, deterministic)
+    if self.attention:
+      h = self._attn('attentions_0')(h, context, deterministic)
+    return self._res('resnets_1')(h, temb, deterministic)
+
+
+class UpBlock(_Common):
+  """One decoder level: (concat skip, ResNet [+ transformer]) x (layers_per_block + 1), optional upsampler.
+
+  ``skips``: this level's ``layers_per_block + 1`` encoder features, in encoder order (consumed last first).
+  """
+
+  add_upsample: bool = True
+
+  @nn.compact
+  def __call__(self, h, skips, temb, context, deterministic):
+    for j, skip in enumerate(reversed(skips)):
+      h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)
+      h = self._res(f'resnets_{j}')(h, temb, deterministic)
+      if self.attention:
+        h = self._attn(f'attentions_{j}')(h, context, deterministic)
+    if self.add_upsample:
+      h = Upsample(self.channels, self.dtype, self.param_dtype, name='upsamplers_0')(h)
+    return h
+
+
+class UNet(nn.Module):
+  """Conditional U-Net noise predictor.
+
+  Attributes:
+    config: the architecture.
+    remat: gradient checkpointing of every ResNet and transformer block (same outputs
+      and gradients, less activation memory, ~30% more compute).
+    attention_impl: ``jax.nn.dot_product_attention`` implementation (None: cuDNN on GPU
+      for 16-bit dtypes, else XLA).
+    dtype: computation dtype (e.g. bfloat16); param_dtype: parameter storage dtype.
+  """
+
+  config: UNetConfig
+  remat: bool = False
+  attention_impl: str | None = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, t: Array, context: Array | None = None, class_labels: Array | None = None, *,
+               deterministic: bool = True) -> Array:
+    """Predicts the network target (eps, v, ...) for noisy inputs.
+
+    Args:
+      x: (B, H, W, in_channels) noisy latents/images, NHWC; H and W divisible by
+        2 ** (levels - 1).
+      t: (B,) or scalar times in the units the model was trained with (SD: discrete
+        steps 0..999); float.
+      context: (B, L, cross_attention_dim) text-encoder hidden states; required when
+        ``cross_attention_dim`` is set.
+      class_labels: (B,) int labels with ``num_classes``, or (B, pooled_dim) pooled
+        vectors with ``pooled_dim``.
+      deterministic: disables dropout; else an rng named 'dropout' is needed.
+
+    Returns:
+      (B, H, W, out_channels) in ``dtype``.
+    """
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    B = x.shape[0]
+    levels = len(c.block_out_channels)
+    heads = c.heads()
+    if context is not None:
+      context = context.astype(self.dtype)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (B,))
+    temb = timestep_embedding(t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
+                              downscale_freq_shift=c.freq_shift)
+    temb = TimestepMLP(c.time_embed_dim, name='time_embedding', **kw)(temb.astype(self.dtype))
+    if c.num_classes is not None or c.pooled_dim is not None:
+      if class_labels is None:
+        raise ValueError('this U-Net is class-conditional: pass class_labels')
+      if c.num_classes is not None:
+        temb = temb + embed(c.num_classes, c.time_embed_dim, name='class_embedding', **kw)(class_labels)
+      else:
+        temb = temb + TimestepMLP(c.time_embed_dim, name='class_embedding', **kw)(class_labels.astype(self.dtype))
+
+    common = dict(remat=self.remat, attention_impl=self.attention_impl, **kw)
+    h = conv(c.block_out_channels[0], 3, name='conv_in', **kw)(x.astype(self.dtype))
+    skips = [h]
+    for i, ch in enumerate(c.block_out_channels):
+      h, s = DownBlock(c, ch, c.attention_levels[i], heads[i], add_downsample=i < levels - 1,
+                       name=f'down_blocks_{i}', **common)(h, temb, context, deterministic)
+      skips += s
+    h = MidBlock(c, c.block_out_channels[-1], c.mid_block_attention, heads[-1], name='mid_block', **common)(
+        h, temb, context, deterministic)
+    for i in range(levels):
+      k = levels - 1 - i
+      n = c.layers_per_block + 1
+      skips, level_skips = skips[:-n], tuple(skips[-n:])
+      h = UpBlock(c, c.block_out_channels[k], c.attention_levels[k], heads[k], add_upsample=i < levels - 1,
+                  name=f'up_blocks_{i}', **common)(h, level_skips, temb, context, deterministic)
+    h = nn.silu(group_norm(c.norm_num_groups, c.norm_eps, name='conv_norm_out', **kw)(h))
+    return conv(c.out_channels, 3, name='conv_out', **kw)(h)
+
+
+def init_unet(net: UNet, key: Array, size: int = 8, context_len: int = 8) -> dict:
+  """Initialises ``net`` (jitted) on dummy inputs (batch 1, size x size); returns the (boxed) params."""
+  c = net.config
+  x = jnp.zeros((1, size, size, c.in_channels))
+  ctx = jnp.zeros((1, context_len, c.cross_attention_dim)) if c.cross_attention_dim else None
+  labels = None
+  if c.num_classes is not None:
+    labels = jnp.zeros((1,), jnp.int32)
+  elif c.pooled_dim is not None:
+    labels = jnp.zeros((1, c.pooled_dim))
+  return jax.jit(net.init)(key, x, jnp.zeros((1,)), ctx, labels)['params']
