@@ -16,7 +16,7 @@ from absl import logging  # noqa: E402
 from diffjax import processes  # noqa: E402
 from diffjax.analytic import GaussianMixture  # noqa: E402
 from diffjax.evaluate.distances import sliced_wasserstein  # noqa: E402
-from diffjax.samplers import grids, make_solver, num_evaluations, sample  # noqa: E402
+from diffjax.samplers import grids, make_solver, num_evaluations, points_for_budget, sample  # noqa: E402
 
 
 def ring_mixture(num_modes: int = 8, radius: float = 4.0, std: float = 0.15) -> GaussianMixture:
@@ -24,14 +24,6 @@ def ring_mixture(num_modes: int = 8, radius: float = 4.0, std: float = 0.15) -> 
   angles = 2 * math.pi * jnp.arange(num_modes) / num_modes
   means = radius * jnp.stack([jnp.cos(angles), jnp.sin(angles)], axis=1)
   return GaussianMixture.create(jnp.ones(num_modes), means, jnp.full((num_modes, 2), std**2))
-
-
-def points_for_budget(solver, nfe: int) -> int:
-  """The largest grid whose sampling cost stays within ``nfe`` evaluations (at least 1 point)."""
-  n = 1
-  while num_evaluations(solver, n + 1) <= nfe:
-    n += 1
-  return n
 
 
 def run(*, process_name: str, mixture: GaussianMixture, solver_names, grid: str, nfe: int, num_samples: int,

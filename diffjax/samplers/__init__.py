@@ -1,10 +1,12 @@
 """Samplers: solvers (ode, sde, adaptive), time grids, the driver and guidance."""
 
 from diffjax.samplers import grids
-from diffjax.samplers.base import Denoiser, Solver, num_evaluations, sample
+from diffjax.samplers.adaptive import ADAPTIVE_SOLVERS
+from diffjax.samplers.base import Denoiser, Solver, num_evaluations, points_for_budget, sample
 from diffjax.samplers.ode import ODE_SOLVERS
+from diffjax.samplers.sde import SDE_SOLVERS
 
-SOLVERS = {**ODE_SOLVERS}
+SOLVERS = {**ODE_SOLVERS, **SDE_SOLVERS, **ADAPTIVE_SOLVERS}
 
 
 def make_solver(name: str, process, **options) -> Solver:
@@ -14,4 +16,4 @@ def make_solver(name: str, process, **options) -> Solver:
   return SOLVERS[name](process, **options)
 
 
-__all__ = ["Denoiser", "Solver", "SOLVERS", "grids", "make_solver", "num_evaluations", "sample"]
+__all__ = ["Denoiser", "Solver", "SOLVERS", "grids", "make_solver", "num_evaluations", "points_for_budget", "sample"]

@@ -96,6 +96,14 @@ def num_evaluations(solver: Solver, num_points: int, denoise_final: bool = True)
   return (num_points - 1) * solver.nfe_per_step + int(denoise_final)
 
 
+def points_for_budget(solver: Solver, nfe: int, denoise_final: bool = True) -> int:
+  """The largest grid size whose ``sample`` cost stays within ``nfe`` evaluations (at least 1)."""
+  n = 1
+  while num_evaluations(solver, n + 1, denoise_final) <= nfe:
+    n += 1
+  return n
+
+
 def schedule_at(process, t):
   """(alpha, sigma, lam) at time t, lam = log(alpha / sigma) (DPM-Solver's lambda)."""
   log_alpha, log_sigma = process.log_alpha(t), process.log_sigma(t)
