@@ -13,6 +13,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffjax import sampler_demo
+from diffjax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (checkpoints, logs, images).")
@@ -32,7 +33,7 @@ def _sampler_demo(config, workdir):
     logging.info("sliced W2 %-16s %.4f", name, sw)
 
 
-JOBS = {"sampler_demo": _sampler_demo}
+JOBS = {"sampler_demo": _sampler_demo, "train": lambda config, workdir: trainer.train_and_evaluate(config, workdir)}
 
 
 def main(argv):

@@ -1,0 +1,45 @@
+"""Text-to-image on the embedded handwritten digits (8x8, grey): the main job's default.
+
+python -m diffjax.main --config=configs/default.py --workdir=/tmp/digits
+python -m diffjax.main --config=configs/default.py:tiny --workdir=/tmp/t   (seconds; for tests)
+"""
+
+import ml_collections
+
+from diffjax.data.digits import prompt_for
+
+
+def get_config(arg: str = ""):
+  c = ml_collections.ConfigDict()
+  c.job = "train"
+  c.seed = 0
+
+  c.data = dict(name="digits_captions", data_dir="", train_split="train", batch_size=64, image_size=8, channels=1,
+                max_shift=0, max_caption_length=40)
+  c.model = dict(channels=(32, 64), layers_per_block=1, attention_levels=(False, True), num_heads=4, text_width=64,
+                 text_layers=2, text_heads=4, norm_groups=8, dropout=0.0, mid_block_attention=True, remat=False)
+  c.diffusion = dict(process="vp_cosine", process_options={}, target="v", weighting="uniform", weighting_options={},
+                     time_sampler="uniform", time_sampler_options={}, time_scale=1000.0)
+  c.optim = dict(learning_rate=2e-3, warmup_steps=100, final_lr_fraction=0.05, grad_clip=1.0, b1=0.9, b2=0.99,
+                 weight_decay=0.0, grad_accum_steps=1)
+  c.train = dict(num_steps=3000, cond_dropout=0.1, ema_decay=0.995, compute_dtype="float32", log_every=50,
+                 checkpoint_every=500, keep_checkpoints=3)
+  c.sampler = dict(name="dpmpp_2m", options={}, grid="log_snr", nfe=20, guidance_scale=2.0)
+  c.mesh = dict(data=-1, fsdp=1)
+  c.eval = dict(samples_per_prompt=10)
+  c.prompts = tuple(prompt_for(d) for d in range(10))
+
+  if arg == "tiny":
+    c.data.batch_size = 8
+    c.model.channels = (16, 32)
+    c.model.text_width = 32
+    c.model.text_layers = 1
+    c.train.num_steps = 6
+    c.optim.warmup_steps = 2
+    c.train.log_every = 2
+    c.train.checkpoint_every = 3
+    c.sampler.nfe = 3
+    c.eval.samples_per_prompt = 1
+  elif arg:
+    raise ValueError(f"unknown variant {arg!r}: use '' or 'tiny'")
+  return c

@@ -1,0 +1,34 @@
+"""Image helpers: float <-> uint8, grids, PNG files (pillow)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(x, low: float = -1.0, high: float = 1.0) -> np.ndarray:
+  """Float images in [low, high] -> uint8 in [0, 255] (clipped, rounded)."""
+  x = (np.asarray(x, np.float64) - low) / (high - low)
+  return np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+
+
+def grid(images: np.ndarray, rows: int, pad: int = 1) -> np.ndarray:
+  """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, C) image, row-major."""
+  n, h, w, c = images.shape
+  cols = -(-n // rows)
+  out = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
+  for i, img in enumerate(images):
+    r, q = divmod(i, cols)
+    out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
+  return out
+
+
+def save_png(image: np.ndarray, path: str, scale: int = 1) -> None:
+  """Writes (H, W, C) uint8 (C = 1 or 3) as PNG, upscaled ``scale`` times (nearest) for small images."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  if scale > 1:
+    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+  pil.save(path)

@@ -1,0 +1,237 @@
+"""``train_and_evaluate(config, workdir)``: text-to-image diffusion training, read top to bottom.
+
+Sections: distributed setup and mesh; data; model; state (fresh or restored); jitted
+steps; the loop (progress, logging, checkpoints, SIGTERM); final samples. The config
+is read here and turned into typed arguments for everything below it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from jax.sharding import NamedSharding, PartitionSpec
+
+from diffjax import images, processes
+from diffjax.data import pipeline
+from diffjax.models.text import CLIPTextConfig
+from diffjax.models.text_to_image import TextToImage
+from diffjax.models.tokenizers import ByteTokenizer
+from diffjax.models.unet import UNetConfig
+from diffjax.samplers import grids, make_solver, points_for_budget
+from diffjax.train import steps
+from diffjax.train.checkpoint import Checkpointer
+
+
+# ----------------------------------------------------------------------------------
+# Config -> typed objects (the config stops here).
+# ----------------------------------------------------------------------------------
+def build_spec(config) -> steps.DiffusionSpec:
+  d = config.diffusion
+  return steps.DiffusionSpec(
+      process=processes.make_process(d.process, **d.get("process_options", {})), target=d.target,
+      weighting=d.weighting, weighting_options=tuple(sorted(d.get("weighting_options", {}).items())),
+      time_sampler=d.time_sampler, time_sampler_options=tuple(sorted(d.get("time_sampler_options", {}).items())),
+      time_scale=d.time_scale, cond_dropout=config.train.cond_dropout, ema_decay=config.train.ema_decay)
+
+
+def build_model(config) -> TextToImage:
+  m = config.model
+  unet = UNetConfig(in_channels=config.data.channels, out_channels=config.data.channels,
+                    block_out_channels=tuple(m.channels), layers_per_block=m.layers_per_block,
+                    attention_levels=tuple(m.attention_levels), num_heads=m.num_heads,
+                    cross_attention_dim=m.text_width, norm_num_groups=m.norm_groups, dropout=m.dropout,
+                    mid_block_attention=m.mid_block_attention)
+  text = CLIPTextConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=m.text_width,
+                        intermediate_size=4 * m.text_width, num_layers=m.text_layers, num_heads=m.text_heads,
+                        max_positions=config.data.max_caption_length, eos_token_id=ByteTokenizer.eos_id)
+  return TextToImage(unet=unet, text=text, remat=m.remat, dtype=jnp.dtype(config.train.compute_dtype))
+
+
+def build_optimizer(config) -> optax.GradientTransformation:
+  o = config.optim
+  schedule = optax.warmup_cosine_decay_schedule(0.0, o.learning_rate, o.warmup_steps, config.train.num_steps,
+                                                end_value=o.learning_rate * o.final_lr_fraction)
+  tx = optax.chain(optax.clip_by_global_norm(o.grad_clip), optax.adamw(schedule, b1=o.b1, b2=o.b2,
+                                                                        weight_decay=o.weight_decay))
+  return optax.MultiSteps(tx, o.grad_accum_steps) if o.grad_accum_steps > 1 else tx
+
+
+def make_mesh(config) -> jax.sharding.Mesh:
+  """A ('data', 'fsdp') mesh over all devices; config.mesh.data = -1 takes what fsdp leaves."""
+  fsdp = config.mesh.fsdp
+  data = config.mesh.data if config.mesh.data > 0 else jax.device_count() // fsdp
+  if data * fsdp != jax.device_count():
+    raise ValueError(f"mesh data={data} x fsdp={fsdp} does not match {jax.device_count()} devices")
+  # Auto axes: XLA propagates the batch sharding through the model (no explicit-sharding annotations needed).
+  return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def tokenize_fn(max_length: int):
+  """caption -> (2, L) int32 rows: token ids and attention mask."""
+  tok = ByteTokenizer(max_length=max_length)
+
+  def tokenize(text: str) -> np.ndarray:
+    t = tok(text)
+    return np.stack([t.input_ids[0], t.attention_mask[0]])
+
+  return tokenize
+
+
+def validate(config) -> None:
+  """Raises ValueError naming the field for impossible settings (before any work starts)."""
+  from diffjax import losses, parameterization
+  from diffjax.samplers import SOLVERS
+
+  checks = [
+      ("diffusion.target", config.diffusion.target in parameterization.TARGETS, parameterization.TARGETS),
+      ("diffusion.weighting", config.diffusion.weighting in losses.WEIGHTINGS, losses.WEIGHTINGS),
+      ("diffusion.time_sampler", config.diffusion.time_sampler in losses.TIME_SAMPLERS, sorted(losses.TIME_SAMPLERS)),
+      ("sampler.name", config.sampler.name in SOLVERS, sorted(SOLVERS)),
+      ("sampler.grid", config.sampler.grid in grids.GRIDS, sorted(grids.GRIDS)),
+      ("optim.warmup_steps", 0 <= config.optim.warmup_steps < config.train.num_steps,
+       f"0 <= warmup_steps < train.num_steps={config.train.num_steps}"),
+      ("data.image_size", config.data.image_size % 2 ** (len(config.model.channels) - 1) == 0,
+       f"a multiple of 2**(levels - 1) = {2 ** (len(config.model.channels) - 1)}"),
+      ("model.attention_levels", len(config.model.attention_levels) == len(config.model.channels),
+       f"one entry per level of model.channels ({len(config.model.channels)})"),
+      ("train.cond_dropout", 0.0 <= config.train.cond_dropout < 1.0, "a probability in [0, 1)"),
+      ("sampler.nfe", config.sampler.nfe >= 1, ">= 1"),
+  ]
+  for field, ok, expected in checks:
+    if not ok:
+      raise ValueError(f"config.{field} = {config[field.split('.')[0]][field.split('.')[1]]!r} is invalid: "
+                       f"expected {expected}")
+  processes.make_process(config.diffusion.process, **config.diffusion.get("process_options", {}))
+
+
+# ----------------------------------------------------------------------------------
+def train_and_evaluate(config, workdir: str) -> steps.TrainState:
+  """Trains per ``config``, checkpointing to and resuming from ``workdir``; returns the final state."""
+  validate(config)
+  # -- distributed setup and mesh ---------------------------------------------------
+  if config.get("distributed") and config.distributed.num_processes > 1:
+    d = config.distributed
+    jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+  mesh = make_mesh(config)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+  if config.data.batch_size % jax.process_count():
+    raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by {jax.process_count()} processes")
+  is_main = jax.process_index() == 0
+  writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), just_logging=not is_main)
+
+  # -- data ----------------------------------------------------------------------------
+  data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+  source = pipeline.load_source(config.data.name, config.data.train_split, data_dir)
+  options = pipeline.ImageTextOptions(batch_size=config.data.batch_size // jax.process_count(),
+                                      image_size=config.data.image_size, max_shift=config.data.max_shift)
+  tokenize = tokenize_fn(config.data.max_caption_length)
+  dataset = pipeline.image_text_dataset(source, options, tokenize, seed=config.seed,
+                                        shard_index=jax.process_index(), shard_count=jax.process_count())
+  data_iter = iter(dataset)
+  null_tokens, null_mask = (jnp.asarray(a) for a in tokenize(""))
+
+  # -- model, optimizer, state -----------------------------------------------------------
+  spec = build_spec(config)
+  model = build_model(config)
+  tx = build_optimizer(config)
+  root_key = jax.random.key(config.seed)
+  k_init, k_train, k_sample = jax.random.split(root_key, 3)
+  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+
+  def init_state():
+    x = jnp.zeros((1,) + shape)
+    tok = jnp.zeros((1, config.data.max_caption_length), jnp.int32)
+    params = flax.linen.meta.unbox(model.init(k_init, x, jnp.zeros((1,)), tok, tok)["params"])
+    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                            opt_state=tx.init(params), rng=jax.random.key_data(k_train))
+
+  abstract = jax.eval_shape(init_state)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
+  restored = checkpointer.restore_latest(
+      jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding))
+  if restored is None:
+    state = jax.jit(init_state, out_shardings=state_sharding)()
+    logging.info("initialized a new model")
+  else:
+    state, data_state, step = restored
+    if data_state is not None:
+      data_iter.set_state(data_state)
+    logging.info("resumed from the checkpoint of step %d", step)
+  if is_main:
+    parameter_overview.log_parameter_overview(state.params)
+
+  # -- jitted steps ------------------------------------------------------------------------
+  train_step = jax.jit(
+      lambda s, b: steps.train_step(s, b, null_tokens, null_mask, model=model, tx=tx, spec=spec),
+      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None, None), donate_argnums=0)
+  solver = make_solver(config.sampler.name, spec.process, **config.sampler.get("options", {}))
+  sample_fn = jax.jit(lambda p, tok, m, key, ts, w: steps.sample_images(
+      p, tok, m, null_tokens, null_mask, key, ts, w, model=model, spec=spec, solver=solver, image_shape=shape))
+
+  def next_batch():
+    local = next(data_iter)
+    arrays = {"image": local["image"], "tokens": local["tokens"][:, 0], "mask": local["tokens"][:, 1]}
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(batch_sharding, a), arrays)
+
+  # -- loop ----------------------------------------------------------------------------------
+  num_steps = config.train.num_steps
+  first_step = int(state.step)
+  stop = {"signal": None}
+  previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+  hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                           every_steps=config.train.log_every)]
+  train_metrics = None
+  step = first_step
+  try:
+    for step in range(first_step + 1, num_steps + 1):
+      state, metrics, diag = train_step(state, next_batch())
+      if not np.isfinite(float(diag["loss"])):  # caught before anything is saved
+        raise FloatingPointError(
+            f"non-finite loss {float(diag['loss'])} at step {step}: batch image mean {float(diag['image_mean']):.4g}, "
+            f"std {float(diag['image_std']):.4g}, gradient norm {float(diag['grad_norm']):.4g}; "
+            f"per-example losses {np.asarray(diag['per_example_loss'])}")
+      train_metrics = metrics if train_metrics is None else train_metrics.merge(metrics)
+      for hook in hooks:
+        hook(step)
+      if step % config.train.log_every == 0 or step == num_steps:
+        writer.write_scalars(step, {f"train/{k}": v for k, v in train_metrics.compute().items()})
+        train_metrics = None
+      if step % config.train.checkpoint_every == 0 or step == num_steps or stop["signal"] is not None:
+        checkpointer.save(step, state, data_iter.get_state())
+      if stop["signal"] is not None:
+        logging.warning("SIGTERM: saved the checkpoint of step %d, stopping", step)
+        break
+  finally:
+    checkpointer.close()
+    signal.signal(signal.SIGTERM, previous_handler)
+
+  # -- samples -----------------------------------------------------------------------------
+  if stop["signal"] is None and config.get("prompts") and step >= num_steps:
+    images_uint8 = generate(sample_fn, state.ema_params, list(config.prompts), config.sampler, solver, spec, tokenize,
+                            config.eval.samples_per_prompt, k_sample)
+    if is_main:
+      grid = images.grid(images_uint8, rows=len(config.prompts))
+      images.save_png(grid, os.path.join(workdir, "samples.png"))
+      writer.write_images(step, {"samples": grid[None]})
+  writer.flush()
+  return state
+
+
+def generate(sample_fn, params, prompts, sampler_config, solver, spec, tokenize, per_prompt: int, key) -> np.ndarray:
+  """uint8 (len(prompts) * per_prompt, H, W, C) samples, prompt-major."""
+  rows = [tokenize(p) for p in prompts for _ in range(per_prompt)]
+  tok = jnp.asarray(np.stack([r[0] for r in rows]))
+  mask = jnp.asarray(np.stack([r[1] for r in rows]))
+  ts = grids.GRIDS[sampler_config.grid](spec.process, points_for_budget(solver, sampler_config.nfe))
+  x = sample_fn(params, tok, mask, key, ts, sampler_config.guidance_scale)
+  return images.to_uint8(np.asarray(x))

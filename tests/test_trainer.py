@@ -1,0 +1,33 @@
+"""The main job end to end on the tiny digits config, and config validation."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import default
+from diffjax.train import trainer
+
+
+def test_tiny_run_trains_checkpoints_and_samples(tmp_path):
+  config = default.get_config("tiny")
+  state = trainer.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == config.train.num_steps
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+  grid = np.asarray(Image.open(tmp_path / "samples.png"))
+  assert grid.ndim == 2 and grid.shape[0] > grid.shape[1]  # ten prompt rows
+  assert os.listdir(tmp_path / "tensorboard")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sampler.name", "nope", "sampler.name"),
+    ("diffusion.target", "epsilon", "diffusion.target"),
+    ("optim.warmup_steps", 100, "optim.warmup_steps"),
+])
+def test_invalid_config_names_the_field(field, value, message):
+  config = default.get_config("tiny")
+  section, key = field.split(".")
+  config[section][key] = value
+  with pytest.raises(ValueError, match=message):
+    trainer.validate(config)
