@@ -17,6 +17,12 @@ from diffjax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (checkpoints, logs, images).")
+_MODE = flags.DEFINE_enum("mode", "run", ["run", "sample"], "run: the config's job (train, sampler_demo); "
+                          "sample: sample from the latest checkpoint in --workdir.")
+_PROMPTS = flags.DEFINE_multi_string("prompts", [], "--mode=sample: prompts (repeat the flag).")
+_NUM_PER_PROMPT = flags.DEFINE_integer("num_samples_per_prompt", 4, "--mode=sample: images per prompt.")
+_OUTPUT = flags.DEFINE_string("output", None, "--mode=sample: output directory (default WORKDIR/samples).")
+_SEED = flags.DEFINE_integer("sample_seed", 0, "--mode=sample: seed of the initial noise.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -43,6 +49,11 @@ def main(argv):
   if config.job not in JOBS:
     raise app.UsageError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
   os.makedirs(_WORKDIR.value, exist_ok=True)
+  if _MODE.value == "sample":
+    prompts = list(_PROMPTS.value) or list(config.get("prompts", ()))
+    trainer.sample_from_checkpoint(config, _WORKDIR.value, prompts, _NUM_PER_PROMPT.value,
+                                   _OUTPUT.value or os.path.join(_WORKDIR.value, "samples"), _SEED.value)
+    return
   JOBS[config.job](config, _WORKDIR.value)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax
 import jax
@@ -112,6 +114,41 @@ def validate(config) -> None:
   processes.make_process(config.diffusion.process, **config.diffusion.get("process_options", {}))
 
 
+class Components(NamedTuple):
+  """What training and sampling build from a config."""
+
+  spec: steps.DiffusionSpec
+  model: TextToImage
+  tx: optax.GradientTransformation
+  tokenize: Callable[[str], np.ndarray]
+  null_tokens: jax.Array  # (L,) the empty caption, for classifier-free guidance
+  null_mask: jax.Array
+  image_shape: tuple
+  init_state: Callable[[], steps.TrainState]
+  abstract_state: steps.TrainState  # shapes and dtypes only
+  sample_key: jax.Array
+
+
+def build_components(config) -> Components:
+  model, tx, tokenize = build_model(config), build_optimizer(config), tokenize_fn(config.data.max_caption_length)
+  k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
+  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+
+  def init_state():
+    tok = jnp.zeros((1, config.data.max_caption_length), jnp.int32)
+    params = flax.linen.meta.unbox(model.init(k_init, jnp.zeros((1,) + shape), jnp.zeros((1,)), tok, tok)["params"])
+    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                            opt_state=tx.init(params), rng=jax.random.key_data(k_train))
+
+  null_tokens, null_mask = (jnp.asarray(a) for a in tokenize(""))
+  return Components(build_spec(config), model, tx, tokenize, null_tokens, null_mask, shape, init_state,
+                    jax.eval_shape(init_state), k_sample)
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
 # ----------------------------------------------------------------------------------
 def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   """Trains per ``config``, checkpointing to and resuming from ``workdir``; returns the final state."""
@@ -129,38 +166,23 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), just_logging=not is_main)
 
   # -- data ----------------------------------------------------------------------------
+  c = build_components(config)
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
   source = pipeline.load_source(config.data.name, config.data.train_split, data_dir)
   options = pipeline.ImageTextOptions(batch_size=config.data.batch_size // jax.process_count(),
                                       image_size=config.data.image_size, max_shift=config.data.max_shift)
-  tokenize = tokenize_fn(config.data.max_caption_length)
-  dataset = pipeline.image_text_dataset(source, options, tokenize, seed=config.seed,
+  dataset = pipeline.image_text_dataset(source, options, c.tokenize, seed=config.seed,
                                         shard_index=jax.process_index(), shard_count=jax.process_count())
   data_iter = iter(dataset)
-  null_tokens, null_mask = (jnp.asarray(a) for a in tokenize(""))
 
   # -- model, optimizer, state -----------------------------------------------------------
-  spec = build_spec(config)
-  model = build_model(config)
-  tx = build_optimizer(config)
-  root_key = jax.random.key(config.seed)
-  k_init, k_train, k_sample = jax.random.split(root_key, 3)
-  shape = (config.data.image_size, config.data.image_size, config.data.channels)
-
-  def init_state():
-    x = jnp.zeros((1,) + shape)
-    tok = jnp.zeros((1, config.data.max_caption_length), jnp.int32)
-    params = flax.linen.meta.unbox(model.init(k_init, x, jnp.zeros((1,)), tok, tok)["params"])
-    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                            opt_state=tx.init(params), rng=jax.random.key_data(k_train))
-
-  abstract = jax.eval_shape(init_state)
-  state_sharding = jax.tree.map(lambda _: replicated, abstract)
+  model, spec, tx, tokenize, shape = c.model, c.spec, c.tx, c.tokenize, c.image_shape
+  null_tokens, null_mask = c.null_tokens, c.null_mask
+  state_sharding = jax.tree.map(lambda _: replicated, c.abstract_state)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
-  restored = checkpointer.restore_latest(
-      jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sharding))
+  restored = checkpointer.restore_latest(_with_shardings(c.abstract_state, state_sharding))
   if restored is None:
-    state = jax.jit(init_state, out_shardings=state_sharding)()
+    state = jax.jit(c.init_state, out_shardings=state_sharding)()
     logging.info("initialized a new model")
   else:
     state, data_state, step = restored
@@ -218,10 +240,10 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   # -- samples -----------------------------------------------------------------------------
   if stop["signal"] is None and config.get("prompts") and step >= num_steps:
     images_uint8 = generate(sample_fn, state.ema_params, list(config.prompts), config.sampler, solver, spec, tokenize,
-                            config.eval.samples_per_prompt, k_sample)
+                            config.eval.samples_per_prompt, c.sample_key)
     if is_main:
       grid = images.grid(images_uint8, rows=len(config.prompts))
-      images.save_png(grid, os.path.join(workdir, "samples.png"))
+      images.save_png(grid, os.path.join(workdir, "samples.png"), scale=max(1, 256 // grid.shape[1]))
       writer.write_images(step, {"samples": grid[None]})
   writer.flush()
   return state
@@ -235,3 +257,33 @@ def generate(sample_fn, params, prompts, sampler_config, solver, spec, tokenize,
   ts = grids.GRIDS[sampler_config.grid](spec.process, points_for_budget(solver, sampler_config.nfe))
   x = sample_fn(params, tok, mask, key, ts, sampler_config.guidance_scale)
   return images.to_uint8(np.asarray(x))
+
+
+def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, output_dir: str, seed: int = 0):
+  """Samples ``num_per_prompt`` images per prompt with the latest checkpoint's EMA weights.
+
+  Writes ``output_dir/samples.npz`` (``images`` uint8 (N, H, W, C), ``prompts`` (N,),
+  prompt-major) and ``output_dir/grid.png`` (one row per prompt). Sampler, NFE and
+  guidance come from ``config.sampler``.
+  """
+  validate(config)
+  if not prompts:
+    raise ValueError("give at least one prompt")
+  c = build_components(config)
+  restored = Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(c.abstract_state)
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: train first")
+  state, _, step = restored
+  logging.info("sampling with the EMA weights of step %d", step)
+  solver = make_solver(config.sampler.name, c.spec.process, **config.sampler.get("options", {}))
+  sample_fn = jax.jit(lambda p, tok, m, key, ts, w: steps.sample_images(
+      p, tok, m, c.null_tokens, c.null_mask, key, ts, w, model=c.model, spec=c.spec, solver=solver,
+      image_shape=c.image_shape))
+  imgs = generate(sample_fn, state.ema_params, list(prompts), config.sampler, solver, c.spec, c.tokenize,
+                  num_per_prompt, jax.random.key(seed))
+  os.makedirs(output_dir, exist_ok=True)
+  np.savez(os.path.join(output_dir, "samples.npz"), images=imgs,
+           prompts=np.asarray([p for p in prompts for _ in range(num_per_prompt)]))
+  grid = images.grid(imgs, rows=len(prompts))
+  images.save_png(grid, os.path.join(output_dir, "grid.png"), scale=max(1, 256 // grid.shape[1]))
+  return imgs
