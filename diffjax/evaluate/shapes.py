@@ -1,0 +1,62 @@
+"""Per-attribute accuracy of generated shapes images, judged by ``diffjax.data.shapes.check``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from diffjax.data import shapes
+
+ATTRIBUTES = ("colour", "shape", "count", "position")
+_VOCABULARY = {"colour": tuple(shapes.COLOURS), "shape": shapes.SHAPES, "position": shapes.POSITIONS}
+
+
+def _names(values, attribute: str) -> list:
+  """Attribute values as names: strings pass through, integers are TFDS class indices (count stays an int)."""
+  if attribute == "count":
+    return [int(v) for v in values]
+  vocabulary = _VOCABULARY[attribute]
+  index = lambda i: vocabulary[i] if 0 <= i < len(vocabulary) else f"index {i}"
+  names = [v.decode() if isinstance(v, bytes) else v if isinstance(v, str) else index(int(v)) for v in values]
+  unknown = sorted({n for n in names if n not in vocabulary})
+  if unknown:
+    raise ValueError(f"unknown {attribute} values {unknown}; expected one of {vocabulary} or their indices")
+  return names
+
+
+def _unit_range(images) -> np.ndarray:
+  """float64 images in [0, 1] from uint8 in [0, 255] or float in [-1, 1] (clipped)."""
+  images = np.asarray(images)
+  if images.dtype == np.uint8:
+    return images / 255.0
+  return (np.clip(images.astype(np.float64), -1.0, 1.0) + 1.0) / 2.0
+
+
+def attribute_accuracy(images, attributes) -> dict[str, float]:
+  """Fraction of images whose colour, shape, count and position match what their captions asked for.
+
+  Args:
+    images: (N, 32, 32, 3), float in [-1, 1] (model outputs; clipped) or uint8 in [0, 255].
+    attributes: {"colour", "shape", "count", "position"} -> (N,) sequences of the requested
+      values: names ("red", "circle", 2, "left") or the dataset's integer class indices
+      (as ``ShapesCaptions`` stores them; count is the number itself, 1-3).
+  Returns:
+    {"colour", "shape", "count", "position", "all"} -> accuracy in [0, 1]. A position is
+    right if ``check`` finds every shape inside that half (a shape in a corner is right
+    for two positions); "all" is the fraction with every attribute right. An empty
+    (e.g. black) image is wrong on every attribute.
+  """
+  images = _unit_range(images)
+  if images.ndim != 4 or images.shape[1:] != (shapes.SIZE, shapes.SIZE, 3) or not len(images):
+    raise ValueError(f"need images of shape (N >= 1, {shapes.SIZE}, {shapes.SIZE}, 3), got {images.shape}")
+  missing = [a for a in ATTRIBUTES if a not in attributes]
+  if missing:
+    raise ValueError(f"attributes lack {missing}")
+  wanted = {a: _names(attributes[a], a) for a in ATTRIBUTES}
+  if any(len(v) != len(images) for v in wanted.values()):
+    raise ValueError(f"need {len(images)} values per attribute, got { {a: len(v) for a, v in wanted.items()} }")
+  judged = [shapes.check(image) for image in images]
+  right = {a: np.array([j[a] == w for j, w in zip(judged, wanted[a], strict=True)], bool)
+           for a in ("colour", "shape", "count")}
+  right["position"] = np.array([w in j["positions"] for j, w in zip(judged, wanted["position"], strict=True)], bool)
+  right["all"] = np.logical_and.reduce([right[a] for a in ATTRIBUTES])
+  return {k: float(v.mean()) for k, v in right.items()}

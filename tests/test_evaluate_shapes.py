@@ -1,0 +1,62 @@
+"""Per-attribute accuracy of shapes images, judged by the shapes checker."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from diffjax.data import shapes
+from diffjax.evaluate.shapes import attribute_accuracy
+
+
+def _rendered(rng, colour_of=lambda c: c):
+  """Every (colour, shape, count, position): uint8 images drawn in colour_of(colour), and the requested attributes."""
+  combos = list(itertools.product(shapes.COLOURS, shapes.SHAPES, (1, 2, 3), shapes.POSITIONS))
+  images = np.stack([shapes.render(colour_of(c), s, n, p, rng) for c, s, n, p in combos])
+  attributes = {a: [combo[i] for combo in combos] for i, a in enumerate(("colour", "shape", "count", "position"))}
+  return images, attributes
+
+
+def test_rendered_images_score_one_as_uint8_floats_and_class_indices():
+  images, attributes = _rendered(np.random.default_rng(0))
+  perfect = dict.fromkeys(("colour", "shape", "count", "position", "all"), 1.0)
+  assert attribute_accuracy(images, attributes) == perfect
+  assert attribute_accuracy(images.astype(np.float32) / 127.5 - 1.0, attributes) == perfect  # model range [-1, 1]
+  indices = {"colour": [list(shapes.COLOURS).index(c) for c in attributes["colour"]],
+             "shape": np.array([shapes.SHAPES.index(s) for s in attributes["shape"]]),
+             "count": np.array(attributes["count"], np.int32),
+             "position": [shapes.POSITIONS.index(p) for p in attributes["position"]]}
+  assert attribute_accuracy(images, indices) == perfect  # the dataset's ClassLabel integers
+
+
+def test_wrong_colours_score_zero_on_colour_only():
+  colours = list(shapes.COLOURS)
+  swap = lambda c: colours[(colours.index(c) + 1) % len(colours)]
+  images, attributes = _rendered(np.random.default_rng(1), colour_of=swap)
+  acc = attribute_accuracy(images, attributes)
+  assert acc == {"colour": 0.0, "shape": 1.0, "count": 1.0, "position": 1.0, "all": 0.0}
+
+
+def test_partly_wrong_positions_and_black_images():
+  images, attributes = _rendered(np.random.default_rng(2))
+  opposite = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+  half = len(images) // 2
+  attributes["position"] = [opposite[p] if i < half else p for i, p in enumerate(attributes["position"])]
+  acc = attribute_accuracy(images, attributes)
+  assert acc["position"] == acc["all"] == pytest.approx(0.5) and acc["colour"] == 1.0
+  black = -np.ones(images.shape, np.float32)
+  assert attribute_accuracy(black, attributes) == dict.fromkeys(("colour", "shape", "count", "position", "all"), 0.0)
+
+
+def test_validates_inputs():
+  images, attributes = _rendered(np.random.default_rng(3))
+  with pytest.raises(ValueError, match="shape"):
+    attribute_accuracy(images[:, :16], attributes)
+  with pytest.raises(ValueError, match="lack"):
+    attribute_accuracy(images, {"colour": attributes["colour"]})
+  with pytest.raises(ValueError, match="unknown colour"):
+    attribute_accuracy(images, {**attributes, "colour": ["purple"] * len(images)})
+  with pytest.raises(ValueError, match="unknown shape"):
+    attribute_accuracy(images, {**attributes, "shape": [3] * len(images)})
+  with pytest.raises(ValueError, match="values per attribute"):
+    attribute_accuracy(images[:5], attributes)
