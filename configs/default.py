@@ -26,7 +26,7 @@ def get_config(arg: str = ""):
                  checkpoint_every=500, keep_checkpoints=3)
   c.sampler = dict(name="dpmpp_2m", options={}, grid="log_snr", nfe=20, guidance_scale=2.0)
   c.mesh = dict(data=-1, fsdp=1)
-  c.eval = dict(samples_per_prompt=10)
+  c.eval = dict(samples_per_prompt=10, digits_per_prompt=50)  # grid; samples judged per digit (0: no evaluation)
   c.prompts = tuple(prompt_for(d) for d in range(10))
 
   if arg == "tiny":
@@ -40,6 +40,7 @@ def get_config(arg: str = ""):
     c.train.checkpoint_every = 3
     c.sampler.nfe = 3
     c.eval.samples_per_prompt = 1
+    c.eval.digits_per_prompt = 2
   elif arg:
     raise ValueError(f"unknown variant {arg!r}: use '' or 'tiny'")
   return c

@@ -1,5 +1,6 @@
 """The main job end to end on the tiny digits config, and config validation."""
 
+import json
 import os
 
 import numpy as np
@@ -18,6 +19,9 @@ def test_tiny_run_trains_checkpoints_and_samples(tmp_path):
   grid = np.asarray(Image.open(tmp_path / "samples.png"))
   assert grid.ndim == 2 and grid.shape[0] > grid.shape[1]  # ten prompt rows
   assert os.listdir(tmp_path / "tensorboard")
+  scores = json.loads((tmp_path / "eval.json").read_text())
+  assert scores["num_samples"] == 20 and 0.0 <= scores["prompt_accuracy"] <= 1.0
+  assert scores["classifier_test_accuracy"] > 0.95 and scores["frechet_distance"] > 0
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -7,6 +7,7 @@ is read here and turned into typed arguments for everything below it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import Callable
@@ -245,8 +246,39 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
       grid = images.grid(images_uint8, rows=len(config.prompts))
       images.save_png(grid, os.path.join(workdir, "samples.png"), scale=max(1, 256 // grid.shape[1]))
       writer.write_images(step, {"samples": grid[None]})
+    if config.eval.get("digits_per_prompt", 0) and is_main:
+      scores = evaluate_digits(sample_fn, state.ema_params, config, solver, spec, tokenize, data_dir, workdir)
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
   writer.flush()
   return state
+
+
+def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir, workdir) -> dict:
+  """Prompt accuracy and classifier-feature Frechet distance of samples for the 10 digit prompts.
+
+  ``config.prompts[d]`` must name digit d. A classifier trained on real digits (cached
+  in workdir) judges ``config.eval.digits_per_prompt`` samples per prompt; the Frechet
+  distance compares them with the same number of real test digits. Writes eval.json.
+  """
+  from diffjax.evaluate import digits as digit_eval
+
+  size = config.data.image_size
+  classifier, clf_accuracy = digit_eval.cached_digit_classifier(
+      os.path.join(workdir, "digit_classifier.npz"), data_dir, image_size=size, seed=config.seed)
+  n = config.eval.digits_per_prompt
+  key = jax.random.fold_in(jax.random.key(config.seed), 1)  # other noise than the grid's
+  samples = generate(sample_fn, params, list(config.prompts), config.sampler, solver, spec, tokenize, n, key)
+  labels = np.repeat(np.arange(len(config.prompts)), n)
+  generated = samples.astype(np.float32) / 127.5 - 1.0
+  real, _ = digit_eval.real_digits(data_dir, "test", size)
+  count = min(len(real), len(generated))
+  scores = {"prompt_accuracy": digit_eval.prompt_accuracy(classifier, generated, labels),
+            "frechet_distance": digit_eval.digit_frechet_distance(classifier, generated[:count], real[:count]),
+            "classifier_test_accuracy": clf_accuracy, "num_samples": int(len(generated))}
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(scores, f, indent=2)
+  logging.info("digit evaluation: %s", scores)
+  return scores
 
 
 def generate(sample_fn, params, prompts, sampler_config, solver, spec, tokenize, per_prompt: int, key) -> np.ndarray:
