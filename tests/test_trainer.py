@@ -20,7 +20,7 @@ def test_tiny_run_trains_checkpoints_and_samples(tmp_path):
   assert grid.ndim == 2 and grid.shape[0] > grid.shape[1]  # ten prompt rows
   assert os.listdir(tmp_path / "tensorboard")
   scores = json.loads((tmp_path / "eval.json").read_text())
-  assert scores["num_samples"] == 20 and 0.0 <= scores["prompt_accuracy"] <= 1.0
+  assert scores["num_samples"] == 10 and 0.0 <= scores["prompt_accuracy"] <= 1.0
   assert scores["classifier_test_accuracy"] > 0.95 and scores["frechet_distance"] > 0
 
 

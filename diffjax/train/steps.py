@@ -110,7 +110,7 @@ def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask
   params = optax.apply_updates(state.params, updates)
   ema = jax.tree.map(lambda e, p: spec.ema_decay * e + (1.0 - spec.ema_decay) * p, state.ema_params, params)
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   metrics = TrainMetrics.single_from_model_output(loss=loss, grad_norm=grad_norm, per_example_loss=per_example,
                                                   sigma_bin=_sigma_bins(spec.process, t))
   diagnostics = {"loss": loss, "per_example_loss": per_example, "grad_norm": grad_norm,
