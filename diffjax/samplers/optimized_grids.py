@@ -1,0 +1,410 @@
+"""Grids and multistep coefficients fitted to one model on a calibration batch.
+
+At 5 to 10 denoiser evaluations, where the few noise levels go and how the
+denoiser outputs are combined dominate a sampler's error, and the best choice
+depends on the model. This module fits both to reference trajectories of a
+calibration batch (noise drawn with other seeds than any evaluation batch, solved
+tightly, e.g. with ``dopri5``), in the spirit of learned solver coefficients and
+schedules (e.g. DPM-Solver-v3, Zheng et al. 2023; "Align Your Steps", Sabour et al.
+2024; PAS, Wang et al. 2024), but with closed-form least squares instead of
+gradient descent:
+
+* ``fitted_multistep``: an exponential multistep solver in data-prediction form,
+  written in the variance-exploding view x~ = x / alpha, s = sigma / alpha:
+
+    x~_{i+1} = r x~_i + (1 - r) [D_i + sum_{j=1}^{H-1} beta_{i,j} (D_{i-j} - D_i) + gamma_i (x~_i - D_i)],
+
+  r = s_{i+1} / s_i, one denoiser evaluation D_i = D(x_i, t_i) per step. beta = gamma = 0
+  is DDIM; DPM-Solver++(2M) is one particular beta_{i,1}; gamma rescales the step of the
+  linear part. The per-step coefficients are free.
+* ``final_estimate_solver``: the last step also returns the clean sample
+  x0 = D_N + sum_j w_j (D_{N-j} - D_N) from the final denoiser output and the ones
+  at the previous grid points, at no extra evaluation (w = 0 is the usual jump
+  D(x_N, t_N)). ``lagrange_final_weights`` gives the polynomial extrapolation of D to
+  sigma = 0, which is the exact ODE solution from the last grid point when D is a
+  polynomial in s along the trajectory (x~(0) = D(0) for dx~/ds = (x~ - D) / s).
+* ``fit_multistep``: greedy least squares. Step by step along the calibration
+  trajectory, beta_i minimizes ||x~_{i+1} - x~ref(t_{i+1})||^2 over the batch given the
+  states and denoiser outputs the fitted solver itself produced so far; then w
+  minimizes ||x0 - target||^2. Each fit costs exactly one sampler run (N evaluations
+  on the calibration batch) and a few tiny least-squares solves.
+* ``search_grid``: coordinate search of the N grid points over a lattice of noise
+  levels at which the reference trajectory is stored, each candidate scored by the
+  calibration error of its fitted solver.
+
+A grid of N points costs N evaluations (N - 1 steps and the final one), like any
+multistep solver. Times are process times; all solvers here need alpha(t) > 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax.processes import Process
+from diffjax.samplers.base import Solver, sample
+
+Array = jax.Array
+
+
+# ------------------------------------------------------------------------------------
+# Final estimate from the history of denoiser outputs.
+# ------------------------------------------------------------------------------------
+class FinalState(NamedTuple):
+  """State of ``final_estimate_solver``: the base solver's state, step counter, grid size, past D's."""
+
+  base: Any
+  i: Array
+  n: Array
+  hist: Array  # (max(m - 1, 1), ...) denoiser outputs at the previous grid points, most recent first
+  t_hist: Array  # their times
+
+
+def lagrange_final_weights(process: Process, t_final, t_hist, variable: str = "sigma") -> Array:
+  """Weights (m,) on (D_N, D_{N-1}, ...) of the polynomial extrapolation of D to sigma = 0.
+
+  Nodes are the EDM sigmas s = sigma / alpha at (t_final, *t_hist) ("sigma"), or s^2
+  ("sigma2", for a D that is even in s near 0, as for Gaussian data). They sum to 1.
+  """
+  s = process.edm_sigma(jnp.concatenate([jnp.asarray(t_final)[None], jnp.asarray(t_hist)]))
+  z = s if variable == "sigma" else s**2
+  m = z.shape[0]
+  idx = jnp.arange(m)
+  mask = idx[:, None] != idx[None, :]
+  num = jnp.where(mask, -z[None, :], 1.0)  # L_j(0) = prod_{k != j} (0 - z_k) / (z_j - z_k)
+  den = jnp.where(mask, z[:, None] - z[None, :], 1.0)
+  return jnp.prod(num / den, axis=1)
+
+
+def final_estimate_solver(solver: Solver, process: Process, history: int = 2, weights=None,
+                          variable: str = "sigma") -> Solver:
+  """``solver`` whose last step returns sum_j w_j D_{N-j}; run it with ``sample(..., denoise_final=False)``.
+
+  The wrapper records the denoiser output at each step's input (x_i, t_i) (the first
+  evaluation of a step, which every solver in ``diffjax.samplers`` makes at its own
+  input; anything else raises at trace time) and, on the last step, evaluates
+  D_N = D(x_N, t_N) once and returns x0 = w_0 D_N + w_1 D_{N-1} + ... + w_{m-1} D_{N-m+1}.
+
+  Args:
+    solver: a ``Solver``.
+    process: the process (for the Lagrange weights).
+    history: m >= 1 outputs in the estimate; 1 is the usual final jump.
+    weights: (m,) weights (should sum to 1), or None for ``lagrange_final_weights``.
+    variable: Lagrange variable, see ``lagrange_final_weights``.
+
+  A grid of N >= m points costs ``num_evaluations(solver, N)`` evaluations, as with
+  the plain final jump.
+  """
+  if history < 1:
+    raise ValueError(f"history must be >= 1, got {history}")
+  if weights is not None and np.shape(weights) != (history,):
+    raise ValueError(f"weights must have shape ({history},), got {np.shape(weights)}")
+  m = history
+
+  def init(x, ts):
+    size = max(m - 1, 1)
+    return FinalState(solver.init(x, ts), jnp.zeros((), jnp.int32), jnp.asarray(ts.shape[0], jnp.int32),
+                      jnp.zeros((size,) + x.shape, x.dtype), jnp.full((size,), ts[0]))
+
+  def step(denoise, x, t, t_next, state, key):
+    seen = []
+
+    def recording(xx, tt):
+      d = denoise(xx, tt)
+      if not seen:
+        if xx is not x:
+          raise ValueError("final_estimate_solver: the solver's first evaluation of a step is not at its input x")
+        seen.append(d)
+      return d
+
+    x_next, base = solver.step(recording, x, t, t_next, state.base, key)
+    if not seen:
+      raise ValueError("final_estimate_solver: the solver made no evaluation in a step")
+    hist = jnp.concatenate([seen[0][None].astype(state.hist.dtype), state.hist[:-1]])
+    t_hist = jnp.concatenate([jnp.asarray(t, state.t_hist.dtype)[None], state.t_hist[:-1]])
+
+    def final(x_next):
+      d_n = denoise(x_next, t_next)
+      if m == 1:
+        return d_n.astype(x_next.dtype)
+      w = (lagrange_final_weights(process, t_next, t_hist[: m - 1], variable) if weights is None
+           else jnp.asarray(weights))
+      w = w.astype(d_n.dtype)
+      return (w[0] * d_n + jnp.tensordot(w[1:], hist[: m - 1], axes=1)).astype(x_next.dtype)
+
+    x_out = jax.lax.cond(state.i == state.n - 2, final, lambda x_next: x_next, x_next)
+    return x_out, FinalState(base, state.i + 1, state.n, hist, t_hist)
+
+  return Solver(init=init, step=step, order=solver.order, nfe_per_step=solver.nfe_per_step,
+                stochastic=solver.stochastic)
+
+
+# ------------------------------------------------------------------------------------
+# The fitted multistep solver.
+# ------------------------------------------------------------------------------------
+def fitted_multistep(process: Process, beta, gamma=None) -> Solver:
+  """Exponential multistep solver with per-step coefficients (module docstring).
+
+  Args:
+    process: the process.
+    beta: (N - 1, H - 1) weights of (D_{i-j} - D_i) at step i of a grid of N points;
+      outputs before the first grid point must have weight 0 (beta[i, j] = 0 for j > i,
+      as ``fit_multistep`` leaves them: the history starts zero-filled).
+    gamma: (N - 1,) weights of (x~_i - D_i), default 0.
+
+  Global order 1 whatever the coefficients (they are fitted, not derived); 1 evaluation
+  per step.
+  """
+  beta = jnp.asarray(beta)
+  if beta.ndim != 2:
+    raise ValueError(f"beta must be (num_steps, history - 1), got shape {beta.shape}")
+  gamma = jnp.zeros(beta.shape[:1], beta.dtype) if gamma is None else jnp.asarray(gamma)
+  if gamma.shape != beta.shape[:1]:
+    raise ValueError(f"gamma must be ({beta.shape[0]},), got shape {gamma.shape}")
+  h = beta.shape[1] + 1
+
+  def init(x, ts):
+    return {"i": jnp.zeros((), jnp.int32), "hist": jnp.zeros((max(h - 1, 1),) + x.shape, x.dtype)}
+
+  def step(denoise, x, t, t_next, state, key):
+    alpha, s = process.alpha(t), process.edm_sigma(t)
+    alpha_n, s_n = process.alpha(t_next), process.edm_sigma(t_next)
+    d = denoise(x, t)
+    r = s_n / s
+    i = jnp.minimum(state["i"], beta.shape[0] - 1)
+    b = beta[i].astype(x.dtype)
+    xs = x / alpha
+    combo = d + gamma[i].astype(x.dtype) * (xs - d)
+    if h > 1:
+      combo = combo + jnp.tensordot(b, state["hist"][: h - 1] - d[None], axes=1)
+    x_next = alpha_n * (r * xs + (1.0 - r) * combo)
+    hist = jnp.concatenate([d[None], state["hist"][:-1]]) if h > 1 else state["hist"]
+    return x_next.astype(x.dtype), {"i": state["i"] + 1, "hist": hist}
+
+  return Solver(init=init, step=step, order=1, nfe_per_step=1)
+
+
+@dataclasses.dataclass
+class FittedSampler:
+  """A grid with its fitted coefficients; ``sample`` runs it.
+
+  Attributes:
+    ts: (N,) process times.
+    beta: (N - 1, H - 1) step coefficients (``fitted_multistep``).
+    final: (H - 1,) coefficients of (D_{N-j} - D_N) in the final estimate.
+    gamma: (N - 1,) coefficients of (x~_i - D_i), or None (0).
+    calib_rmse: RMS error on the calibration batch (vs the reference target).
+  """
+
+  ts: np.ndarray
+  beta: np.ndarray
+  final: np.ndarray
+  gamma: np.ndarray | None = None
+  calib_rmse: float = float("nan")
+
+  @property
+  def final_weights(self) -> np.ndarray:
+    """(H,) weights on (D_N, D_{N-1}, ...)."""
+    return np.concatenate([[1.0 - np.sum(self.final)], self.final])
+
+  def solver(self, process: Process) -> Solver:
+    """The Solver to run with ``sample(..., denoise_final=False)`` on ``ts``."""
+    history = min(self.final.size + 1, len(self.ts))
+    return final_estimate_solver(fitted_multistep(process, self.beta, self.gamma), process, history,
+                                 self.final_weights[:history])
+
+  def sample(self, process: Process, denoise, x, *, key=None) -> Array:
+    """(B, ...) clean samples from x (B, ...) at ts[0]; N evaluations."""
+    return sample(self.solver(process), denoise, x, jnp.asarray(self.ts, x.dtype), key=key, denoise_final=False)
+
+  def to_dict(self) -> dict:
+    gamma = np.zeros(len(self.ts) - 1) if self.gamma is None else np.asarray(self.gamma)
+    return {"ts": np.asarray(self.ts).tolist(), "beta": np.asarray(self.beta).tolist(),
+            "gamma": gamma.tolist(), "final": np.asarray(self.final).tolist(), "calib_rmse": self.calib_rmse}
+
+  @classmethod
+  def from_dict(cls, d) -> FittedSampler:
+    final = np.asarray(d["final"], np.float64).reshape(-1)
+    beta = np.asarray(d["beta"], np.float64).reshape(len(d["ts"]) - 1, final.size)
+    gamma = np.asarray(d.get("gamma", np.zeros(len(d["ts"]) - 1)), np.float64)
+    return cls(np.asarray(d["ts"], np.float64), beta, final, gamma, float(d.get("calib_rmse", float("nan"))))
+
+
+def _lstsq(regressors, target):
+  """argmin_c ||target - sum_j c_j regressors[j]||^2 over all elements (float64)."""
+  if not regressors:
+    return np.zeros(0)
+  a = np.stack([np.asarray(g, np.float64).ravel() for g in regressors], 1)
+  gram = a.T @ a
+  rhs = a.T @ np.asarray(target, np.float64).ravel()
+  scale = np.maximum(np.diag(gram), 1e-300)
+  c = np.linalg.lstsq(gram / np.sqrt(scale[:, None] * scale[None, :]), rhs / np.sqrt(scale), rcond=1e-12)[0]
+  return c / np.sqrt(scale)
+
+
+def fit_multistep(process: Process, denoise, x, ts, ref_states, target, history: int = 3,
+                  free_ratio: bool = True) -> FittedSampler:
+  """Greedy least-squares fit of ``fitted_multistep`` coefficients and final weights on a calibration batch.
+
+  Args:
+    process: the model's process.
+    denoise: ``(x, t) -> x0_hat`` (ideally jitted; called N times on the batch).
+    x: (B, ...) calibration start at ts[0] in process coordinates.
+    ts: (N,) grid, N >= 2.
+    ref_states: (N, B, ...) reference trajectory in the sigma-space view x~ = x / alpha
+      at the grid points (ref_states[0] = x / alpha(ts[0])).
+    target: (B, ...) reference clean samples (the ODE solution at sigma = 0).
+    history: H >= 1, outputs combined per step (H = 1: DDIM with a fitted final step).
+    free_ratio: also fit gamma, the weight of (x~_i - D_i) (else gamma = 0).
+
+  Returns:
+    A ``FittedSampler`` with ``calib_rmse`` the RMS error of its output on the batch.
+  """
+  ts = np.asarray(ts, np.float64)
+  n = ts.shape[0]
+  if n < 2:
+    raise ValueError("fit_multistep needs a grid of at least 2 points")
+  alpha = np.asarray(process.alpha(jnp.asarray(ts, jnp.float32)), np.float64)
+  s = np.asarray(process.edm_sigma(jnp.asarray(ts, jnp.float32)), np.float64)
+  dtype = jnp.asarray(x).dtype
+  xs = np.asarray(x, np.float64) / alpha[0]
+  outs = []
+  beta = np.zeros((n - 1, max(history - 1, 0)))
+  gamma = np.zeros(n - 1)
+  for i in range(n - 1):
+    d = np.asarray(denoise(jnp.asarray(alpha[i] * xs, dtype), jnp.asarray(ts[i], dtype)), np.float64)
+    outs.insert(0, d)
+    r = s[i + 1] / s[i]
+    base = r * xs + (1.0 - r) * d
+    regs = [(1.0 - r) * (outs[j] - d) for j in range(1, min(history, len(outs)))]
+    if free_ratio:
+      regs.append((1.0 - r) * (xs - d))
+    c = _lstsq(regs, np.asarray(ref_states[i + 1], np.float64) - base)
+    if free_ratio:
+      gamma[i] = c[-1]
+      beta[i, : c.size - 1] = c[:-1]
+    else:
+      beta[i, : c.size] = c
+    xs = base + sum((cj * g for cj, g in zip(c, regs, strict=True)), np.zeros_like(base))
+  d = np.asarray(denoise(jnp.asarray(alpha[-1] * xs, dtype), jnp.asarray(ts[-1], dtype)), np.float64)
+  outs.insert(0, d)
+  regs = [outs[j] - d for j in range(1, min(history, len(outs)))]
+  w = _lstsq(regs, np.asarray(target, np.float64) - d)
+  out = d + sum((wj * g for wj, g in zip(w, regs, strict=True)), np.zeros_like(d))
+  final = np.zeros(max(history - 1, 0))
+  final[: w.size] = w
+  rmse = float(np.sqrt(np.mean((out - np.asarray(target, np.float64)) ** 2)))
+  return FittedSampler(ts, beta, final, gamma, rmse)
+
+
+# ------------------------------------------------------------------------------------
+# Grid search on a lattice of stored reference states.
+# ------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class SearchResult:
+  """Result of ``search_grid``: the best fitted sampler, its lattice indices and the cost."""
+
+  sampler: FittedSampler
+  indices: list
+  evaluations: int  # batched denoiser calls (each on the whole calibration batch)
+  candidates: int
+  seconds: float
+
+
+def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target, n_points: int, *,
+                history: int = 3, free_ratio: bool = True, validation=None, init=(), moves=(1, 2, 4, 8),
+                max_sweeps: int = 6) -> SearchResult:
+  """Coordinate search of an N-point grid over lattice points, each candidate scored after ``fit_multistep``.
+
+  Args:
+    process, denoise, x, target, history, free_ratio: as in ``fit_multistep``; x is at lattice_ts[0].
+    lattice_ts: (L,) process times, noise decreasing; lattice_ts[0] is the start and
+      is always the first grid point.
+    lattice_states: (L, B, ...) reference trajectory (x~ = x / alpha) at lattice_ts.
+    n_points: N, grid points (N evaluations).
+    validation: optional (x_val, target_val), a second calibration batch: candidates are
+      then scored by the RMS error of the sampler fitted on (x, target) on this batch
+      (which guards the search against fitting the few hardest samples of one batch);
+      else by the fitting batch's own error.
+    init: initial grids as lattice-index lists (each of length N, starting at 0); the
+      best-scoring one starts the search. Default: N points evenly spaced in index.
+    moves: index offsets tried for each interior/last point, both directions.
+    max_sweeps: passes over the points (stops early when a pass improves nothing).
+
+  Returns:
+    ``SearchResult`` (its sampler's ``calib_rmse`` is the score); every candidate costs
+    N batched evaluations, twice with ``validation``.
+  """
+  t0 = time.time()
+  lattice_ts = np.asarray(lattice_ts, np.float64)
+  size = lattice_ts.shape[0]
+  if n_points < 2 or n_points > size:
+    raise ValueError(f"need 2 <= n_points <= lattice size {size}, got {n_points}")
+  cache = {}
+  if validation is not None:
+    x_val, target_val = validation
+    run = jax.jit(lambda beta, gamma, final_w, ts: sample(
+        final_estimate_solver(fitted_multistep(process, beta, gamma), process, final_w.shape[0], final_w), denoise,
+        x_val, ts, denoise_final=False))
+
+  def score(idx):
+    key = tuple(idx)
+    if key not in cache:
+      fitted = fit_multistep(process, denoise, x, lattice_ts[list(idx)], lattice_states[list(idx)], target, history,
+                             free_ratio)
+      if validation is not None:
+        m = min(fitted.final.size + 1, n_points)
+        out = run(jnp.asarray(fitted.beta, x_val.dtype), jnp.asarray(fitted.gamma, x_val.dtype),
+                  jnp.asarray(fitted.final_weights[:m], x_val.dtype), jnp.asarray(fitted.ts, x_val.dtype))
+        fitted.calib_rmse = float(jnp.sqrt(jnp.mean((out.astype(jnp.float32) - target_val) ** 2)))
+      cache[key] = fitted
+    return cache[key].calib_rmse
+
+  inits = [list(i) for i in init] or [list(np.round(np.linspace(0, size - 1, n_points)).astype(int))]
+  for idx in inits:
+    if len(idx) != n_points or idx[0] != 0 or any(b <= a for a, b in zip(idx, idx[1:], strict=False)):
+      raise ValueError(f"bad initial lattice indices {idx}: need {n_points} increasing indices from 0")
+  best = min(inits, key=score)
+  for _ in range(max_sweeps):
+    improved = False
+    for pos in range(1, n_points):
+      for move in moves:
+        for sign in (1, -1):
+          cand = list(best)
+          cand[pos] += sign * move
+          lo = cand[pos - 1] + 1
+          hi = cand[pos + 1] - 1 if pos + 1 < n_points else size - 1
+          if not lo <= cand[pos] <= hi:
+            continue
+          if score(cand) < score(best):
+            best, improved = cand, True
+    if not improved:
+      break
+  per_candidate = n_points * (2 if validation is not None else 1)
+  return SearchResult(cache[tuple(best)], best, evaluations=len(cache) * per_candidate, candidates=len(cache),
+                      seconds=time.time() - t0)
+
+
+def log_sigma_lattice(process: Process, size: int, t_start=None, t_end=None) -> Array:
+  """(size,) process times uniform in log(sigma / alpha) from t_start (t_max) to t_end (t_min)."""
+  t_start = process.t_max if t_start is None else t_start
+  t_end = process.t_min if t_end is None else t_end
+  u = jnp.linspace(jnp.log(process.edm_sigma(t_start)), jnp.log(process.edm_sigma(t_end)), size)
+  return process.t_from_edm_sigma(jnp.exp(u))
+
+
+def snap_to_lattice(lattice_ts, ts) -> list:
+  """Lattice indices closest (in time) to the grid ts, made strictly increasing, first index 0."""
+  lattice_ts = np.asarray(lattice_ts, np.float64)
+  idx = [int(np.argmin(np.abs(lattice_ts - t))) for t in np.asarray(ts, np.float64)]
+  idx[0] = 0
+  for i in range(1, len(idx)):
+    idx[i] = max(idx[i], idx[i - 1] + 1)
+  if idx[-1] >= lattice_ts.shape[0]:
+    raise ValueError("grid has more points than the lattice can hold after snapping")
+  return idx
