@@ -342,6 +342,7 @@ def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target
   """
   t0 = time.time()
   lattice_ts = np.asarray(lattice_ts, np.float64)
+  lattice_states = np.asarray(lattice_states)
   size = lattice_ts.shape[0]
   if n_points < 2 or n_points > size:
     raise ValueError(f"need 2 <= n_points <= lattice size {size}, got {n_points}")

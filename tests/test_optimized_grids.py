@@ -1,0 +1,147 @@
+"""Tests of the fitted samplers (diffjax.samplers.optimized_grids).
+
+Oracles: polynomial extrapolation is exact on polynomials; with zero or DPM-Solver++(2M)
+coefficients the fitted solver *is* DDIM or 2M; least squares recovers coefficients that
+generated the reference; for isotropic Gaussian data x~ - mu stays a fixed multiple of
+its start, so one fitted coefficient per step makes the sampler exact on any fresh noise.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax import processes
+from diffjax.analytic import GaussianMixture
+from diffjax.samplers import grids, make_solver, sample
+from diffjax.samplers import optimized_grids as og
+
+SD = processes.make_process("sd")
+MIXTURE = GaussianMixture.create([0.4, 0.6], [[-1.0, 0.5], [0.8, -0.4]], [[0.05, 0.2], [0.1, 0.02]])
+
+
+def _counting(denoise):
+  calls = []
+
+  def counted(x, t):
+    jax.debug.callback(lambda: calls.append(1))
+    return denoise(x, t)
+
+  return counted, calls
+
+
+@pytest.mark.parametrize("variable", ["sigma", "sigma2"])
+def test_lagrange_weights_extrapolate_polynomials_exactly(x64, variable):
+  ts = jnp.asarray([0.05, 0.1, 0.2, 0.35])  # t_final first, then the history (noise increasing)
+  w = og.lagrange_final_weights(SD, ts[0], ts[1:], variable)
+  s = SD.edm_sigma(ts)
+  z = s if variable == "sigma" else s**2
+  poly = lambda z: 0.3 - 1.7 * z + 0.9 * z**2 - 0.2 * z**3  # degree m - 1 = 3
+  np.testing.assert_allclose(float(jnp.sum(w)), 1.0, atol=1e-12)
+  np.testing.assert_allclose(float(jnp.dot(w, poly(z))), poly(0.0), atol=1e-9)
+
+
+def test_zero_coefficients_are_ddim_and_final_jump():
+  ts = grids.karras(SD, 6)
+  x = jax.random.normal(jax.random.key(0), (64, 2)) * SD.sigma(ts[0])
+  denoise = MIXTURE.denoiser(SD)
+  fitted = og.FittedSampler(np.asarray(ts), beta=np.zeros((5, 2)), final=np.zeros(2))
+  ours = fitted.sample(SD, denoise, x)
+  ddim = sample(make_solver("euler", SD), denoise, x, ts)
+  np.testing.assert_allclose(ours, ddim, rtol=2e-5, atol=2e-5)
+
+
+def test_dpmpp_2m_coefficients_reproduce_dpmpp_2m():
+  n = 7
+  ts = grids.log_snr_uniform(SD, n)
+  x = jax.random.normal(jax.random.key(1), (64, 2)) * SD.sigma(ts[0])
+  denoise = MIXTURE.denoiser(SD)
+  lam = -np.log(np.asarray(SD.edm_sigma(ts), np.float64))
+  h = np.diff(lam)
+  beta = np.zeros((n - 1, 1))
+  beta[1:, 0] = -h[1:] / (2 * h[:-1])  # (1 + 1/2r) D_i - 1/2r D_{i-1}, r = h_{i-1} / h_i
+  ours = og.FittedSampler(np.asarray(ts), beta=beta, final=np.zeros(1)).sample(SD, denoise, x)
+  ref = sample(make_solver("dpmpp_2m", SD, lower_order_final=False), denoise, x, ts)
+  np.testing.assert_allclose(ours, ref, rtol=5e-5, atol=5e-5)
+
+
+def test_fit_recovers_the_coefficients_that_made_the_reference():
+  """A reference produced by the solver family itself is fitted exactly (calib error ~ float32 rounding)."""
+  n, history = 6, 3
+  ts = grids.karras(SD, n)
+  denoise = jax.jit(MIXTURE.denoiser(SD))
+  x = jax.random.normal(jax.random.key(2), (512, 2)) * SD.sigma(ts[0])
+  rng = np.random.default_rng(0)
+  beta = rng.uniform(-0.4, 0.4, (n - 1, history - 1))
+  for i in range(n - 1):
+    beta[i, i:] = 0.0  # no history before the first grid point
+  gamma = rng.uniform(-0.2, 0.2, n - 1)
+  # Reference states: run the true coefficients, recording x~ = x / alpha at every grid point.
+  solver = og.fitted_multistep(SD, jnp.asarray(beta, jnp.float32), jnp.asarray(gamma, jnp.float32))
+  state, xi, states = solver.init(x, ts), x, [x / SD.alpha(ts[0])]
+  for i in range(n - 1):
+    xi, state = solver.step(denoise, xi, ts[i], ts[i + 1], state, None)
+    states.append(xi / SD.alpha(ts[i + 1]))
+  target = denoise(xi, ts[-1])
+  fitted = og.fit_multistep(SD, denoise, x, ts, jnp.stack(states), target, history=history)
+  np.testing.assert_allclose(fitted.beta, beta, atol=2e-3)
+  np.testing.assert_allclose(fitted.gamma, gamma, atol=2e-3)
+  assert fitted.calib_rmse < 1e-5
+
+
+def test_fitted_sampler_is_exact_for_gaussian_data_on_fresh_noise():
+  """Isotropic Gaussian data: x~ - mu moves by one scalar factor per step, which the fitted gamma matches,
+  so a 4-point fitted sampler is exact on any noise, where 2M on the same grid is far off."""
+  gauss = GaussianMixture.create([1.0], [[0.3, -0.2, 0.5]], [[0.3, 0.3, 0.3]])
+  denoise = jax.jit(gauss.denoiser(SD))
+  ts = grids.karras(SD, 4)
+  alpha, sigma = SD.alpha(ts), SD.sigma(ts)
+  exact = lambda x, i: gauss.gaussian_flow(x, alpha[0], sigma[0], alpha[i], sigma[i]) / alpha[i]
+  x_fit = jax.random.normal(jax.random.key(3), (2048, 3)) * sigma[0]
+  states = jnp.stack([exact(x_fit, i) for i in range(4)])
+  target = gauss.gaussian_flow(x_fit, alpha[0], sigma[0], 1.0, 0.0)
+  fitted = og.fit_multistep(SD, denoise, x_fit, ts, states, target, history=2)
+  x_new = jax.random.normal(jax.random.key(4), (2048, 3)) * sigma[0]
+  truth = gauss.gaussian_flow(x_new, alpha[0], sigma[0], 1.0, 0.0)
+  counted, calls = _counting(denoise)
+  ours = fitted.sample(SD, counted, x_new)
+  jax.effects_barrier()
+  err = float(jnp.sqrt(jnp.mean((ours - truth) ** 2)))
+  err_2m = float(jnp.sqrt(jnp.mean((sample(make_solver("dpmpp_2m", SD), denoise, x_new, ts) - truth) ** 2)))
+  assert len(calls) == 4  # one evaluation per grid point, the final estimate included
+  assert err < 1e-4 and err_2m > 100 * err, (err, err_2m)
+
+
+def test_search_grid_improves_on_its_start_and_round_trips():
+  denoise = jax.jit(MIXTURE.denoiser(SD))
+  lattice = og.log_sigma_lattice(SD, 24)
+  assert np.all(np.diff(np.asarray(lattice)) < 0)
+  ends = SD.edm_sigma(jnp.asarray([SD.t_max, SD.t_min]))
+  np.testing.assert_allclose(SD.edm_sigma(lattice[jnp.asarray([0, -1])]), ends, rtol=1e-4)
+  # Reference: a fine 2M solve from lattice point to lattice point, 40 substeps each (error << the 5-point one).
+  x = jax.random.normal(jax.random.key(5), (1024, 2)) * SD.sigma(lattice[0])
+  segment = jax.jit(lambda x, a, b: sample(make_solver("dpmpp_2m", SD), denoise, x, jnp.linspace(a, b, 41),
+                                           denoise_final=False))
+  states, xi = [x / SD.alpha(lattice[0])], x
+  for a, b in zip(lattice[:-1], lattice[1:], strict=True):
+    xi = segment(xi, a, b)
+    states.append(xi / SD.alpha(b))
+  target = denoise(xi, lattice[-1])
+  init = [og.snap_to_lattice(lattice, grids.karras(SD, 5))]
+  assert init[0][0] == 0 and np.all(np.diff(init[0]) > 0)
+  res = og.search_grid(SD, denoise, x, lattice, jnp.stack(states), target, 5, history=3, init=init, max_sweeps=2)
+  start = og.fit_multistep(SD, denoise, x, lattice[np.asarray(init[0])], jnp.stack(states)[np.asarray(init[0])],
+                           target, history=3)
+  assert res.sampler.calib_rmse <= start.calib_rmse
+  assert res.indices[0] == 0 and np.all(np.diff(res.indices) > 0) and res.candidates > 1
+  back = og.FittedSampler.from_dict(res.sampler.to_dict())
+  np.testing.assert_allclose(back.sample(SD, denoise, x), res.sampler.sample(SD, denoise, x), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_arguments_raise():
+  with pytest.raises(ValueError, match="history"):
+    og.final_estimate_solver(make_solver("euler", SD), SD, history=0)
+  with pytest.raises(ValueError, match="beta"):
+    og.fitted_multistep(SD, jnp.zeros(3))
+  with pytest.raises(ValueError, match="at least 2"):
+    og.fit_multistep(SD, None, jnp.zeros((2, 2)), [0.5], None, None)
