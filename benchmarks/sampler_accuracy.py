@@ -52,15 +52,14 @@ import json
 import math
 import pathlib
 import re
-import sys
 import time
-import types
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import k_diffusion_loader
 from diffjax.analytic import GaussianMixture
 from diffjax.processes import EDM, make_process
 from diffjax.samplers import SOLVERS, grids, make_solver, num_evaluations, sample
@@ -567,44 +566,6 @@ def default_diffusers_configs(extended=False):
 
 
 # -- peers: k-diffusion -----------------------------------------------------------------
-def load_k_diffusion_sampling():
-  """k_diffusion/sampling.py without the package __init__ (which imports missing deps), or None.
-
-  Its ``from . import utils`` gets a stub package with the one helper it uses
-  (append_dims); torchdiffeq / torchsde, imported at module level but unused by the
-  samplers run here, are stubbed when missing.
-  """
-  spec = importlib.util.find_spec("k_diffusion")
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "sampling.py"
-  pkg_name = "_kdiff_benchmark"
-  pkg = types.ModuleType(pkg_name)
-  pkg.__path__ = []
-  utils = types.ModuleType(pkg_name + ".utils")
-  utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-  pkg.utils = utils
-  stubs = {pkg_name: pkg, pkg_name + ".utils": utils}
-  for dep in ("torchdiffeq", "torchsde"):
-    if importlib.util.find_spec(dep) is None:
-      stub = types.ModuleType(dep)
-      stub.odeint = stub.BrownianTree = None
-      stubs[dep] = stub
-  saved = {k: sys.modules.get(k) for k in stubs}
-  sys.modules.update(stubs)
-  try:
-    mod_spec = importlib.util.spec_from_file_location(pkg_name + ".sampling", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-  finally:
-    for k, v in saved.items():
-      if v is None:
-        sys.modules.pop(k, None)
-      else:
-        sys.modules[k] = v
-  return module
-
-
 def kdiff_config(sampler: str, sigmas_kind: str, ksampling, calls_per_step: Callable[[int], int] = lambda n: n,
                  ) -> Config:
   """A k-diffusion sampler on get_sigmas_<kind>(n, sigma_min, sigma_max) of the process, x = noise * sigmas[0].
@@ -831,7 +792,7 @@ def main(argv=None):
   for p in gmms:
     if not p.is_file():
       raise SystemExit(f"--gmm {p}: no such file (see benchmarks/make_mixtures.py)")
-  ksampling = load_k_diffusion_sampling() if args.peers and peers_available() else None
+  ksampling = k_diffusion_loader.load_k_diffusion_sampling() if args.peers and peers_available() else None
   if args.peers and not peers_available():
     print("note: torch/diffusers not installed: peers skipped (pip install -e .[reference])")
   configs = build_configs(args, ksampling)

@@ -25,9 +25,6 @@ side is a few 1e-6 here (measured against float64 runs).
 from __future__ import annotations
 
 import functools
-import importlib.util
-import pathlib
-import sys
 import types
 
 import jax
@@ -35,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import k_diffusion_loader
 from diffjax.analytic import GaussianMixture
 from diffjax.processes import make_process
 from diffjax.samplers import SOLVERS, grids, make_solver, sample
@@ -256,34 +254,10 @@ def test_unipc_multistep(setup, variant, order, karras):
 # k-diffusion (sampling.py loaded without the package __init__, which imports missing deps)
 # ------------------------------------------------------------------------------------
 def _load_k_sampling():
-  spec = importlib.util.find_spec("k_diffusion")
-  if spec is None or not spec.submodule_search_locations:
+  pytest.importorskip("torch")
+  module = k_diffusion_loader.load_k_diffusion_sampling()
+  if module is None:
     pytest.skip("k-diffusion is not installed")
-  path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "sampling.py"
-  pkg_name = "_kdiff_parity"
-  pkg = types.ModuleType(pkg_name)
-  pkg.__path__ = []
-  utils = types.ModuleType(pkg_name + ".utils")
-  utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]  # the one helper sampling.py uses
-  pkg.utils = utils
-  stubs = {pkg_name: pkg, pkg_name + ".utils": utils}
-  for dep in ("torchdiffeq", "torchsde"):  # imported at module level, unused by the samplers tested here
-    if importlib.util.find_spec(dep) is None:
-      stub = types.ModuleType(dep)
-      stub.odeint = stub.BrownianTree = None
-      stubs[dep] = stub
-  saved = {k: sys.modules.get(k) for k in stubs}
-  sys.modules.update(stubs)
-  try:
-    mod_spec = importlib.util.spec_from_file_location(pkg_name + ".sampling", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-  finally:
-    for k, v in saved.items():
-      if v is None:
-        sys.modules.pop(k, None)
-      else:
-        sys.modules[k] = v
   return module
 
 

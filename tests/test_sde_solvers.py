@@ -15,17 +15,14 @@ constants measured by ``test_weak_order`` (first order: bias ~ 3-6 / N).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import pathlib
-import sys
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import k_diffusion_loader
 from diffjax.analytic import GaussianMixture
 from diffjax.processes import make_process
 from diffjax.samplers import ode
@@ -306,28 +303,10 @@ def test_sample_driver_matches_step_loop():
 # Pinned against k-diffusion (same sigmas, same noise): sample_dpmpp_2m_sde / 3m_sde.
 # ----------------------------------------------------------------------------------
 def _k_sampling():
-  spec = importlib.util.find_spec("k_diffusion")
-  if spec is None or not spec.submodule_search_locations:
-    pytest.skip("k-diffusion is not installed")
   pytest.importorskip("torch")
-  path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "sampling.py"
-  pkg = "_kdiff_sde_ref"
-  stubs = {pkg: types.ModuleType(pkg), pkg + ".utils": types.ModuleType(pkg + ".utils"),
-           "torchsde": types.ModuleType("torchsde"), "torchdiffeq": types.ModuleType("torchdiffeq")}
-  stubs[pkg].__path__ = []
-  stubs["torchdiffeq"].odeint = None
-  saved = {k: sys.modules.get(k) for k in stubs}
-  sys.modules.update(stubs)
-  try:
-    module_spec = importlib.util.spec_from_file_location(pkg + ".sampling", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-  finally:
-    for k, v in saved.items():
-      if v is None:
-        sys.modules.pop(k, None)
-      else:
-        sys.modules[k] = v
+  module = k_diffusion_loader.load_k_diffusion_sampling()
+  if module is None:
+    pytest.skip("k-diffusion is not installed")
   return module
 
 
