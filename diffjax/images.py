@@ -32,3 +32,32 @@ def save_png(image: np.ndarray, path: str, scale: int = 1) -> None:
   if scale > 1:
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
   pil.save(path)
+
+
+def save_labeled_grid(images: np.ndarray, labels, path: str, min_width: int = 512) -> np.ndarray:
+  """Writes (N, H, W, C) uint8 images as a PNG grid with one row per label, the label printed on the left.
+
+  ``N`` must be a multiple of ``len(labels)`` (prompt-major: row r holds images
+  r * N / rows ... (r + 1) * N / rows - 1). The image part is upscaled (nearest) to at
+  least ``min_width`` pixels. Returns the written (H', W', 3) uint8 image.
+  """
+  from PIL import ImageDraw, ImageFont
+
+  labels = [str(s) for s in labels]
+  if not labels or len(images) % len(labels):
+    raise ValueError(f"{len(images)} images do not split into {len(labels)} labelled rows")
+  g = grid(images, rows=len(labels))
+  scale = max(1, -(-min_width // g.shape[1]))
+  pil = Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).convert("RGB")
+  pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+  font = ImageFont.load_default()
+  row_h = pil.height / len(labels)
+  text_w = max(int(ImageDraw.Draw(pil).textlength(s, font=font)) for s in labels) + 12
+  out = Image.new("RGB", (pil.width + text_w, pil.height), (255, 255, 255))
+  out.paste(pil, (text_w, 0))
+  draw = ImageDraw.Draw(out)
+  for r, s in enumerate(labels):
+    draw.text((6, int((r + 0.5) * row_h) - 6), s, fill=(0, 0, 0), font=font)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  out.save(path)
+  return np.asarray(out)
