@@ -2,14 +2,17 @@
 
 For each model: one training step (forward + backward + Adam) and one inference forward
 pass, timed as the median of ``--reps`` runs after warm-up (device-synchronised: jax
-``block_until_ready``, ``torch.cuda.synchronize()`` on GPU). FLOPs per call come from
-XLA's cost analysis of the diffjax step (the lowered HLO, with attention on the XLA path:
-cuDNN attention custom calls are opaque to the analysis, the arithmetic is the same);
+``block_until_ready``, ``torch.cuda.synchronize()`` on GPU). On CPU the two frameworks alternate
+call by call (``--interleave``), so that the machine's load drifting between them does not skew
+the ratio; the load average is printed with the table. FLOPs per call come from
+XLA's cost analysis of the diffjax step (the lowered HLO of a float32 twin, whose attention
+takes the XLA path: cuDNN attention custom calls are opaque to the analysis);
 achieved FLOP/s is reported as a fraction of this device's matmul throughput in the
 benchmark dtype (an n x n @ n x n XLA matmul), measured in the same run.
 
   python benchmarks/model_throughput.py --reps 5               # CPU defaults (small configs, float32)
-  python benchmarks/model_throughput.py --device gpu --dtype bfloat16 --unet sd15 --vae sd
+  python benchmarks/model_throughput.py --device gpu --dtype bfloat16 --unet sd15 --vae sd --reps 20
+  python benchmarks/model_throughput.py --models unet --no-torch --profile    # where the diffjax step's time goes
 
 Configs (``--unet``, ``--vae``):
   bench: U-Net with SD's block structure, channels (64, 128, 128), 1 ResNet per level,
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import gc
 import glob
 import os
@@ -42,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 
 os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # share the GPU with PyTorch in one process
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
@@ -106,9 +111,9 @@ def _random_params(shapes, seed=0):
   return jax.tree.map(lambda s: jnp.asarray(0.05 * rng.standard_normal(s.shape), jnp.float32), shapes)
 
 
-def _compile_and_time(train_step, fwd, flops_train_fn, flops_fwd_fn, params, args, reps: int,
-                      profile: bool = False) -> dict:
-  """Compiles once (donated train step), runs ``reps`` timed steps and forwards; FLOPs from the XLA-attention twins."""
+def _jax_side(train_step, fwd, flops_train_fn, flops_fwd_fn, params, args) -> dict:
+  """Compiles the (donated) train step and the forward once; returns callables that block until done, FLOPs (from
+  float32 twins, whose attention is on the XLA path), parameter count and the cuDNN attention calls compiled in."""
   opt_state = optax.adam(1e-4).init(params)
   flops_train = xla_flops(jax.jit(flops_train_fn), params, opt_state, *args)
   flops_fwd = xla_flops(jax.jit(flops_fwd_fn), params)
@@ -120,15 +125,35 @@ def _compile_and_time(train_step, fwd, flops_train_fn, flops_fwd_fn, params, arg
     state['p'], state['s'], loss = step(state['p'], state['s'], *args)
     loss.block_until_ready()
 
-  t_train = timeit(run_train, reps)
-  t_fwd = timeit(lambda: fwd(state['p']).block_until_ready(), reps)
-  if profile:
-    print(profile_breakdown(step, run_train), flush=True)
-  nparams = sum(v.size for v in jax.tree.leaves(params))
-  stats = jax.devices()[0].memory_stats() or {}
-  return dict(train=t_train, fwd=t_fwd, flops_train=flops_train, flops_fwd=flops_fwd, params=nparams,
-              cudnn_attn=(cudnn_attention_calls(step), cudnn_attention_calls(fwd)),
-              peak_mem=stats.get('peak_bytes_in_use', float('nan')))
+  return dict(train=run_train, fwd=lambda: fwd(state['p']).block_until_ready(), step=step, flops_train=flops_train,
+              flops_fwd=flops_fwd, params=sum(v.size for v in jax.tree.leaves(params)),
+              cudnn_attn=(cudnn_attention_calls(step), cudnn_attention_calls(fwd)))
+
+
+def jax_peak_mem() -> float:
+  return (jax.devices()[0].memory_stats() or {}).get('peak_bytes_in_use', float('nan'))
+
+
+def measure(sides: dict, reps: int, interleave: bool) -> dict:
+  """Median seconds of each side's ``train`` and ``fwd`` callables after one warm-up each. ``interleave``: the sides
+  alternate call by call, so that a change of machine load between them does not skew their ratio."""
+  out = {name: {} for name in sides}
+  for mode in ('train', 'fwd'):
+    if interleave:
+      times = {name: [] for name in sides}
+      for side in sides.values():
+        side[mode]()
+      for _ in range(reps):
+        for name, side in sides.items():
+          t0 = time.perf_counter()
+          side[mode]()
+          times[name].append(time.perf_counter() - t0)
+      for name in sides:
+        out[name][mode] = statistics.median(times[name])
+    else:
+      for name, side in sides.items():
+        out[name][mode] = timeit(side[mode], reps)
+  return out
 
 
 def _adam_step(loss_fn):
@@ -187,6 +212,7 @@ def profile_breakdown(compiled, call, steps: int = 3, top: int = 12) -> str:
     jax.profiler.stop_trace()
     data = jax.profiler.ProfileData.from_file(glob.glob(f'{d}/**/*.xplane.pb', recursive=True)[0])
   by_line = {}  # (plane, line) -> instruction -> ms per step; GPU kernels name their instruction in the stat hlo_op
+  warnings.filterwarnings('ignore', 'builtin type event_stats', DeprecationWarning)
   for plane in data.planes:
     if not (plane.name.startswith('/device:GPU') or plane.name == '/host:CPU'):
       continue
@@ -216,42 +242,43 @@ def profile_breakdown(compiled, call, steps: int = 3, top: int = 12) -> str:
 
 
 # -- diffjax -------------------------------------------------------------------------------------------------------
-def jax_unet(cfg: UNetConfig, batch: int, size: int, ctx_len: int, reps: int, dtype, profile: bool = False) -> dict:
-  nets = {impl: UNet(cfg, attention_impl=impl, dtype=dtype) for impl in (None, 'xla')}
-  params = _random_params(nn.meta.unbox(jax.eval_shape(lambda: init_unet(nets[None], jax.random.key(0)))))
+def jax_unet(cfg: UNetConfig, batch: int, size: int, ctx_len: int, dtype) -> dict:
+  nets = {'run': UNet(cfg, dtype=dtype), 'count': UNet(cfg)}  # 'count': float32 twin for the FLOP count
+  params = _random_params(nn.meta.unbox(jax.eval_shape(lambda: init_unet(nets['run'], jax.random.key(0)))))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((batch, size, size, cfg.in_channels)), jnp.float32)
   t = jnp.asarray(rng.uniform(0, 999, batch), jnp.float32)
   ctx = jnp.asarray(rng.standard_normal((batch, ctx_len, cfg.cross_attention_dim)), jnp.float32)
   target = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
 
-  def loss_fn(impl):
-    return lambda p: jnp.mean((nets[impl].apply({'params': p}, x, t, ctx).astype(jnp.float32) - target) ** 2)
+  def loss_fn(net):
+    return lambda p: jnp.mean((nets[net].apply({'params': p}, x, t, ctx).astype(jnp.float32) - target) ** 2)
 
-  def fwd(impl):
-    return lambda p: nets[impl].apply({'params': p}, x, t, ctx)
+  def fwd(net):
+    return lambda p: nets[net].apply({'params': p}, x, t, ctx)
 
-  return _compile_and_time(_adam_step(loss_fn(None)), fwd(None), _adam_step(loss_fn('xla')), fwd('xla'), params,
-                           (), reps, profile)
+  return _jax_side(_adam_step(loss_fn('run')), fwd('run'), _adam_step(loss_fn('count')), fwd('count'), params, ())
 
 
-def jax_vae(cfg: VAEConfig, batch: int, size: int, reps: int, dtype, profile: bool = False) -> dict:
-  vaes = {impl: AutoencoderKL(cfg, dtype=dtype) for impl in (None, 'xla')}  # the VAE's attention is always XLA
-  params = _random_params(nn.meta.unbox(jax.eval_shape(lambda: init_vae(vaes[None], jax.random.key(0)))))
+def jax_vae(cfg: VAEConfig, batch: int, size: int, dtype) -> dict:
+  vaes = {'run': AutoencoderKL(cfg, dtype=dtype), 'count': AutoencoderKL(cfg)}  # 'count': float32 twin for FLOPs
+  params = _random_params(nn.meta.unbox(jax.eval_shape(lambda: init_vae(vaes['run'], jax.random.key(0)))))
   rng = np.random.default_rng(0)
   img = jnp.asarray(rng.uniform(-1, 1, (batch, size, size, cfg.in_channels)), jnp.float32)
   f = cfg.downsample_factor
   z = jnp.asarray(rng.standard_normal((batch, size // f, size // f, cfg.latent_channels)), jnp.float32)
 
-  def loss_fn(p, key):
-    rec, post = vaes[None].apply({'params': p}, img, key)
-    return jnp.mean(reconstruction_loss(img, rec, 'l1') + 1e-6 * post.kl())
+  def loss_fn(vae):
+    def loss(p, key):
+      rec, post = vaes[vae].apply({'params': p}, img, key)
+      return jnp.mean(reconstruction_loss(img, rec, 'l1') + 1e-6 * post.kl())
+    return loss
 
-  def dec(p):
-    return vaes[None].apply({'params': p}, z, method=vaes[None].decode)
+  def dec(vae):
+    return lambda p: vaes[vae].apply({'params': p}, z, method=vaes[vae].decode)
 
-  step = _adam_step(loss_fn)
-  return _compile_and_time(step, dec, step, dec, params, (jax.random.key(1),), reps, profile)
+  return _jax_side(_adam_step(loss_fn('run')), dec('run'), _adam_step(loss_fn('count')), dec('count'), params,
+                   (jax.random.key(1),))
 
 
 # -- PyTorch (diffusers) ----------------------------------------------------------------------------------------------
@@ -272,12 +299,13 @@ class _Torch:
   def peak_mem(self) -> float:
     return self.torch.cuda.max_memory_allocated() if self.device.type == 'cuda' else float('nan')
 
-  def timeit(self, fn, reps: int) -> float:
+  def synced(self, fn):
+    """``fn`` followed by a device synchronisation (so that a host clock times it)."""
     def run():
       fn()
       if self.device.type == 'cuda':
         self.torch.cuda.synchronize()
-    return timeit(run, reps)
+    return run
 
   def release(self):
     """Returns PyTorch's cached GPU memory (call after a model's function has returned)."""
@@ -287,7 +315,7 @@ class _Torch:
       self.torch.cuda.empty_cache()
 
 
-def torch_unet(tc: _Torch, cfg: UNetConfig, batch: int, size: int, ctx_len: int, reps: int) -> dict:
+def torch_unet(tc: _Torch, cfg: UNetConfig, batch: int, size: int, ctx_len: int) -> dict:
   from diffusers import UNet2DConditionModel
   torch, dev = tc.torch, tc.device
   torch.manual_seed(0)
@@ -309,11 +337,10 @@ def torch_unet(tc: _Torch, cfg: UNetConfig, batch: int, size: int, ctx_len: int,
     with torch.no_grad(), tc.autocast():
       m(x, t, ctx)
 
-  return dict(train=tc.timeit(run_train, reps), fwd=tc.timeit(run_fwd, reps),
-              params=sum(p.numel() for p in m.parameters()), peak_mem=tc.peak_mem())
+  return dict(train=tc.synced(run_train), fwd=tc.synced(run_fwd), params=sum(p.numel() for p in m.parameters()))
 
 
-def torch_vae(tc: _Torch, cfg: VAEConfig, batch: int, size: int, reps: int) -> dict:
+def torch_vae(tc: _Torch, cfg: VAEConfig, batch: int, size: int) -> dict:
   from diffusers import AutoencoderKL as TorchVAE
   torch, dev = tc.torch, tc.device
   torch.manual_seed(0)
@@ -336,8 +363,7 @@ def torch_vae(tc: _Torch, cfg: VAEConfig, batch: int, size: int, reps: int) -> d
     with torch.no_grad(), tc.autocast():
       m.decode(z)
 
-  return dict(train=tc.timeit(run_train, reps), fwd=tc.timeit(run_fwd, reps),
-              params=sum(p.numel() for p in m.parameters()), peak_mem=tc.peak_mem())
+  return dict(train=tc.synced(run_train), fwd=tc.synced(run_fwd), params=sum(p.numel() for p in m.parameters()))
 
 
 def main():
@@ -356,6 +382,8 @@ def main():
   ap.add_argument('--reps', type=int, default=5)
   ap.add_argument('--torch-threads', type=int, default=os.cpu_count() or 1)
   ap.add_argument('--no-torch', action='store_true')
+  ap.add_argument('--interleave', action=argparse.BooleanOptionalAction, default=None,
+                  help='alternate diffjax and PyTorch call by call (default: on for cpu, off for gpu)')
   ap.add_argument('--profile', action='store_true',
                   help='also print where the diffjax training step spends its time (jax.profiler, per HLO op)')
   args = ap.parse_args()
@@ -377,6 +405,7 @@ def main():
   tc = None if args.no_torch else _Torch(device, args.dtype)
   if tc is not None and device == 'gpu' and not torch.cuda.is_available():
     raise SystemExit('--device gpu: torch sees no CUDA device')
+  load0 = os.getloadavg()
   n_peak = 8192 if device == 'gpu' else 2048
   peak = matmul_peak(n_peak, dtype)
   dev = jax.devices()[0]
@@ -387,24 +416,35 @@ def main():
   print(f'measured {args.dtype} matmul peak (XLA, {n_peak}^2): {peak / 1e9:.1f} GFLOP/s')
   if tc is not None and device == 'gpu':
     a = torch.randn(n_peak, n_peak, device=tc.device, dtype=getattr(torch, args.dtype))
-    print(f'(same matmul through torch: {2 * n_peak**3 / tc.timeit(lambda: a @ a, 10) / 1e9:.1f} GFLOP/s)')
+    print(f'(same matmul through torch: {2 * n_peak**3 / timeit(tc.synced(lambda: a @ a), 10) / 1e9:.1f} GFLOP/s)')
   hdr = ('model', 'step', 'params', 'diffjax ms', 'torch ms', 'torch/diffjax', 'GFLOP (XLA)', 'diffjax GFLOP/s',
          'of peak')
   table = ['| ' + ' | '.join(hdr) + ' |', '|' + '---|' * len(hdr)]
+  interleave = device == 'cpu' if args.interleave is None else args.interleave
   for name in models:
-    # PyTorch first: its cached memory can be handed back, XLA's pool stays with the process.
     if name == 'unet':
-      cfg = UNETS[args.unet]
-      t = None if tc is None else torch_unet(tc, cfg, batch, size, ctx_len, args.reps)
-      if tc is not None:
-        tc.release()
-      j = jax_unet(cfg, batch, size, ctx_len, args.reps, dtype, args.profile)
+      make_torch = functools.partial(torch_unet, tc, UNETS[args.unet], batch, size, ctx_len)
+      make_jax = functools.partial(jax_unet, UNETS[args.unet], batch, size, ctx_len, dtype)
     else:
-      cfg = VAES[args.vae]
-      t = None if tc is None else torch_vae(tc, cfg, vae_batch, vae_size, args.reps)
-      if tc is not None:
-        tc.release()
-      j = jax_vae(cfg, vae_batch, vae_size, args.reps, dtype, args.profile)
+      make_torch = functools.partial(torch_vae, tc, VAES[args.vae], vae_batch, vae_size)
+      make_jax = functools.partial(jax_vae, VAES[args.vae], vae_batch, vae_size, dtype)
+    if tc is None:
+      j = make_jax()
+      tj, t = measure({'jax': j}, args.reps, False)['jax'], None
+    elif interleave:
+      j, t = make_jax(), make_torch()
+      times = measure({'jax': j, 'torch': t}, args.reps, True)
+      tj, t['peak_mem'] = times['jax'], tc.peak_mem()
+      t.update(times['torch'])
+    else:  # one side at a time, PyTorch first: its cached GPU memory can be handed back, XLA's pool stays
+      t = make_torch()
+      t.update(measure({'torch': t}, args.reps, False)['torch'], peak_mem=tc.peak_mem())  # drops the callables
+      tc.release()
+      j = make_jax()
+      tj = measure({'jax': j}, args.reps, False)['jax']
+    if args.profile:
+      print(profile_breakdown(j['step'], j['train']), flush=True)
+    j = dict(j, **tj, peak_mem=jax_peak_mem())
     if t is not None and t['params'] != j['params']:
       raise RuntimeError(f'{name}: parameter counts differ: diffjax {j["params"]}, torch {t["params"]}')
     if device == 'gpu':
@@ -418,7 +458,10 @@ def main():
       table.append(f'| {row[0]} | {row[1]} | {row[2] / 1e6:.2f}M | {row[3]:.1f} | {row[4]:.1f} | {row[5]:.2f}x '
                    f'| {row[6]:.2f} | {row[7]:.1f} | {100 * row[8]:.0f}% |')
       print(table[-1], flush=True)
+  if device == 'cpu':
+    print(f'load average (1, 5, 15 min) at the start: {load0}, at the end: {os.getloadavg()}')
   print('\n'.join(table))
+
 
 if __name__ == '__main__':
   main()
