@@ -349,7 +349,8 @@ def calibration_batch_sizes(dim: int) -> tuple[int, int]:
   return int(np.clip(2**19 // dim, 2048, 8192)), int(np.clip(2**21 // dim, 8192, 16384))
 
 
-def calibrate(problem: Problem, nfes, calib_seed: int, log=print) -> dict:
+def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine_steps: int = 0,
+              log=print) -> dict:
   """Fits ``optimized_grids`` samplers to ``problem``'s model for every budget k (k grid points).
 
   Protocol: a fitting batch (seed calib_seed) and a larger validation batch (calib_seed + 1)
@@ -357,7 +358,10 @@ def calibrate(problem: Problem, nfes, calib_seed: int, log=print) -> dict:
   reference trajectory is stored at CALIB_LATTICE noise levels uniform in log sigma;
   for each k, ``search_grid`` (history CALIB_HISTORY) starts from the Karras, log-SNR and
   uniform-t grids snapped to the lattice and scores candidates on the validation batch
-  (budgets above 10: shorter moves, 3 sweeps).
+  (budgets above 10: shorter moves, 3 sweeps). Budgets above ``max_nfe`` are not fitted.
+  Then ``refine_steps`` Adam steps of ``optimized_grids.refine`` on the fitting batch's
+  final error (coefficients and grid jointly; the iterate best on the validation batch
+  is kept).
   Returns the JSON-able record, costs included.
   """
   from diffjax.samplers import optimized_grids as og
@@ -379,19 +383,27 @@ def calibrate(problem: Problem, nfes, calib_seed: int, log=print) -> dict:
   denoise = jax.jit(problem.denoise)
   record = dict(sha256=_sha256(problem.path), process=problem.process_name, calib_seed=calib_seed, batch=batch,
                 val_batch=val_batch,
-                lattice=CALIB_LATTICE, history=CALIB_HISTORY, reference_cost=ref_cost, samplers={})
+                lattice=CALIB_LATTICE, history=CALIB_HISTORY, reference_cost=ref_cost, samplers={},
+                device=jax.devices()[0].device_kind)
   for k in nfes:
-    if k < 2 or k > CALIB_LATTICE:
+    if k < 2 or k > min(CALIB_LATTICE, max_nfe):
       continue
     inits = [og.snap_to_lattice(lattice, g(p, k)) for g in (grids.karras, grids.log_snr_uniform, grids.uniform_t)]
     small = k <= 10
     res = og.search_grid(p, denoise, x_fit, lattice, states, target, k, history=min(CALIB_HISTORY, k),
                          validation=(x_val, target_val), init=inits, moves=(1, 2, 4, 8) if small else (1, 2, 4),
                          max_sweeps=6 if small else 3)
-    record["samplers"][str(k)] = dict(res.sampler.to_dict(), indices=res.indices, candidates=res.candidates,
-                                      evaluations=res.evaluations, seconds=res.seconds)
-    log(f"  calibrated k={k}: validation RMSE {res.sampler.calib_rmse:.3e}, {res.candidates} candidate grids, "
-        f"{res.evaluations} batched evaluations, {res.seconds:.0f}s")
+    fitted, searched_rmse, t_refine = res.sampler, res.sampler.calib_rmse, time.time()
+    if refine_steps:
+      fitted, _ = og.refine(p, fitted, denoise, x_fit, target, steps=refine_steps, validation=(x_val, target_val))
+    t_refine = time.time() - t_refine
+    record["samplers"][str(k)] = dict(fitted.to_dict(), indices=res.indices, candidates=res.candidates,
+                                      evaluations=res.evaluations, seconds=res.seconds + t_refine,
+                                      searched_rmse=searched_rmse, refine_steps=refine_steps,
+                                      refine_evaluations=refine_steps * k)  # each with its backward pass
+    log(f"  calibrated k={k}: validation RMSE {searched_rmse:.3e} after the grid search ({res.candidates} candidate "
+        f"grids, {res.evaluations} batched evaluations, {res.seconds:.0f}s), {fitted.calib_rmse:.3e} after "
+        f"{refine_steps} refinement steps ({t_refine:.0f}s)")
   record["seconds"] = time.time() - t0
   return record
 
@@ -430,7 +442,8 @@ def calibrated_config(args) -> Config:
                 f"{args.calibration_file}: {name} skipped (fit it with --calibration live)", flush=True)
       else:
         print(f"  [{problem.name}] calibrating {name} (seed {args.calib_seed}) ...", flush=True)
-        rec = calibrate(problem, args.nfes, args.calib_seed, log=lambda s: print(s, flush=True))
+        rec = calibrate(problem, args.nfes, args.calib_seed, args.calib_max_nfe, args.refine_steps,
+                        log=lambda s: print(s, flush=True))
         rec["computed_now"] = True
       problem.calibration = rec
     if problem.calibration is None:
@@ -522,7 +535,7 @@ def diffusers_config(label: str, cls_name: str, calls_per_step: Callable[[int], 
       return (x_ve - mixture(x_ve, s)) / s.float()
 
     init = float(sched.init_noise_sigma)
-    x = torch.from_numpy(problem.noise) * init
+    x = torch.tensor(problem.noise) * init
     s0 = float(table_s[0])
     x_start = x.numpy().copy() if init > 1.0 else problem.noise * float(np.sqrt(1.0 + s0**2))
     with torch.no_grad():
@@ -587,7 +600,7 @@ def kdiff_config(sampler: str, sigmas_kind: str, ksampling, calls_per_step: Call
       calls[0] += 1
       return mixture(x, float(sigma.reshape(-1)[0]))
 
-    x = torch.from_numpy(problem.noise) * s_max
+    x = torch.tensor(problem.noise) * s_max
     x_start = x.numpy().copy()
     with torch.no_grad():
       if sampler == "sample_dpm_fast":
@@ -669,7 +682,9 @@ def calibration_summary(rec) -> str:
   return (f"calibration of fitted_ms{rec['history']}-searched (seed {rec['calib_seed']}, batches {rec['batch']} + "
           f"{rec['val_batch']}, "
           f"lattice {rec['lattice']}): references {ref['evaluations']} float64 evaluations / {ref['seconds']:.0f}s, "
-          f"search {search_ev} float32 evaluations / {search_s:.0f}s (all budgets), total {rec['seconds']:.0f}s")
+          f"search {search_ev} float32 evaluations + refinement "
+          f"{sum(e.get('refine_evaluations', 0) for e in rec['samplers'].values())} evaluations with gradients "
+          f"/ {search_s:.0f}s (all budgets), total {rec['seconds']:.0f}s on {rec.get('device', 'cpu')}")
 
 
 def format_table(results, extra, nfes):
@@ -736,6 +751,10 @@ def plot(all_results, nfes, family_of, path):
       env = [min((results[n][k]["rmse"] for n in names if k in results[n]), default=np.nan) for k in nfes]
       if names:
         ax.plot(nfes, env, color=color, lw=2.5, marker="o", label=f"best {family}")
+      standard = [n for n in names if not n.startswith("fitted")]
+      if family == "diffjax" and len(standard) < len(names):
+        env = [min((results[n][k]["rmse"] for n in standard if k in results[n]), default=np.nan) for k in nfes]
+        ax.plot(nfes, env, color=color, lw=1.8, ls="--", marker="s", label="best standard diffjax (no calibration)")
     ax.axhline(extra["floor"], color="gray", ls="--", lw=1, label="final-jump floor")
     ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="RMSE to exact ODE solution", title=mix)
     ax.set_xticks(nfes, [str(k) for k in nfes])
@@ -777,6 +796,11 @@ def parse_args(argv=None):
   ap.add_argument("--calibration", choices=("cached", "live", "off"), default="cached",
                   help="fitted samplers: from --calibration_file when it matches this mixture (else skipped), "
                        "fitted now, or not run")
+  ap.add_argument("--calib_max_nfe", type=int, default=10,
+                  help="fit samplers for budgets up to this NFE (the search cost grows with the budget, the gain "
+                       "over the standard solvers shrinks)")
+  ap.add_argument("--refine_steps", type=int, default=500,
+                  help="Adam steps refining each fitted sampler on its final error (0: the grid search only)")
   ap.add_argument("--calibration_file", default=str(CALIBRATION_FILE), help="JSON cache of calibrated samplers")
   ap.add_argument("--save_calibration", action="store_true", help="write the fits made now to --calibration_file")
   args = ap.parse_args(argv)
@@ -788,6 +812,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  jax.config.update("jax_default_matmul_precision", "highest")  # no TF32 on GPUs: float32 means float32
   gmms = [pathlib.Path(p) for p in args.gmm.split(",") if p]
   for p in gmms:
     if not p.is_file():

@@ -145,3 +145,20 @@ def test_bad_arguments_raise():
     og.fitted_multistep(SD, jnp.zeros(3))
   with pytest.raises(ValueError, match="at least 2"):
     og.fit_multistep(SD, None, jnp.zeros((2, 2)), [0.5], None, None)
+
+
+def test_refine_lowers_the_validation_error_and_keeps_a_valid_grid():
+  denoise = MIXTURE.denoiser(SD)
+  ts = grids.karras(SD, 4)
+  fine = jax.jit(lambda x: sample(make_solver("dpmpp_2m", SD), denoise, x, grids.log_snr_uniform(SD, 200)))
+  x_fit, x_val = (jax.random.normal(jax.random.key(k), (256, 2)) * SD.sigma(ts[0]) for k in (6, 7))
+  start = og.FittedSampler(np.asarray(ts), beta=np.zeros((3, 2)), final=np.zeros(2))  # DDIM + final jump
+  start_val = float(jnp.sqrt(jnp.mean((start.sample(SD, denoise, x_val) - fine(x_val)) ** 2)))
+  out, log = og.refine(SD, start, denoise, x_fit, fine(x_fit), steps=40, learning_rate=1e-2,
+                       validation=(x_val, fine(x_val)), eval_every=10)
+  assert [i for i, _, _ in log] == [10, 20, 30, 40]
+  assert out.calib_rmse < 0.8 * start_val, (out.calib_rmse, start_val)
+  np.testing.assert_allclose(out.calib_rmse, jnp.sqrt(jnp.mean((out.sample(SD, denoise, x_val) - fine(x_val)) ** 2)),
+                             rtol=1e-4)
+  assert out.ts[0] == pytest.approx(float(ts[0])) and np.all(np.diff(out.ts) < 0)
+  assert out.beta[0, 0] == 0 and out.beta[1, 1] == 0  # no weight on outputs before the first point
