@@ -51,9 +51,14 @@ class Checkpointer:
 
     Args:
       abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with shardings, for a
-        sharded restore) or arrays with the structure of the saved state.
+        sharded restore) or arrays with the structure of the saved state. Leaves
+        without a sharding are restored onto the first local device, whatever the
+        device layout the checkpoint was written from.
     """
-    abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device),
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state))
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         args = {"state": ocp.args.StandardRestore(abstract_state)}
