@@ -16,14 +16,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 
+@jax.jit
+def _finite(leaves):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _all_finite(tree) -> bool:
+  """One compiled check for the whole tree (not one per shape and sharding)."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
-  return bool(np.all([bool(jnp.all(jnp.isfinite(x))) for x in leaves]))
+  return not leaves or bool(_finite(leaves))
 
 
 class Checkpointer:

@@ -259,9 +259,10 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
     if data_state is not None:
       data_iter.set_state(data_state)
     logging.info("resumed from the checkpoint of step %d", step)
-  if is_main:  # statistics of arrays other processes hold would need every process: then shardings only
-    parameter_overview.log_parameter_overview(state.params,
-                                              include_stats=True if jax.process_count() == 1 else "sharding")
+  if is_main and jax.process_count() == 1:  # statistics on the host: no compilation per shape and sharding
+    parameter_overview.log_parameter_overview(jax.device_get(state.params))
+  elif is_main:  # other processes hold parts of the arrays: shardings only
+    parameter_overview.log_parameter_overview(state.params, include_stats="sharding")
 
   # -- jitted steps ------------------------------------------------------------------------
   train_step = jax.jit(
