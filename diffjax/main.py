@@ -72,10 +72,8 @@ def parse_flags(argv):
   """
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f"FATAL config error: {e}")
-  except (KeyError, AttributeError) as e:
-    sys.exit(f"FATAL config error: {_unknown_override(argv) or f'bad --config override: {e}'}")
+  except (flags.Error, KeyError, AttributeError) as e:
+    sys.exit(f"FATAL config error: {_unknown_override(argv) or e}")
 
 
 JOBS = {"sampler_demo": _sampler_demo, "train": lambda config, workdir: trainer.train_and_evaluate(config, workdir)}

@@ -22,9 +22,10 @@ ARGV = ["diffjax.main", "--config=configs/default.py:tiny", "--workdir=/tmp/unus
     ("--config.train.num_steps=abc", "--config.train.num_steps=abc: invalid literal for int()"),
     ("--config.optim.learning_rate=fast", "--config.optim.learning_rate=fast"),
 ])
-def test_bad_command_line_override_is_one_error_naming_the_field(override, message):
+def test_bad_command_line_override_is_one_error_naming_the_field(override, message, monkeypatch):
+  monkeypatch.setattr(sys, "argv", ARGV + [override])  # ml_collections reads the overrides from sys.argv
   with pytest.raises(SystemExit) as e:
-    main.parse_flags(ARGV + [override])
+    main.parse_flags(sys.argv)
   assert str(e.value).startswith("FATAL config error: ") and message in str(e.value), str(e.value)
 
 
@@ -38,10 +39,11 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
                     "(did you mean config.train.num_steps?)"], out.stderr[-3000:]
 
 
-def test_mesh_and_distributed_fields_are_overridable_from_the_command_line():
-  main.parse_flags(ARGV + ["--config.mesh.fsdp=2", '--config.mesh.rules=(("mlp", "fsdp"),)',
-                           "--config.distributed.num_processes=2", "--config.distributed.process_id=1",
-                           "--config.distributed.coordinator_address=127.0.0.1:1234"])
+def test_mesh_and_distributed_fields_are_overridable_from_the_command_line(monkeypatch):
+  monkeypatch.setattr(sys, "argv", ARGV + ["--config.mesh.fsdp=2", '--config.mesh.rules=(("mlp", "fsdp"),)',
+                                           "--config.distributed.num_processes=2", "--config.distributed.process_id=1",
+                                           "--config.distributed.coordinator_address=127.0.0.1:1234"])
+  main.parse_flags(sys.argv)
   config = main._CONFIG.value
   assert config.mesh.fsdp == 2 and tuple(map(tuple, config.mesh.rules)) == (("mlp", "fsdp"),)
   assert (config.distributed.num_processes, config.distributed.process_id) == (2, 1)

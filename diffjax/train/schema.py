@@ -19,7 +19,7 @@ TRAIN_FIELDS: dict[str, dict[str, type | tuple] | type | tuple] = {
     "job": str,
     "seed": int,
     "data": dict(name=str, data_dir=str, train_split=str, batch_size=int, image_size=int, channels=int,
-                 max_shift=int, max_caption_length=int),
+                 max_shift=int, max_caption_length=int, cache_latents=bool),
     "model": dict(channels=_SEQUENCE, layers_per_block=int, attention_levels=_SEQUENCE, num_heads=int,
                   text_width=int, text_layers=int, text_heads=int, norm_groups=int, dropout=_NUMBER,
                   mid_block_attention=bool, remat=bool),
@@ -31,13 +31,19 @@ TRAIN_FIELDS: dict[str, dict[str, type | tuple] | type | tuple] = {
                   checkpoint_every=int, keep_checkpoints=int),
     "sampler": dict(name=str, options=Mapping, grid=str, nfe=int, guidance_scale=_NUMBER),
     "mesh": dict(data=int, fsdp=int, rules=_SEQUENCE),
-    "eval": dict(samples_per_prompt=int, digits_per_prompt=int),
+    "eval": dict(samples_per_prompt=int, digits_per_prompt=int, shapes_prompts=int, shapes_samples_per_prompt=int,
+                 shapes_splits=_SEQUENCE),
+    # latent diffusion (branch `latent`): the frozen VAE's workdir, the text encoder
+    "vae": dict(workdir=str),
+    "text": dict(mode=str, path=str),
     "distributed": dict(coordinator_address=str, num_processes=int, process_id=int),
     "prompts": _SEQUENCE,
 }
 # Fields that may be absent (the trainer has a default for them).
 OPTIONAL = frozenset({"distributed", "prompts", "mesh.rules", "eval.digits_per_prompt", "sampler.options",
-                      "diffusion.process_options", "diffusion.weighting_options", "diffusion.time_sampler_options"})
+                      "diffusion.process_options", "diffusion.weighting_options", "diffusion.time_sampler_options",
+                      "data.cache_latents", "vae", "text", "eval.shapes_prompts", "eval.shapes_samples_per_prompt",
+                      "eval.shapes_splits"})
 
 
 class ConfigError(ValueError):
