@@ -178,10 +178,10 @@ def test_two_processes_train_like_one(reference, tmp_path):
   workdir = str(tmp_path / "two_processes")
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  flags = [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in OVERRIDES.items()]
-  # sampling at the end (two prompts, one digit judged each) runs on both processes; process 0 writes
-  flags += ["--config.prompts=('a handwritten digit zero', 'a handwritten digit one')",
-            "--config.eval.samples_per_prompt=1", "--config.eval.digits_per_prompt=1"]
+  # with the tiny config's ten prompts: both processes sample (one image and one judged digit per prompt),
+  # process 0 writes samples.png and eval.json
+  flags = [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in OVERRIDES.items()
+           if k != "prompts"]
   procs = [subprocess.Popen(
       ["timeout", "1500", sys.executable, "-m", "diffjax.main", "--config=configs/default.py:tiny",
        f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--config.mesh.fsdp=2", *flags,
