@@ -25,7 +25,11 @@ def get_config(arg: str = ""):
   c.train = dict(num_steps=2000, cond_dropout=0.1, ema_decay=0.995, compute_dtype="float32", log_every=50,
                  checkpoint_every=500, keep_checkpoints=3)
   c.sampler = dict(name="dpmpp_2m", options={}, grid="log_snr", nfe=20, guidance_scale=2.0)
-  c.mesh = dict(data=-1, fsdp=1)
+  # Device mesh (data x fsdp = all devices; data=-1: what fsdp leaves) and the rules mapping the parameters'
+  # logical axes (diffjax.models.layers) to mesh axes, tried in order; fsdp > 1 shards params and optimizer state.
+  c.mesh = dict(data=-1, fsdp=1, rules=(("embed", "fsdp"), ("mlp", "fsdp"), ("vocab", "fsdp")))
+  # Several processes (hosts): all run the same command with their own process_id (see README).
+  c.distributed = dict(coordinator_address="", num_processes=1, process_id=0)
   c.eval = dict(samples_per_prompt=10, digits_per_prompt=50)  # grid; samples judged per digit (0: no evaluation)
   c.prompts = tuple(prompt_for(d) for d in range(10))
 

@@ -7,7 +7,10 @@ The config is read here and nowhere deeper: jobs receive typed arguments.
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -39,6 +42,40 @@ def _sampler_demo(config, workdir):
     logging.info("sliced W2 %-16s %.4f", name, sw)
 
 
+def _unknown_override(argv) -> str | None:
+  """'--config.a.b=..: config.a has no field 'b' (did you mean ..?)' for the first override naming no field."""
+  config_arg = next((a[len("--config="):] for a in argv if a.startswith("--config=")), None)
+  if config_arg is None:
+    return None
+  file, _, arg = config_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("_config_file", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  node_path, config = "config", (module.get_config(arg) if arg else module.get_config())
+  for override in (a for a in argv if a.startswith("--config.")):
+    node, node_path = config, "config"
+    for key in override[len("--config."):].split("=", 1)[0].split("."):
+      known = list(node.keys()) if hasattr(node, "keys") else []
+      if key not in known:
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {node_path}.{close[0]}?)" if close else f"; it has {sorted(known)}"
+        return f"{override}: {node_path} has no field {key!r}{hint}"
+      node, node_path = node[key], f"{node_path}.{key}"
+  return None
+
+
+def parse_flags(argv):
+  """absl flag parsing that ends a bad ``--config.<field>`` override with one line naming the field.
+
+  (ml_collections raises a KeyError or AttributeError with a traceback for an unknown
+  field; a wrong type is an absl ``IllegalFlagValueError`` that names flag and value.)
+  """
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, KeyError, AttributeError) as e:
+    sys.exit(f"FATAL config error: {_unknown_override(argv) or e}")
+
+
 JOBS = {"sampler_demo": _sampler_demo, "train": lambda config, workdir: trainer.train_and_evaluate(config, workdir)}
 
 
@@ -58,4 +95,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  try:
+    app.run(main, flags_parser=parse_flags)
+  except trainer.ConfigError as e:  # one line naming the field, no traceback
+    sys.exit(f"FATAL config error: {e}")

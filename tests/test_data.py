@@ -109,3 +109,17 @@ def test_pipeline_shards_are_disjoint_and_cover_an_epoch(data_dir):
   assert len(rows) >= 290  # a few digits are pixel-identical duplicates in the source
   with pytest.raises(ValueError, match="shard_index"):
     pipeline.image_text_dataset(src, opts, _bytes_tokenize, seed=0, shard_index=2, shard_count=2)
+
+
+def test_process_shards_of_a_batch_make_up_the_single_process_batch(data_dir):
+  """The global batches (augmentation included) do not depend on the number of processes."""
+  src = pipeline.load_source("digits_captions", "test", data_dir)
+  whole = pipeline.image_text_dataset(src, pipeline.ImageTextOptions(batch_size=12, image_size=8, max_shift=1),
+                                      _bytes_tokenize, seed=5)
+  local = pipeline.ImageTextOptions(batch_size=4, image_size=8, max_shift=1)
+  parts = [iter(pipeline.image_text_dataset(src, local, _bytes_tokenize, seed=5, shard_index=i, shard_count=3))
+           for i in range(3)]
+  for batch in _collect(whole, 30):  # 360 examples: past the end of the first epoch
+    pieces = [next(p) for p in parts]
+    for key in ("image", "tokens"):
+      np.testing.assert_array_equal(np.concatenate([piece[key] for piece in pieces]), batch[key])

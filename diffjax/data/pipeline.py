@@ -103,15 +103,19 @@ def image_text_dataset(source, options: ImageTextOptions, tokenize: Callable[[st
     tokenize: caption string -> (L,) int token ids (fixed L).
     seed: shuffling and augmentation seed; the same on every process.
     shard_index, shard_count: this process's share (``jax.process_index()``,
-      ``jax.process_count()``): example i goes to process i % shard_count.
+      ``jax.process_count()``). Every process walks the same shuffled, augmented
+      stream of global batches of ``shard_count * batch_size`` examples and takes rows
+      ``[shard_index * batch_size, (shard_index + 1) * batch_size)`` of each, so the
+      global batches (and the iterator states) do not depend on the process count.
     num_epochs: None repeats forever.
     shuffle: reshuffle every epoch.
   """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
-  ds = grain.MapDataset.source(source)[shard_index::shard_count]
-  if len(ds) < options.batch_size:
-    raise ValueError(f"this shard has {len(ds)} examples, fewer than one batch of {options.batch_size}")
+  ds = grain.MapDataset.source(source)
+  if len(ds) < options.batch_size * shard_count:
+    raise ValueError(f"the source has {len(ds)} examples, fewer than one global batch of "
+                     f"{shard_count} x {options.batch_size}")
   ds = ds.seed(seed)
   if shuffle:
     ds = ds.shuffle()
@@ -119,5 +123,7 @@ def image_text_dataset(source, options: ImageTextOptions, tokenize: Callable[[st
   ds = ds.map(lambda ex: _prepare(ex, options, tokenize))
   if options.max_shift:
     ds = ds.random_map(lambda ex, rng: _shift(ex, rng, options.max_shift))
+  # local batch j is part j % shard_count of global batch j // shard_count
   ds = ds.batch(options.batch_size, drop_remainder=True)
+  ds = ds[:len(ds) - len(ds) % shard_count][shard_index::shard_count]
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=4))

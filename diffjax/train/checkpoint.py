@@ -16,14 +16,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
 
+@jax.jit
+def _finite(leaves):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _all_finite(tree) -> bool:
+  """One compiled check for the whole tree (not one per shape and sharding)."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
-  return bool(np.all([bool(jnp.all(jnp.isfinite(x))) for x in leaves]))
+  return not leaves or bool(_finite(leaves))
 
 
 class Checkpointer:
@@ -51,9 +56,14 @@ class Checkpointer:
 
     Args:
       abstract_state: a pytree of ``jax.ShapeDtypeStruct`` (with shardings, for a
-        sharded restore) or arrays with the structure of the saved state.
+        sharded restore) or arrays with the structure of the saved state. Leaves
+        without a sharding are restored onto the first local device, whatever the
+        device layout the checkpoint was written from.
     """
-    abstract_state = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device),
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state))
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         args = {"state": ocp.args.StandardRestore(abstract_state)}

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffjax import images, processes
@@ -29,8 +30,9 @@ from diffjax.models.text_to_image import TextToImage
 from diffjax.models.tokenizers import ByteTokenizer
 from diffjax.models.unet import UNetConfig
 from diffjax.samplers import grids, make_solver, points_for_budget
-from diffjax.train import steps
+from diffjax.train import sharding, steps
 from diffjax.train.checkpoint import Checkpointer
+from diffjax.train.schema import ConfigError, check_fields
 
 
 # ----------------------------------------------------------------------------------
@@ -67,14 +69,38 @@ def build_optimizer(config) -> optax.GradientTransformation:
   return optax.MultiSteps(tx, o.grad_accum_steps) if o.grad_accum_steps > 1 else tx
 
 
-def make_mesh(config) -> jax.sharding.Mesh:
-  """A ('data', 'fsdp') mesh over all devices; config.mesh.data = -1 takes what fsdp leaves."""
+MESH_AXES = ("data", "fsdp")
+# Logical parameter axis -> mesh axis; tried in order (see diffjax.train.sharding). Kernels are sharded
+# over their input features ('embed'), or their output features ('mlp') where 'embed' does not divide.
+DEFAULT_RULES = (("embed", "fsdp"), ("mlp", "fsdp"), ("vocab", "fsdp"))
+
+
+def mesh_shape(config, num_devices: int) -> tuple[int, int]:
+  """(data, fsdp) sizes; config.mesh.data = -1 takes what fsdp leaves of ``num_devices``."""
   fsdp = config.mesh.fsdp
-  data = config.mesh.data if config.mesh.data > 0 else jax.device_count() // fsdp
-  if data * fsdp != jax.device_count():
-    raise ValueError(f"mesh data={data} x fsdp={fsdp} does not match {jax.device_count()} devices")
+  return (config.mesh.data if config.mesh.data > 0 else num_devices // fsdp), fsdp
+
+
+def make_mesh(config) -> jax.sharding.Mesh:
+  """A ('data', 'fsdp') mesh over all devices (of all processes); see ``mesh_shape``."""
+  validate_topology(config, jax.device_count(), jax.process_count())
   # Auto axes: XLA propagates the batch sharding through the model (no explicit-sharding annotations needed).
-  return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return jax.make_mesh(mesh_shape(config, jax.device_count()), MESH_AXES,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def initialize_distributed(config) -> None:
+  """``jax.distributed.initialize`` from ``config.distributed`` when it asks for more than one process.
+
+  Must run before anything touches a JAX device. On CPU the processes reduce over gloo
+  (JAX's default CPU collectives); a missing peer makes the others fail at start-up.
+  """
+  d = config.get("distributed")
+  if d is None or d.num_processes <= 1 or jax.distributed.is_initialized():
+    return
+  jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+  logging.info("process %d of %d, %d local of %d devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
 
 
 def tokenize_fn(max_length: int):
@@ -89,30 +115,70 @@ def tokenize_fn(max_length: int):
 
 
 def validate(config) -> None:
-  """Raises ValueError naming the field for impossible settings (before any work starts)."""
+  """Raises ``ConfigError`` (a ValueError) naming the field for unknown, missing, mistyped or impossible
+  settings, before any work starts. Needs no devices (``validate_topology`` checks the mesh against them)."""
   from diffjax import losses, parameterization
   from diffjax.samplers import SOLVERS
 
+  check_fields(config)
+  dist = config.get("distributed")
   checks = [
       ("diffusion.target", config.diffusion.target in parameterization.TARGETS, parameterization.TARGETS),
       ("diffusion.weighting", config.diffusion.weighting in losses.WEIGHTINGS, losses.WEIGHTINGS),
       ("diffusion.time_sampler", config.diffusion.time_sampler in losses.TIME_SAMPLERS, sorted(losses.TIME_SAMPLERS)),
       ("sampler.name", config.sampler.name in SOLVERS, sorted(SOLVERS)),
       ("sampler.grid", config.sampler.grid in grids.GRIDS, sorted(grids.GRIDS)),
+      ("train.num_steps", config.train.num_steps >= 1, ">= 1"),
       ("optim.warmup_steps", 0 <= config.optim.warmup_steps < config.train.num_steps,
        f"0 <= warmup_steps < train.num_steps={config.train.num_steps}"),
+      ("optim.grad_accum_steps", config.optim.grad_accum_steps >= 1, ">= 1 (1: no accumulation)"),
+      ("data.batch_size", config.data.batch_size >= 1, ">= 1"),
       ("data.image_size", config.data.image_size % 2 ** (len(config.model.channels) - 1) == 0,
        f"a multiple of 2**(levels - 1) = {2 ** (len(config.model.channels) - 1)}"),
       ("model.attention_levels", len(config.model.attention_levels) == len(config.model.channels),
        f"one entry per level of model.channels ({len(config.model.channels)})"),
       ("train.cond_dropout", 0.0 <= config.train.cond_dropout < 1.0, "a probability in [0, 1)"),
+      ("train.compute_dtype", config.train.compute_dtype in ("float32", "bfloat16", "float16"),
+       "float32, bfloat16 or float16"),
+      ("train.log_every", config.train.log_every >= 1, ">= 1"),
+      ("train.checkpoint_every", config.train.checkpoint_every >= 1, ">= 1"),
       ("sampler.nfe", config.sampler.nfe >= 1, ">= 1"),
+      ("mesh.fsdp", config.mesh.fsdp >= 1, ">= 1"),
+      ("mesh.data", config.mesh.data == -1 or config.mesh.data >= 1, ">= 1, or -1 for all devices fsdp leaves"),
+      ("mesh.rules", sharding.check_rules(config.mesh.get("rules", DEFAULT_RULES), MESH_AXES) is None,
+       sharding.check_rules(config.mesh.get("rules", DEFAULT_RULES), MESH_AXES)),
   ]
+  if dist is not None:
+    checks += [
+        ("distributed.num_processes", dist.num_processes >= 1, ">= 1"),
+        ("distributed.process_id", 0 <= dist.process_id < dist.num_processes,
+         f"0 <= process_id < distributed.num_processes={dist.num_processes}"),
+        ("distributed.coordinator_address", dist.num_processes == 1 or ":" in dist.coordinator_address,
+         "host:port of process 0 when num_processes > 1"),
+    ]
   for field, ok, expected in checks:
     if not ok:
-      raise ValueError(f"config.{field} = {config[field.split('.')[0]][field.split('.')[1]]!r} is invalid: "
-                       f"expected {expected}")
-  processes.make_process(config.diffusion.process, **config.diffusion.get("process_options", {}))
+      _invalid(config, field, expected)
+  try:
+    processes.make_process(config.diffusion.process, **config.diffusion.get("process_options", {}))
+  except (ValueError, TypeError, KeyError) as e:
+    raise ConfigError(f"config.diffusion.process / process_options: {e}") from e
+
+
+def _invalid(config, field: str, expected):
+  section, key = field.split(".")
+  raise ConfigError(f"config.{field} = {config[section][key]!r} is invalid: expected {expected}")
+
+
+def validate_topology(config, num_devices: int, num_processes: int) -> None:
+  """Raises ``ConfigError`` if the mesh or the batch does not fit ``num_devices`` over ``num_processes``."""
+  data, fsdp = mesh_shape(config, num_devices)
+  if fsdp > num_devices or num_devices % fsdp:
+    _invalid(config, "mesh.fsdp", f"a divisor of the {num_devices} devices")
+  if data * fsdp != num_devices:
+    _invalid(config, "mesh.data", f"data x fsdp = {num_devices} devices (fsdp={fsdp}), or -1")
+  if config.data.batch_size % num_devices:  # split over ('data', 'fsdp'), so also over the processes
+    _invalid(config, "data.batch_size", f"a multiple of the data-parallel size data x fsdp = {num_devices}")
 
 
 class Components(NamedTuple):
@@ -128,6 +194,7 @@ class Components(NamedTuple):
   init_state: Callable[[], steps.TrainState]
   abstract_state: steps.TrainState  # shapes and dtypes only
   sample_key: jax.Array
+  boxed_params: dict  # abstract params in nn.Partitioned boxes: their logical axis names, for sharding
 
 
 def build_components(config) -> Components:
@@ -135,19 +202,18 @@ def build_components(config) -> Components:
   k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
   shape = (config.data.image_size, config.data.image_size, config.data.channels)
 
-  def init_state():
+  def init_boxed():
     tok = jnp.zeros((1, config.data.max_caption_length), jnp.int32)
-    params = flax.linen.meta.unbox(model.init(k_init, jnp.zeros((1,) + shape), jnp.zeros((1,)), tok, tok)["params"])
+    return model.init(k_init, jnp.zeros((1,) + shape), jnp.zeros((1,)), tok, tok)["params"]
+
+  def init_state():
+    params = flax.linen.meta.unbox(init_boxed())
     return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                             opt_state=tx.init(params), rng=jax.random.key_data(k_train))
 
   null_tokens, null_mask = (jnp.asarray(a) for a in tokenize(""))
   return Components(build_spec(config), model, tx, tokenize, null_tokens, null_mask, shape, init_state,
-                    jax.eval_shape(init_state), k_sample)
-
-
-def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+                    jax.eval_shape(init_state), k_sample, jax.eval_shape(init_boxed))
 
 
 # ----------------------------------------------------------------------------------
@@ -155,21 +221,21 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   """Trains per ``config``, checkpointing to and resuming from ``workdir``; returns the final state."""
   validate(config)
   # -- distributed setup and mesh ---------------------------------------------------
-  if config.get("distributed") and config.distributed.num_processes > 1:
-    d = config.distributed
-    jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+  initialize_distributed(config)
   mesh = make_mesh(config)
   replicated = NamedSharding(mesh, PartitionSpec())
-  batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-  if config.data.batch_size % jax.process_count():
-    raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by {jax.process_count()} processes")
+  batch_sharding = NamedSharding(mesh, PartitionSpec(MESH_AXES))
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), just_logging=not is_main)
 
   # -- data ----------------------------------------------------------------------------
   c = build_components(config)
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+  if not is_main:  # process 0 builds an embedded dataset first; the others then read it
+    multihost_utils.sync_global_devices("dataset prepared")
   source = pipeline.load_source(config.data.name, config.data.train_split, data_dir)
+  if is_main and jax.process_count() > 1:
+    multihost_utils.sync_global_devices("dataset prepared")
   options = pipeline.ImageTextOptions(batch_size=config.data.batch_size // jax.process_count(),
                                       image_size=config.data.image_size, max_shift=config.data.max_shift)
   dataset = pipeline.image_text_dataset(source, options, c.tokenize, seed=config.seed,
@@ -179,9 +245,12 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   # -- model, optimizer, state -----------------------------------------------------------
   model, spec, tx, tokenize, shape = c.model, c.spec, c.tx, c.tokenize, c.image_shape
   null_tokens, null_mask = c.null_tokens, c.null_mask
-  state_sharding = jax.tree.map(lambda _: replicated, c.abstract_state)
+  # params, EMA and optimizer state sharded by the logical-axis rules (replicated when fsdp = 1)
+  params_sharding = sharding.param_shardings(c.boxed_params, mesh, config.mesh.get("rules", DEFAULT_RULES))
+  state_sharding = sharding.state_shardings(c.abstract_state, params_sharding, tx, mesh)
+  logging.info("mesh %s; parameters: %s", dict(mesh.shape), sharding.describe(params_sharding))
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
-  restored = checkpointer.restore_latest(_with_shardings(c.abstract_state, state_sharding))
+  restored = checkpointer.restore_latest(sharding.with_shardings(c.abstract_state, state_sharding))
   if restored is None:
     state = jax.jit(c.init_state, out_shardings=state_sharding)()
     logging.info("initialized a new model")
@@ -190,16 +259,21 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
     if data_state is not None:
       data_iter.set_state(data_state)
     logging.info("resumed from the checkpoint of step %d", step)
-  if is_main:
-    parameter_overview.log_parameter_overview(state.params)
+  if is_main and jax.process_count() == 1:  # statistics on the host: no compilation per shape and sharding
+    parameter_overview.log_parameter_overview(jax.device_get(state.params))
+  elif is_main:  # other processes hold parts of the arrays: shardings only
+    parameter_overview.log_parameter_overview(state.params, include_stats="sharding")
 
   # -- jitted steps ------------------------------------------------------------------------
   train_step = jax.jit(
       lambda s, b: steps.train_step(s, b, null_tokens, null_mask, model=model, tx=tx, spec=spec),
-      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None, None), donate_argnums=0)
+      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated, replicated),
+      donate_argnums=0)
   solver = make_solver(config.sampler.name, spec.process, **config.sampler.get("options", {}))
+  # every process runs sampling (the parameters may be spread over all of them) and gets all images
   sample_fn = jax.jit(lambda p, tok, m, key, ts, w: steps.sample_images(
-      p, tok, m, null_tokens, null_mask, key, ts, w, model=model, spec=spec, solver=solver, image_shape=shape))
+      p, tok, m, null_tokens, null_mask, key, ts, w, model=model, spec=spec, solver=solver, image_shape=shape),
+      in_shardings=(params_sharding,) + (replicated,) * 5, out_shardings=replicated)
 
   def next_batch():
     local = next(data_iter)
@@ -246,28 +320,34 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
       grid = images.grid(images_uint8, rows=len(config.prompts))
       images.save_png(grid, os.path.join(workdir, "samples.png"), scale=max(1, 256 // grid.shape[1]))
       writer.write_images(step, {"samples": grid[None]})
-    if config.eval.get("digits_per_prompt", 0) and is_main:
-      scores = evaluate_digits(sample_fn, state.ema_params, config, solver, spec, tokenize, data_dir, workdir)
-      writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
+    if config.eval.get("digits_per_prompt", 0):
+      scores = evaluate_digits(sample_fn, state.ema_params, config, solver, spec, tokenize, data_dir, workdir,
+                               judge=is_main)
+      if is_main:
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
   writer.flush()
   return state
 
 
-def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir, workdir) -> dict:
+def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir, workdir, judge: bool = True) -> dict:
   """Prompt accuracy and classifier-feature Frechet distance of samples for the 10 digit prompts.
 
   ``config.prompts[d]`` must name digit d. A classifier trained on real digits (cached
   in workdir) judges ``config.eval.digits_per_prompt`` samples per prompt; the Frechet
   distance compares them with the same number of real test digits. Writes eval.json.
+  With several processes all of them sample; only the one with ``judge`` (process 0)
+  scores and writes, the others return {}.
   """
   from diffjax.evaluate import digits as digit_eval
 
-  size = config.data.image_size
-  classifier, clf_accuracy = digit_eval.cached_digit_classifier(
-      os.path.join(workdir, "digit_classifier.npz"), data_dir, image_size=size, seed=config.seed)
   n = config.eval.digits_per_prompt
   key = jax.random.fold_in(jax.random.key(config.seed), 1)  # other noise than the grid's
   samples = generate(sample_fn, params, list(config.prompts), config.sampler, solver, spec, tokenize, n, key)
+  if not judge:
+    return {}
+  size = config.data.image_size
+  classifier, clf_accuracy = digit_eval.cached_digit_classifier(
+      os.path.join(workdir, "digit_classifier.npz"), data_dir, image_size=size, seed=config.seed)
   labels = np.repeat(np.arange(len(config.prompts)), n)
   generated = samples.astype(np.float32) / 127.5 - 1.0
   real, _ = digit_eval.real_digits(data_dir, "test", size)
