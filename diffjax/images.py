@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 
 def to_uint8(x, low: float = -1.0, high: float = 1.0) -> np.ndarray:
@@ -32,3 +32,24 @@ def save_png(image: np.ndarray, path: str, scale: int = 1) -> None:
   if scale > 1:
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
   pil.save(path)
+
+
+def save_labelled_grid(images: np.ndarray, labels, path: str, height: int = 48) -> None:
+  """Writes a PNG with one row of ``images`` (N, H, W, C) uint8 per label, the label written left of its row.
+
+  N must be a multiple of len(labels) (row-major, label-major order); rows are scaled to ``height`` pixels.
+  """
+  g = grid(images, rows=len(labels))
+  scale = max(1, height // images.shape[1])
+  pil = Image.fromarray(g[..., 0] if g.shape[-1] == 1 else g).convert("RGB")
+  pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+  draw = ImageDraw.Draw(pil)
+  text_width = int(max(draw.textlength(str(label)) for label in labels)) + 8
+  canvas = Image.new("RGB", (pil.width + text_width, pil.height), (255, 255, 255))
+  canvas.paste(pil, (text_width, 0))
+  draw = ImageDraw.Draw(canvas)
+  row = pil.height / len(labels)
+  for r, label in enumerate(labels):
+    draw.text((4, int((r + 0.5) * row) - 5), str(label), fill=(0, 0, 0))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  canvas.save(path)

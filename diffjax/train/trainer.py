@@ -29,7 +29,7 @@ from diffjax.models.text_to_image import TextToImage
 from diffjax.models.tokenizers import ByteTokenizer
 from diffjax.models.unet import UNetConfig
 from diffjax.samplers import grids, make_solver, points_for_budget
-from diffjax.train import steps
+from diffjax.train import latent, steps
 from diffjax.train.checkpoint import Checkpointer
 
 
@@ -45,16 +45,21 @@ def build_spec(config) -> steps.DiffusionSpec:
       time_scale=d.time_scale, cond_dropout=config.train.cond_dropout, ema_decay=config.train.ema_decay)
 
 
-def build_model(config) -> TextToImage:
+def build_model(config, latent=None) -> TextToImage:
+  """The text-to-image network; with ``latent`` (``latent.LatentParts``) on its latents and text encoder."""
   m = config.model
-  unet = UNetConfig(in_channels=config.data.channels, out_channels=config.data.channels,
+  channels = config.data.channels if latent is None else latent.latent_shape[-1]
+  text_width = m.text_width if latent is None or latent.text_config is None else latent.text_config.hidden_size
+  unet = UNetConfig(in_channels=channels, out_channels=channels,
                     block_out_channels=tuple(m.channels), layers_per_block=m.layers_per_block,
                     attention_levels=tuple(m.attention_levels), num_heads=m.num_heads,
-                    cross_attention_dim=m.text_width, norm_num_groups=m.norm_groups, dropout=m.dropout,
+                    cross_attention_dim=text_width, norm_num_groups=m.norm_groups, dropout=m.dropout,
                     mid_block_attention=m.mid_block_attention)
   text = CLIPTextConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=m.text_width,
                         intermediate_size=4 * m.text_width, num_layers=m.text_layers, num_heads=m.text_heads,
                         max_positions=config.data.max_caption_length, eos_token_id=ByteTokenizer.eos_id)
+  if latent is not None and latent.text_config is not None:
+    text = latent.text_config
   return TextToImage(unet=unet, text=text, remat=m.remat, dtype=jnp.dtype(config.train.compute_dtype))
 
 
@@ -77,9 +82,9 @@ def make_mesh(config) -> jax.sharding.Mesh:
   return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def tokenize_fn(max_length: int):
-  """caption -> (2, L) int32 rows: token ids and attention mask."""
-  tok = ByteTokenizer(max_length=max_length)
+def tokenize_fn(max_length: int, tokenizer=None):
+  """caption -> (2, L) int32 rows: token ids and attention mask (``tokenizer`` or bytes, padded to max_length)."""
+  tok = tokenizer or ByteTokenizer(max_length=max_length)
 
   def tokenize(text: str) -> np.ndarray:
     t = tok(text)
@@ -113,6 +118,8 @@ def validate(config) -> None:
       raise ValueError(f"config.{field} = {config[field.split('.')[0]][field.split('.')[1]]!r} is invalid: "
                        f"expected {expected}")
   processes.make_process(config.diffusion.process, **config.diffusion.get("process_options", {}))
+  if config.get("vae"):
+    latent.validate(config)
 
 
 class Components(NamedTuple):
@@ -128,22 +135,47 @@ class Components(NamedTuple):
   init_state: Callable[[], steps.TrainState]
   abstract_state: steps.TrainState  # shapes and dtypes only
   sample_key: jax.Array
+  latent: object = None  # latent.LatentParts of a latent diffusion model (frozen VAE, text encoder)
+  frozen: object = None  # parameters used but not trained (``steps.train_step``)
 
 
 def build_components(config) -> Components:
-  model, tx, tokenize = build_model(config), build_optimizer(config), tokenize_fn(config.data.max_caption_length)
+  lat = None
+  if config.get("vae"):  # latent diffusion: a frozen VAE (and maybe text encoder) around the same network
+    lat = latent.build(config)
+  model, tx = build_model(config, lat), build_optimizer(config)
+  tokenize = tokenize_fn(config.data.max_caption_length, lat and lat.tokenizer)
   k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
-  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  shape = (config.data.image_size, config.data.image_size, config.data.channels) if lat is None else lat.latent_shape
 
   def init_state():
     tok = jnp.zeros((1, config.data.max_caption_length), jnp.int32)
-    params = flax.linen.meta.unbox(model.init(k_init, jnp.zeros((1,) + shape), jnp.zeros((1,)), tok, tok)["params"])
+    x, t = jnp.zeros((1,) + shape), jnp.zeros((1,))
+    if lat is not None and lat.text_config is not None:  # the frozen text encoder's parameters stay out
+      context = jnp.zeros((1, config.data.max_caption_length, lat.text_config.hidden_size))
+      params = flax.linen.meta.unbox(model.init(k_init, x, t, context, method=model.predict)["params"])
+    else:
+      params = flax.linen.meta.unbox(model.init(k_init, x, t, tok, tok)["params"])
     return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                             opt_state=tx.init(params), rng=jax.random.key_data(k_train))
 
   null_tokens, null_mask = (jnp.asarray(a) for a in tokenize(""))
   return Components(build_spec(config), model, tx, tokenize, null_tokens, null_mask, shape, init_state,
-                    jax.eval_shape(init_state), k_sample)
+                    jax.eval_shape(init_state), k_sample, lat, lat and lat.frozen)
+
+
+def make_sample_fn(c: Components, solver):
+  """jitted ``(params, tokens, mask, key, ts, guidance_scale) -> images`` (B, H, W, C) in the data range;
+  ``params`` is the pair (trained params, ``c.frozen``); latents are decoded with the VAE."""
+
+  def sample_fn(params, tok, m, key, ts, w):
+    trained, frozen = params
+    full = trained if frozen is None else {**trained, **frozen["model"]}
+    x = steps.sample_images(full, tok, m, c.null_tokens, c.null_mask, key, ts, w, model=c.model, spec=c.spec,
+                            solver=solver, image_shape=c.image_shape)
+    return x if c.latent is None else c.latent.decode(frozen, x)
+
+  return jax.jit(sample_fn)
 
 
 def _with_shardings(abstract, shardings):
@@ -172,12 +204,17 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   source = pipeline.load_source(config.data.name, config.data.train_split, data_dir)
   options = pipeline.ImageTextOptions(batch_size=config.data.batch_size // jax.process_count(),
                                       image_size=config.data.image_size, max_shift=config.data.max_shift)
-  dataset = pipeline.image_text_dataset(source, options, c.tokenize, seed=config.seed,
-                                        shard_index=jax.process_index(), shard_count=jax.process_count())
+  if c.latent is not None and config.data.cache_latents:
+    cache = os.path.join(workdir, "latents", f"{config.data.train_split}.npz")
+    dataset = latent.cached_dataset(c.latent, source, cache, options.batch_size, c.tokenize, seed=config.seed,
+                                    shard_index=jax.process_index(), shard_count=jax.process_count())
+  else:
+    dataset = pipeline.image_text_dataset(source, options, c.tokenize, seed=config.seed,
+                                          shard_index=jax.process_index(), shard_count=jax.process_count())
   data_iter = iter(dataset)
 
   # -- model, optimizer, state -----------------------------------------------------------
-  model, spec, tx, tokenize, shape = c.model, c.spec, c.tx, c.tokenize, c.image_shape
+  model, spec, tx, tokenize = c.model, c.spec, c.tx, c.tokenize
   null_tokens, null_mask = c.null_tokens, c.null_mask
   state_sharding = jax.tree.map(lambda _: replicated, c.abstract_state)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
@@ -194,16 +231,19 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
     parameter_overview.log_parameter_overview(state.params)
 
   # -- jitted steps ------------------------------------------------------------------------
+  encode = None if c.latent is None else c.latent.encode
   train_step = jax.jit(
-      lambda s, b: steps.train_step(s, b, null_tokens, null_mask, model=model, tx=tx, spec=spec),
-      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None, None), donate_argnums=0)
+      lambda s, b, f: steps.train_step(s, b, null_tokens, null_mask, model=model, tx=tx, spec=spec, frozen=f,
+                                       encode=encode),
+      in_shardings=(state_sharding, batch_sharding, replicated), out_shardings=(state_sharding, None, None),
+      donate_argnums=0)
   solver = make_solver(config.sampler.name, spec.process, **config.sampler.get("options", {}))
-  sample_fn = jax.jit(lambda p, tok, m, key, ts, w: steps.sample_images(
-      p, tok, m, null_tokens, null_mask, key, ts, w, model=model, spec=spec, solver=solver, image_shape=shape))
+  sample_fn = make_sample_fn(c, solver)
 
   def next_batch():
     local = next(data_iter)
-    arrays = {"image": local["image"], "tokens": local["tokens"][:, 0], "mask": local["tokens"][:, 1]}
+    arrays = {k: v for k, v in local.items() if k != "tokens"} | {"tokens": local["tokens"][:, 0],
+                                                                   "mask": local["tokens"][:, 1]}
     return jax.tree.map(lambda a: jax.make_array_from_process_local_data(batch_sharding, a), arrays)
 
   # -- loop ----------------------------------------------------------------------------------
@@ -217,7 +257,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   step = first_step
   try:
     for step in range(first_step + 1, num_steps + 1):
-      state, metrics, diag = train_step(state, next_batch())
+      state, metrics, diag = train_step(state, next_batch(), c.frozen)
       if not np.isfinite(float(diag["loss"])):  # caught before anything is saved
         raise FloatingPointError(
             f"non-finite loss {float(diag['loss'])} at step {step}: batch image mean {float(diag['image_mean']):.4g}, "
@@ -240,15 +280,20 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
 
   # -- samples -----------------------------------------------------------------------------
   if stop["signal"] is None and config.get("prompts") and step >= num_steps:
-    images_uint8 = generate(sample_fn, state.ema_params, list(config.prompts), config.sampler, solver, spec, tokenize,
-                            config.eval.samples_per_prompt, c.sample_key)
+    images_uint8 = generate(sample_fn, (state.ema_params, c.frozen), list(config.prompts), config.sampler, solver,
+                            spec, tokenize, config.eval.samples_per_prompt, c.sample_key)
     if is_main:
       grid = images.grid(images_uint8, rows=len(config.prompts))
       images.save_png(grid, os.path.join(workdir, "samples.png"), scale=max(1, 256 // grid.shape[1]))
       writer.write_images(step, {"samples": grid[None]})
     if config.eval.get("digits_per_prompt", 0) and is_main:
-      scores = evaluate_digits(sample_fn, state.ema_params, config, solver, spec, tokenize, data_dir, workdir)
+      scores = evaluate_digits(sample_fn, (state.ema_params, c.frozen), config, solver, spec, tokenize, data_dir,
+                               workdir)
       writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
+    if config.eval.get("shapes_prompts", 0) and is_main:
+      scores = evaluate_shapes(sample_fn, (state.ema_params, c.frozen), config, solver, spec, tokenize, data_dir,
+                               workdir)
+      writer.write_scalars(step, {f"eval/{split}_{k}": v for split, r in scores.items() for k, v in r.items()})
   writer.flush()
   return state
 
@@ -281,6 +326,38 @@ def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir,
   return scores
 
 
+def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir, workdir) -> dict:
+  """Per-attribute accuracy of samples for shapes captions, judged by ``diffjax.data.shapes.check``.
+
+  For each split in ``config.eval.shapes_splits`` ("held_out": colour/shape pairs never
+  trained on; "validation": the training pairs), the first ``config.eval.shapes_prompts``
+  distinct captions of the split get ``config.eval.shapes_samples_per_prompt`` samples
+  each. Writes eval.json ({split: {"colour", "shape", "count", "position", "all"} ->
+  accuracy, "num_samples", "prompts"}) and ``shapes_<split>.png`` (a row per caption).
+  """
+  from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
+
+  n, results = config.eval.shapes_samples_per_prompt, {}
+  for i, split in enumerate(config.eval.shapes_splits):
+    source = pipeline.load_source(config.data.name, split, data_dir)
+    examples = {}
+    for j in range(len(source)):
+      e = source[j]
+      examples.setdefault(e["caption"].decode(), e)
+      if len(examples) == config.eval.shapes_prompts:
+        break
+    prompts = list(examples)
+    key = jax.random.fold_in(jax.random.key(config.seed), 2 + i)
+    samples = generate(sample_fn, params, prompts, config.sampler, solver, spec, tokenize, n, key)
+    wanted = {a: np.repeat([int(examples[p][a]) for p in prompts], n) for a in ATTRIBUTES}
+    results[split] = {**attribute_accuracy(samples, wanted), "num_samples": len(samples), "prompts": prompts}
+    images.save_labelled_grid(samples, prompts, os.path.join(workdir, f"shapes_{split}.png"))
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  logging.info("shapes evaluation: %s", {s: {k: v for k, v in r.items() if k != "prompts"} for s, r in results.items()})
+  return {s: {k: v for k, v in r.items() if k in ATTRIBUTES + ("all",)} for s, r in results.items()}
+
+
 def generate(sample_fn, params, prompts, sampler_config, solver, spec, tokenize, per_prompt: int, key) -> np.ndarray:
   """uint8 (len(prompts) * per_prompt, H, W, C) samples, prompt-major."""
   rows = [tokenize(p) for p in prompts for _ in range(per_prompt)]
@@ -308,10 +385,8 @@ def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, o
   state, _, step = restored
   logging.info("sampling with the EMA weights of step %d", step)
   solver = make_solver(config.sampler.name, c.spec.process, **config.sampler.get("options", {}))
-  sample_fn = jax.jit(lambda p, tok, m, key, ts, w: steps.sample_images(
-      p, tok, m, c.null_tokens, c.null_mask, key, ts, w, model=c.model, spec=c.spec, solver=solver,
-      image_shape=c.image_shape))
-  imgs = generate(sample_fn, state.ema_params, list(prompts), config.sampler, solver, c.spec, c.tokenize,
+  sample_fn = make_sample_fn(c, solver)
+  imgs = generate(sample_fn, (state.ema_params, c.frozen), list(prompts), config.sampler, solver, c.spec, c.tokenize,
                   num_per_prompt, jax.random.key(seed))
   os.makedirs(output_dir, exist_ok=True)
   np.savez(os.path.join(output_dir, "samples.npz"), images=imgs,
