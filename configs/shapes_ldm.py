@@ -45,6 +45,7 @@ def get_config(arg: str = ""):
                caption("green", "square", 2, "left"))  # the last three: held-out colour/shape pairs
 
   if arg == "tiny":
+    c.data.train_split = "train[:256]"
     c.data.batch_size = 8
     c.model.channels = (16, 32)
     c.model.attention_levels = (False, True)

@@ -34,6 +34,7 @@ def get_config(arg: str = ""):
   c.eval = dict(num_images=1000, scale_images=2048, grid_images=16)
 
   if arg == "tiny":
+    c.data.train_split = "train[:256]"
     c.data.batch_size = 8
     c.vae.channels = (8, 16, 16)
     c.vae.norm_groups = 4

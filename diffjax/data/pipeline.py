@@ -24,7 +24,7 @@ EMBEDDED = {
 
 
 def load_source(name: str, split: str, data_dir: str | None = None):
-  """A random-access data source of TFDS dataset ``name``, split ``split``.
+  """A random-access data source of TFDS dataset ``name``, split ``split`` (slices such as "train[:512]" too).
 
   Embedded datasets (``EMBEDDED``) are built into ``data_dir`` on first use, offline.
   """
@@ -34,10 +34,10 @@ def load_source(name: str, split: str, data_dir: str | None = None):
     module, cls = EMBEDDED[name].split(":")
     builder = getattr(__import__(module, fromlist=[cls]), cls)(data_dir=data_dir)
     builder.download_and_prepare()
-    sources = builder.as_data_source()
-    if split not in sources:
-      raise ValueError(f"dataset {name!r} has splits {sorted(sources)}, not {split!r}")
-    return sources[split]
+    splits = sorted(builder.info.splits)
+    if split.split("[")[0] not in splits:
+      raise ValueError(f"dataset {name!r} has splits {splits}, not {split!r}")
+    return builder.as_data_source(split=split)
   return tfds.data_source(name, split=split, data_dir=data_dir)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -157,6 +158,11 @@ class LatentCache:
 
   def __getitem__(self, i):
     return {"latent_mean": self.mean[i], "latent_std": self.std[i], "caption": self.captions[i], "index": i}
+
+
+def cache_path(workdir: str, split: str) -> str:
+  """WORKDIR/latents/<split>.npz, the split's name made a file name ("train[:512]" -> "train__512_")."""
+  return os.path.join(workdir, "latents", re.sub(r"[^\w.-]", "_", split) + ".npz")
 
 
 def _fingerprint(vae_path: str) -> str:

@@ -205,8 +205,8 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   options = pipeline.ImageTextOptions(batch_size=config.data.batch_size // jax.process_count(),
                                       image_size=config.data.image_size, max_shift=config.data.max_shift)
   if c.latent is not None and config.data.cache_latents:
-    cache = os.path.join(workdir, "latents", f"{config.data.train_split}.npz")
-    dataset = latent.cached_dataset(c.latent, source, cache, options.batch_size, c.tokenize, seed=config.seed,
+    dataset = latent.cached_dataset(c.latent, source, latent.cache_path(workdir, config.data.train_split),
+                                    options.batch_size, c.tokenize, seed=config.seed,
                                     shard_index=jax.process_index(), shard_count=jax.process_count())
   else:
     dataset = pipeline.image_text_dataset(source, options, c.tokenize, seed=config.seed,
