@@ -47,7 +47,7 @@ def _held_out_images(data_dir, n=32):
 
 def test_vae_trains_checkpoints_and_exports_scaling_factor(vae_run, data_dir):
   config, workdir = vae_run
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["15", "30"]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   scores = json.loads(open(os.path.join(workdir, "eval.json")).read())
   assert scores["latent_shape"] == [8, 8, 4] and scores["num_images"] == config.eval.num_images

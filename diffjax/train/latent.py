@@ -130,6 +130,9 @@ def build(config) -> LatentParts:
     raise ValueError(f"config.data.image_size={config.data.image_size} is not a multiple of the VAE's "
                      f"downsampling factor {f}")
   shape = (config.data.image_size // f, config.data.image_size // f, vae.config.latent_channels)
+  if shape[0] % 2 ** (len(config.model.channels) - 1):
+    raise ValueError(f"the {shape[0]}x{shape[1]} latents cannot be halved len(config.model.channels) - 1 = "
+                     f"{len(config.model.channels) - 1} times: use fewer U-Net levels")
   frozen, text_config, tokenizer = {"vae": vae_params, "model": {}}, None, None
   if config.text.mode == "frozen_pretrained":
     text_config, text_params, tokenizer = load_text_encoder(config.text.path, config.data.max_caption_length)

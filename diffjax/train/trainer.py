@@ -232,6 +232,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
 
   # -- jitted steps ------------------------------------------------------------------------
   encode = None if c.latent is None else c.latent.encode
+  frozen = jax.device_put(c.frozen, replicated)  # None for a pixel-space model
   train_step = jax.jit(
       lambda s, b, f: steps.train_step(s, b, null_tokens, null_mask, model=model, tx=tx, spec=spec, frozen=f,
                                        encode=encode),
@@ -257,7 +258,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   step = first_step
   try:
     for step in range(first_step + 1, num_steps + 1):
-      state, metrics, diag = train_step(state, next_batch(), c.frozen)
+      state, metrics, diag = train_step(state, next_batch(), frozen)
       if not np.isfinite(float(diag["loss"])):  # caught before anything is saved
         raise FloatingPointError(
             f"non-finite loss {float(diag['loss'])} at step {step}: batch image mean {float(diag['image_mean']):.4g}, "
@@ -280,18 +281,18 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
 
   # -- samples -----------------------------------------------------------------------------
   if stop["signal"] is None and config.get("prompts") and step >= num_steps:
-    images_uint8 = generate(sample_fn, (state.ema_params, c.frozen), list(config.prompts), config.sampler, solver,
+    images_uint8 = generate(sample_fn, (state.ema_params, frozen), list(config.prompts), config.sampler, solver,
                             spec, tokenize, config.eval.samples_per_prompt, c.sample_key)
     if is_main:
       grid = images.grid(images_uint8, rows=len(config.prompts))
       images.save_png(grid, os.path.join(workdir, "samples.png"), scale=max(1, 256 // grid.shape[1]))
       writer.write_images(step, {"samples": grid[None]})
     if config.eval.get("digits_per_prompt", 0) and is_main:
-      scores = evaluate_digits(sample_fn, (state.ema_params, c.frozen), config, solver, spec, tokenize, data_dir,
+      scores = evaluate_digits(sample_fn, (state.ema_params, frozen), config, solver, spec, tokenize, data_dir,
                                workdir)
       writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
     if config.eval.get("shapes_prompts", 0) and is_main:
-      scores = evaluate_shapes(sample_fn, (state.ema_params, c.frozen), config, solver, spec, tokenize, data_dir,
+      scores = evaluate_shapes(sample_fn, (state.ema_params, frozen), config, solver, spec, tokenize, data_dir,
                                workdir)
       writer.write_scalars(step, {f"eval/{split}_{k}": v for split, r in scores.items() for k, v in r.items()})
   writer.flush()

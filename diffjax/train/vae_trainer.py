@@ -141,7 +141,10 @@ def build_components(config) -> VAEComponents:
 # ----------------------------------------------------------------------------------
 def train_vae(config, workdir: str) -> steps.TrainState:
   """Trains the VAE per ``config``, resuming from ``workdir``; evaluates and exports it (module docstring)."""
-  # -- mesh --------------------------------------------------------------------------------
+  # -- distributed setup and mesh -----------------------------------------------------------
+  if config.get("distributed") and config.distributed.num_processes > 1:
+    d = config.distributed
+    jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
   mesh = trainer.make_mesh(config)
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
