@@ -39,6 +39,7 @@ def get_config(arg: str = ""):
     c.vae.channels = (8, 16, 16)
     c.vae.norm_groups = 4
     c.vae.mid_block_attention = False
+    c.vae.disc_channels = 8
     c.optim.learning_rate = 3e-3
     c.optim.warmup_steps = 2
     c.train.num_steps = 20

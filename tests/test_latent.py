@@ -65,6 +65,24 @@ def test_vae_trains_checkpoints_and_exports_scaling_factor(vae_run, data_dir):
   assert scores["l1"] == pytest.approx(error(params), rel=1e-4)  # eval.json measured the same 32 images
 
 
+def test_vae_discriminator_starts_at_disc_start_and_trains(data_dir):
+  config = shapes_vae.get_config("tiny")
+  config.vae.disc_weight, config.vae.disc_start = 0.5, 2
+  c = vae_trainer.build_components(config)
+  step = jax.jit(lambda s, b: vae_trainer.vae_train_step(s, b, vae=c.vae, disc=c.disc, tx=c.tx, loss=c.loss))
+  state = jax.jit(c.init_state)()
+  batch = {"image": jnp.asarray(_held_out_images(data_dir, 4))}
+  snapshots = [jax.tree.map(np.asarray, state.params)]
+  for _ in range(3):  # learning rate 0 at step 0 (warmup), discriminator off before step 2
+    state, metrics, loss = step(state, batch)
+    snapshots.append(jax.tree.map(np.asarray, state.params))
+  assert np.isfinite(float(loss)) and float(metrics.compute()["disc_loss"]) > 0
+  same = lambda a, b, part: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a[part]),
+                                                                     jax.tree.leaves(b[part]), strict=True))
+  assert same(snapshots[1], snapshots[2], "disc") and not same(snapshots[1], snapshots[2], "vae")
+  assert not same(snapshots[2], snapshots[3], "disc")
+
+
 def test_ldm_trains_samples_and_evaluates_held_out_captions(vae_run, data_dir, tmp_path):
   config = _ldm_config(vae_run[1], data_dir)
   config.data.cache_latents = True

@@ -131,7 +131,8 @@ def build_components(config) -> VAEComponents:
     params = {"vae": flax.linen.meta.unbox(vae.init(k_init, jnp.zeros((1, size, size, config.data.channels)))
                                            ["params"])}
     if disc is not None:
-      params["disc"] = disc.init(k_disc, jnp.zeros((1, size, size, config.data.channels)))["params"]
+      params["disc"] = flax.linen.meta.unbox(disc.init(k_disc, jnp.zeros((1, size, size, config.data.channels)))
+                                             ["params"])
     return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                             opt_state=tx.init(params), rng=jax.random.key_data(k_train))
 
