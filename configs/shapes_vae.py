@@ -8,8 +8,11 @@ Then stage 2: configs/shapes_ldm.py with --config.vae.workdir=/tmp/shapes_vae.
 Latents 8x8x4 (f = 4, three levels): 12x fewer numbers than the pixels, so the U-Net runs
 at 8x8 like the digits model, while each 6-8 pixel shape still spans about 2x2 latent
 cells (f = 8 would squeeze a shape into one cell; 16x16x4 at f = 2 compresses only 3x).
-L1 reconstruction keeps the flat colours and black background sharp; the KL weight is
-small (as in LDM), and the latent scale is fixed afterwards by the scaling factor.
+Squared error, not LDM's L1: shapes cover a few percent of the pixels, and L1's per-pixel
+median is the black background. In two 300-step CPU runs (channels (32, 64, 64), batch 16)
+L1 reconstructed near-black images (held-out PSNR 16.1 dB, checker read 0% of them right)
+while L2 brought the shapes back, blurred (22.6 dB, all attributes right for 37%). The KL
+weight is small (as in LDM); the latent scale is fixed afterwards by the scaling factor.
 """
 
 import ml_collections
@@ -24,7 +27,7 @@ def get_config(arg: str = ""):
                 image_size=32, channels=3, max_shift=0, max_caption_length=48)
   # channels: per level from 32x32 down; len(channels) - 1 halvings. disc_*: the PatchGAN (off: disc_weight=0).
   c.vae = dict(channels=(64, 128, 128), layers_per_block=1, latent_channels=4, norm_groups=16,
-               mid_block_attention=True, reconstruction="l1", kl_weight=1e-6, disc_weight=0.0, disc_start=2000,
+               mid_block_attention=True, reconstruction="l2", kl_weight=1e-6, disc_weight=0.0, disc_start=2000,
                disc_channels=32, disc_layers=2)
   c.optim = dict(learning_rate=5e-4, warmup_steps=200, final_lr_fraction=0.1, grad_clip=1.0, b1=0.9, b2=0.99,
                  weight_decay=0.0, grad_accum_steps=1)
