@@ -16,11 +16,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffjax import sampler_demo
-from diffjax.train import trainer
+from diffjax.train import trainer, vae_trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (checkpoints, logs, images).")
-_MODE = flags.DEFINE_enum("mode", "run", ["run", "sample"], "run: the config's job (train, sampler_demo); "
+_MODE = flags.DEFINE_enum("mode", "run", ["run", "sample"], "run: the config's job (train, train_vae, sampler_demo); "
                           "sample: sample from the latest checkpoint in --workdir.")
 _PROMPTS = flags.DEFINE_multi_string("prompts", [], "--mode=sample: prompts (repeat the flag).")
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_samples_per_prompt", 4, "--mode=sample: images per prompt.")
@@ -76,7 +76,8 @@ def parse_flags(argv):
     sys.exit(f"FATAL config error: {_unknown_override(argv) or e}")
 
 
-JOBS = {"sampler_demo": _sampler_demo, "train": lambda config, workdir: trainer.train_and_evaluate(config, workdir)}
+JOBS = {"sampler_demo": _sampler_demo, "train": lambda config, workdir: trainer.train_and_evaluate(config, workdir),
+        "train_vae": lambda config, workdir: vae_trainer.train_vae(config, workdir)}
 
 
 def main(argv):
@@ -87,6 +88,8 @@ def main(argv):
     raise app.UsageError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
   os.makedirs(_WORKDIR.value, exist_ok=True)
   if _MODE.value == "sample":
+    if config.job != "train":
+      raise app.UsageError(f"--mode=sample needs a diffusion config (job 'train'), not job {config.job!r}")
     prompts = list(_PROMPTS.value) or list(config.get("prompts", ()))
     trainer.sample_from_checkpoint(config, _WORKDIR.value, prompts, _NUM_PER_PROMPT.value,
                                    _OUTPUT.value or os.path.join(_WORKDIR.value, "samples"), _SEED.value)

@@ -24,7 +24,7 @@ EMBEDDED = {
 
 
 def load_source(name: str, split: str, data_dir: str | None = None):
-  """A random-access data source of TFDS dataset ``name``, split ``split``.
+  """A random-access data source of TFDS dataset ``name``, split ``split`` (slices such as "train[:512]" too).
 
   Embedded datasets (``EMBEDDED``) are built into ``data_dir`` on first use, offline.
   """
@@ -34,10 +34,10 @@ def load_source(name: str, split: str, data_dir: str | None = None):
     module, cls = EMBEDDED[name].split(":")
     builder = getattr(__import__(module, fromlist=[cls]), cls)(data_dir=data_dir)
     builder.download_and_prepare()
-    sources = builder.as_data_source()
-    if split not in sources:
-      raise ValueError(f"dataset {name!r} has splits {sorted(sources)}, not {split!r}")
-    return sources[split]
+    splits = sorted(builder.info.splits)
+    if split.split("[")[0] not in splits:
+      raise ValueError(f"dataset {name!r} has splits {splits}, not {split!r}")
+    return builder.as_data_source(split=split)
   return tfds.data_source(name, split=split, data_dir=data_dir)
 
 
@@ -110,20 +110,49 @@ def image_text_dataset(source, options: ImageTextOptions, tokenize: Callable[[st
     num_epochs: None repeats forever.
     shuffle: reshuffle every epoch.
   """
+  augment = (lambda ex, rng: _shift(ex, rng, options.max_shift)) if options.max_shift else None
+  return _batched(source, lambda ex: _prepare(ex, options, tokenize), augment, options.batch_size, seed=seed,
+                  shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs, shuffle=shuffle,
+                  prefetch_threads=prefetch_threads)
+
+
+def latent_text_dataset(source, batch_size: int, tokenize: Callable[[str], np.ndarray], *, seed: int,
+                        shard_index: int = 0, shard_count: int = 1, num_epochs: int | None = None,
+                        shuffle: bool = True, prefetch_threads: int = 2) -> grain.IterDataset:
+  """Batches of cached latents: {"latent_mean", "latent_std": (B, h, w, c) float32, "tokens": (B, L) int32,
+  "index": (B,) int32 (position in the source)}.
+
+  ``source[i]`` is {"latent_mean", "latent_std", "caption"} (e.g. ``diffjax.train.latent.LatentCache``).
+  Sharding, seeded shuffling, batching and the checkpointable iterator state are those of
+  ``image_text_dataset`` (same arguments).
+  """
+
+  def prepare(ex):
+    caption = ex["caption"]
+    caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+    return {"latent_mean": np.asarray(ex["latent_mean"], np.float32), "latent_std": np.asarray(ex["latent_std"],
+            np.float32), "tokens": np.asarray(tokenize(caption), np.int32), "index": np.int32(ex["index"])}
+
+  return _batched(source, prepare, None, batch_size, seed=seed, shard_index=shard_index, shard_count=shard_count,
+                  num_epochs=num_epochs, shuffle=shuffle, prefetch_threads=prefetch_threads)
+
+
+def _batched(source, prepare, augment, batch_size: int, *, seed, shard_index, shard_count, num_epochs, shuffle,
+             prefetch_threads) -> grain.IterDataset:
+  """source -> this shard -> seeded (re)shuffle -> repeat -> prepare -> augment(ex, rng) -> batches -> prefetch."""
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
   ds = grain.MapDataset.source(source)
-  if len(ds) < options.batch_size * shard_count:
+  if len(ds) < batch_size * shard_count:
     raise ValueError(f"the source has {len(ds)} examples, fewer than one global batch of "
-                     f"{shard_count} x {options.batch_size}")
+                     f"{shard_count} x {batch_size}")
   ds = ds.seed(seed)
   if shuffle:
     ds = ds.shuffle()
-  ds = ds.repeat(num_epochs)
-  ds = ds.map(lambda ex: _prepare(ex, options, tokenize))
-  if options.max_shift:
-    ds = ds.random_map(lambda ex, rng: _shift(ex, rng, options.max_shift))
+  ds = ds.repeat(num_epochs).map(prepare)
+  if augment is not None:
+    ds = ds.random_map(augment)
   # local batch j is part j % shard_count of global batch j // shard_count
-  ds = ds.batch(options.batch_size, drop_remainder=True)
+  ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds[:len(ds) - len(ds) % shard_count][shard_index::shard_count]
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=prefetch_threads, prefetch_buffer_size=4))

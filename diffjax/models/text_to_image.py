@@ -6,27 +6,30 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax.models.text import CLIPTextConfig, CLIPTextTransformer
+from diffjax.models.text import BertConfig, BertEncoder, CLIPTextConfig, CLIPTextTransformer
 from diffjax.models.unet import UNet, UNetConfig
 
 Array = jax.Array
 
 
 class TextToImage(nn.Module):
-  """U-Net conditioned on a jointly trained CLIP-style text encoder.
+  """U-Net conditioned on a text encoder (CLIP-style, or BERT for a pretrained one) through cross-attention.
 
   ``__call__(x (B,H,W,C), t (B,) network time, tokens (B,L) int, mask (B,L) int)``
   returns the U-Net's prediction (B,H,W,C). Unconditional predictions (for
-  classifier-free guidance) use the tokens of the empty caption.
+  classifier-free guidance) use the tokens of the empty caption. The parameters are
+  {"text_encoder", "denoiser"}; a frozen text encoder's can be kept out of training
+  (``init(..., method=TextToImage.predict)`` creates the denoiser's alone).
   """
 
   unet: UNetConfig
-  text: CLIPTextConfig
+  text: CLIPTextConfig | BertConfig
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
-    self.text_encoder = CLIPTextTransformer(self.text, remat=self.remat, dtype=self.dtype)
+    encoder = BertEncoder if isinstance(self.text, BertConfig) else CLIPTextTransformer
+    self.text_encoder = encoder(self.text, remat=self.remat, dtype=self.dtype)
     self.denoiser = UNet(self.unet, remat=self.remat, dtype=self.dtype)
 
   def encode_text(self, tokens: Array, mask: Array) -> Array:

@@ -80,15 +80,23 @@ def _sigma_bins(process: Process, t):
 
 
 def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask: jax.Array, *, model, tx,
-               spec: DiffusionSpec):
+               spec: DiffusionSpec, frozen=None, encode=None):
   """One optimizer step on a batch {"image" (B,H,W,C), "tokens" (B,L), "mask" (B,L)}.
+
+  Args:
+    frozen: parameters that are used but not trained (None: none). ``frozen["model"]``, if
+      present, is merged into the model's parameters (e.g. {"text_encoder": ...} of a
+      frozen pretrained text encoder); ``encode`` receives all of ``frozen``.
+    encode: ``encode(frozen, batch, key) -> x0`` (B, h, w, c), the data the network
+      learns to denoise, e.g. latents of a frozen VAE; None: ``batch["image"]``.
 
   Returns (new state, ``TrainMetrics`` of this step, diagnostics: loss, per-example
   losses, gradient norm and batch image statistics, for the non-finite-loss error).
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   k_t, k_eps, k_drop, k_dropout = jax.random.split(key, 4)
-  x0 = batch["image"]
+  x0 = batch["image"] if encode is None else encode(frozen, batch, jax.random.fold_in(key, 1))
+  fixed = {} if frozen is None else frozen.get("model", {})
   b = x0.shape[0]
   t = losses.TIME_SAMPLERS[spec.time_sampler](k_t, (b,), spec.process, **dict(spec.time_sampler_options))
   eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
@@ -98,7 +106,7 @@ def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask
 
   def loss_fn(params):
     def predict(x_t, tt):
-      return model.apply({"params": params}, x_t, spec.time_scale * tt, tokens, mask, deterministic=False,
+      return model.apply({"params": {**params, **fixed}}, x_t, spec.time_scale * tt, tokens, mask, deterministic=False,
                          rngs={"dropout": k_dropout})
 
     per_example = losses.denoising_loss(predict, x0, eps, t, spec.process, target=spec.target,

@@ -30,7 +30,7 @@ from diffjax.models.text_to_image import TextToImage
 from diffjax.models.tokenizers import ByteTokenizer
 from diffjax.models.unet import UNetConfig
 from diffjax.samplers import grids, make_solver, points_for_budget
-from diffjax.train import sharding, steps
+from diffjax.train import latent, sharding, steps
 from diffjax.train.checkpoint import Checkpointer
 from diffjax.train.schema import ConfigError, check_fields
 
@@ -47,16 +47,21 @@ def build_spec(config) -> steps.DiffusionSpec:
       time_scale=d.time_scale, cond_dropout=config.train.cond_dropout, ema_decay=config.train.ema_decay)
 
 
-def build_model(config) -> TextToImage:
+def build_model(config, latent=None) -> TextToImage:
+  """The text-to-image network; with ``latent`` (``latent.LatentParts``) on its latents and text encoder."""
   m = config.model
-  unet = UNetConfig(in_channels=config.data.channels, out_channels=config.data.channels,
+  channels = config.data.channels if latent is None else latent.latent_shape[-1]
+  text_width = m.text_width if latent is None or latent.text_config is None else latent.text_config.hidden_size
+  unet = UNetConfig(in_channels=channels, out_channels=channels,
                     block_out_channels=tuple(m.channels), layers_per_block=m.layers_per_block,
                     attention_levels=tuple(m.attention_levels), num_heads=m.num_heads,
-                    cross_attention_dim=m.text_width, norm_num_groups=m.norm_groups, dropout=m.dropout,
+                    cross_attention_dim=text_width, norm_num_groups=m.norm_groups, dropout=m.dropout,
                     mid_block_attention=m.mid_block_attention)
   text = CLIPTextConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=m.text_width,
                         intermediate_size=4 * m.text_width, num_layers=m.text_layers, num_heads=m.text_heads,
                         max_positions=config.data.max_caption_length, eos_token_id=ByteTokenizer.eos_id)
+  if latent is not None and latent.text_config is not None:
+    text = latent.text_config
   return TextToImage(unet=unet, text=text, remat=m.remat, dtype=jnp.dtype(config.train.compute_dtype))
 
 
@@ -103,9 +108,9 @@ def initialize_distributed(config) -> None:
                jax.local_device_count(), jax.device_count())
 
 
-def tokenize_fn(max_length: int):
-  """caption -> (2, L) int32 rows: token ids and attention mask."""
-  tok = ByteTokenizer(max_length=max_length)
+def tokenize_fn(max_length: int, tokenizer=None):
+  """caption -> (2, L) int32 rows: token ids and attention mask (``tokenizer`` or bytes, padded to max_length)."""
+  tok = tokenizer or ByteTokenizer(max_length=max_length)
 
   def tokenize(text: str) -> np.ndarray:
     t = tok(text)
@@ -163,6 +168,8 @@ def validate(config) -> None:
     processes.make_process(config.diffusion.process, **config.diffusion.get("process_options", {}))
   except (ValueError, TypeError, KeyError) as e:
     raise ConfigError(f"config.diffusion.process / process_options: {e}") from e
+  if config.get("vae"):
+    latent.validate(config)
 
 
 def _invalid(config, field: str, expected):
@@ -195,16 +202,26 @@ class Components(NamedTuple):
   abstract_state: steps.TrainState  # shapes and dtypes only
   sample_key: jax.Array
   boxed_params: dict  # abstract params in nn.Partitioned boxes: their logical axis names, for sharding
+  latent: object = None  # latent.LatentParts of a latent diffusion model (frozen VAE, text encoder)
+  frozen: object = None  # parameters used but not trained (``steps.train_step``)
 
 
 def build_components(config) -> Components:
-  model, tx, tokenize = build_model(config), build_optimizer(config), tokenize_fn(config.data.max_caption_length)
+  lat = None
+  if config.get("vae"):  # latent diffusion: a frozen VAE (and maybe text encoder) around the same network
+    lat = latent.build(config)
+  model, tx = build_model(config, lat), build_optimizer(config)
+  tokenize = tokenize_fn(config.data.max_caption_length, lat and lat.tokenizer)
   k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
-  shape = (config.data.image_size, config.data.image_size, config.data.channels)
+  shape = (config.data.image_size, config.data.image_size, config.data.channels) if lat is None else lat.latent_shape
 
   def init_boxed():
     tok = jnp.zeros((1, config.data.max_caption_length), jnp.int32)
-    return model.init(k_init, jnp.zeros((1,) + shape), jnp.zeros((1,)), tok, tok)["params"]
+    x, t = jnp.zeros((1,) + shape), jnp.zeros((1,))
+    if lat is not None and lat.text_config is not None:  # the frozen text encoder's parameters stay out
+      context = jnp.zeros((1, config.data.max_caption_length, lat.text_config.hidden_size))
+      return model.init(k_init, x, t, context, method=model.predict)["params"]
+    return model.init(k_init, x, t, tok, tok)["params"]
 
   def init_state():
     params = flax.linen.meta.unbox(init_boxed())
@@ -213,7 +230,23 @@ def build_components(config) -> Components:
 
   null_tokens, null_mask = (jnp.asarray(a) for a in tokenize(""))
   return Components(build_spec(config), model, tx, tokenize, null_tokens, null_mask, shape, init_state,
-                    jax.eval_shape(init_state), k_sample, jax.eval_shape(init_boxed))
+                    jax.eval_shape(init_state), k_sample, jax.eval_shape(init_boxed), lat, lat and lat.frozen)
+
+
+def make_sample_fn(c: Components, solver, **jit_options):
+  """jitted ``(params, tokens, mask, key, ts, guidance_scale) -> images`` (B, H, W, C) in the data range;
+  ``params`` is the pair (trained params, ``c.frozen``); latents are decoded with the VAE. ``jit_options``
+  go to ``jax.jit`` (shardings)."""
+
+  def sample_fn(params, tok, m, key, ts, w):
+    trained, frozen = params
+    full = trained if frozen is None else {**trained, **frozen["model"]}
+    x = steps.sample_images(full, tok, m, c.null_tokens, c.null_mask, key, ts, w, model=c.model, spec=c.spec,
+                            solver=solver, image_shape=c.image_shape)
+    return x if c.latent is None else c.latent.decode(frozen, x)
+
+  return jax.jit(sample_fn, **jit_options)
+
 
 
 # ----------------------------------------------------------------------------------
@@ -238,12 +271,17 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
     multihost_utils.sync_global_devices("dataset prepared")
   options = pipeline.ImageTextOptions(batch_size=config.data.batch_size // jax.process_count(),
                                       image_size=config.data.image_size, max_shift=config.data.max_shift)
-  dataset = pipeline.image_text_dataset(source, options, c.tokenize, seed=config.seed,
-                                        shard_index=jax.process_index(), shard_count=jax.process_count())
+  if c.latent is not None and config.data.cache_latents:
+    dataset = latent.cached_dataset(c.latent, source, latent.cache_path(workdir, config.data.train_split),
+                                    options.batch_size, c.tokenize, seed=config.seed,
+                                    shard_index=jax.process_index(), shard_count=jax.process_count())
+  else:
+    dataset = pipeline.image_text_dataset(source, options, c.tokenize, seed=config.seed,
+                                          shard_index=jax.process_index(), shard_count=jax.process_count())
   data_iter = iter(dataset)
 
   # -- model, optimizer, state -----------------------------------------------------------
-  model, spec, tx, tokenize, shape = c.model, c.spec, c.tx, c.tokenize, c.image_shape
+  model, spec, tx, tokenize = c.model, c.spec, c.tx, c.tokenize
   null_tokens, null_mask = c.null_tokens, c.null_mask
   # params, EMA and optimizer state sharded by the logical-axis rules (replicated when fsdp = 1)
   params_sharding = sharding.param_shardings(c.boxed_params, mesh, config.mesh.get("rules", DEFAULT_RULES))
@@ -265,19 +303,22 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
     parameter_overview.log_parameter_overview(state.params, include_stats="sharding")
 
   # -- jitted steps ------------------------------------------------------------------------
+  encode = None if c.latent is None else c.latent.encode
+  frozen = jax.device_put(c.frozen, replicated)  # None for a pixel-space model
   train_step = jax.jit(
-      lambda s, b: steps.train_step(s, b, null_tokens, null_mask, model=model, tx=tx, spec=spec),
-      in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, replicated, replicated),
+      lambda s, b, f: steps.train_step(s, b, null_tokens, null_mask, model=model, tx=tx, spec=spec, frozen=f,
+                                       encode=encode),
+      in_shardings=(state_sharding, batch_sharding, replicated), out_shardings=(state_sharding, replicated, replicated),
       donate_argnums=0)
   solver = make_solver(config.sampler.name, spec.process, **config.sampler.get("options", {}))
   # every process runs sampling (the parameters may be spread over all of them) and gets all images
-  sample_fn = jax.jit(lambda p, tok, m, key, ts, w: steps.sample_images(
-      p, tok, m, null_tokens, null_mask, key, ts, w, model=model, spec=spec, solver=solver, image_shape=shape),
-      in_shardings=(params_sharding,) + (replicated,) * 5, out_shardings=replicated)
+  sample_fn = make_sample_fn(c, solver, in_shardings=((params_sharding, replicated),) + (replicated,) * 5,
+                             out_shardings=replicated)
 
   def next_batch():
     local = next(data_iter)
-    arrays = {"image": local["image"], "tokens": local["tokens"][:, 0], "mask": local["tokens"][:, 1]}
+    arrays = {k: v for k, v in local.items() if k != "tokens"} | {"tokens": local["tokens"][:, 0],
+                                                                   "mask": local["tokens"][:, 1]}
     return jax.tree.map(lambda a: jax.make_array_from_process_local_data(batch_sharding, a), arrays)
 
   # -- loop ----------------------------------------------------------------------------------
@@ -291,7 +332,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   step = first_step
   try:
     for step in range(first_step + 1, num_steps + 1):
-      state, metrics, diag = train_step(state, next_batch())
+      state, metrics, diag = train_step(state, next_batch(), frozen)
       if not np.isfinite(float(diag["loss"])):  # caught before anything is saved
         raise FloatingPointError(
             f"non-finite loss {float(diag['loss'])} at step {step}: batch image mean {float(diag['image_mean']):.4g}, "
@@ -314,17 +355,20 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
 
   # -- samples -----------------------------------------------------------------------------
   if stop["signal"] is None and config.get("prompts") and step >= num_steps:
-    images_uint8 = generate(sample_fn, state.ema_params, list(config.prompts), config.sampler, solver, spec, tokenize,
-                            config.eval.samples_per_prompt, c.sample_key)
+    images_uint8 = generate(sample_fn, (state.ema_params, frozen), list(config.prompts), config.sampler, solver,
+                            spec, tokenize, config.eval.samples_per_prompt, c.sample_key)
     if is_main:
-      grid = images.grid(images_uint8, rows=len(config.prompts))
-      images.save_png(grid, os.path.join(workdir, "samples.png"), scale=max(1, 256 // grid.shape[1]))
+      grid = images.save_labeled_grid(images_uint8, config.prompts, os.path.join(workdir, "samples.png"))
       writer.write_images(step, {"samples": grid[None]})
     if config.eval.get("digits_per_prompt", 0):
-      scores = evaluate_digits(sample_fn, state.ema_params, config, solver, spec, tokenize, data_dir, workdir,
-                               judge=is_main)
+      scores = evaluate_digits(sample_fn, (state.ema_params, frozen), config, solver, spec, tokenize, data_dir,
+                               workdir, judge=is_main)
       if is_main:
         writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
+    if config.eval.get("shapes_prompts", 0) and is_main:  # (single-process only: sampling runs on process 0)
+      scores = evaluate_shapes(sample_fn, (state.ema_params, frozen), config, solver, spec, tokenize, data_dir,
+                               workdir)
+      writer.write_scalars(step, {f"eval/{split}_{k}": v for split, r in scores.items() for k, v in r.items()})
   writer.flush()
   return state
 
@@ -361,6 +405,38 @@ def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir,
   return scores
 
 
+def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir, workdir) -> dict:
+  """Per-attribute accuracy of samples for shapes captions, judged by ``diffjax.data.shapes.check``.
+
+  For each split in ``config.eval.shapes_splits`` ("held_out": colour/shape pairs never
+  trained on; "validation": the training pairs), the first ``config.eval.shapes_prompts``
+  distinct captions of the split get ``config.eval.shapes_samples_per_prompt`` samples
+  each. Writes eval.json ({split: {"colour", "shape", "count", "position", "all"} ->
+  accuracy, "num_samples", "prompts"}) and ``shapes_<split>.png`` (a row per caption).
+  """
+  from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
+
+  n, results = config.eval.shapes_samples_per_prompt, {}
+  for i, split in enumerate(config.eval.shapes_splits):
+    source = pipeline.load_source(config.data.name, split, data_dir)
+    examples = {}
+    for j in range(len(source)):
+      e = source[j]
+      examples.setdefault(e["caption"].decode(), e)
+      if len(examples) == config.eval.shapes_prompts:
+        break
+    prompts = list(examples)
+    key = jax.random.fold_in(jax.random.key(config.seed), 2 + i)
+    samples = generate(sample_fn, params, prompts, config.sampler, solver, spec, tokenize, n, key)
+    wanted = {a: np.repeat([int(examples[p][a]) for p in prompts], n) for a in ATTRIBUTES}
+    results[split] = {**attribute_accuracy(samples, wanted), "num_samples": len(samples), "prompts": prompts}
+    images.save_labeled_grid(samples, prompts, os.path.join(workdir, f"shapes_{split}.png"), min_width=256)
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  logging.info("shapes evaluation: %s", {s: {k: v for k, v in r.items() if k != "prompts"} for s, r in results.items()})
+  return {s: {k: v for k, v in r.items() if k in ATTRIBUTES + ("all",)} for s, r in results.items()}
+
+
 def generate(sample_fn, params, prompts, sampler_config, solver, spec, tokenize, per_prompt: int, key) -> np.ndarray:
   """uint8 (len(prompts) * per_prompt, H, W, C) samples, prompt-major."""
   rows = [tokenize(p) for p in prompts for _ in range(per_prompt)]
@@ -375,7 +451,7 @@ def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, o
   """Samples ``num_per_prompt`` images per prompt with the latest checkpoint's EMA weights.
 
   Writes ``output_dir/samples.npz`` (``images`` uint8 (N, H, W, C), ``prompts`` (N,),
-  prompt-major) and ``output_dir/grid.png`` (one row per prompt). Sampler, NFE and
+  prompt-major) and ``output_dir/grid.png`` (one row per prompt, labelled). Sampler, NFE and
   guidance come from ``config.sampler``.
   """
   validate(config)
@@ -388,14 +464,11 @@ def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, o
   state, _, step = restored
   logging.info("sampling with the EMA weights of step %d", step)
   solver = make_solver(config.sampler.name, c.spec.process, **config.sampler.get("options", {}))
-  sample_fn = jax.jit(lambda p, tok, m, key, ts, w: steps.sample_images(
-      p, tok, m, c.null_tokens, c.null_mask, key, ts, w, model=c.model, spec=c.spec, solver=solver,
-      image_shape=c.image_shape))
-  imgs = generate(sample_fn, state.ema_params, list(prompts), config.sampler, solver, c.spec, c.tokenize,
+  sample_fn = make_sample_fn(c, solver)
+  imgs = generate(sample_fn, (state.ema_params, c.frozen), list(prompts), config.sampler, solver, c.spec, c.tokenize,
                   num_per_prompt, jax.random.key(seed))
   os.makedirs(output_dir, exist_ok=True)
   np.savez(os.path.join(output_dir, "samples.npz"), images=imgs,
            prompts=np.asarray([p for p in prompts for _ in range(num_per_prompt)]))
-  grid = images.grid(imgs, rows=len(prompts))
-  images.save_png(grid, os.path.join(output_dir, "grid.png"), scale=max(1, 256 // grid.shape[1]))
+  images.save_labeled_grid(imgs, prompts, os.path.join(output_dir, "grid.png"))
   return imgs
