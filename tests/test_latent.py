@@ -65,6 +65,7 @@ def test_vae_trains_checkpoints_and_exports_scaling_factor(vae_run, data_dir):
   assert scores["l1"] == pytest.approx(error(params), rel=1e-4)  # eval.json measured the same 32 images
 
 
+@pytest.mark.slow  # minutes of compilation on 2 CPU cores: python -m pytest -m slow tests/test_latent.py
 def test_vae_discriminator_starts_at_disc_start_and_trains(data_dir):
   config = shapes_vae.get_config("tiny")
   config.vae.disc_weight, config.vae.disc_start = 0.5, 2
@@ -83,6 +84,7 @@ def test_vae_discriminator_starts_at_disc_start_and_trains(data_dir):
   assert not same(snapshots[2], snapshots[3], "disc")
 
 
+@pytest.mark.slow  # minutes of compilation on 2 CPU cores: python -m pytest -m slow tests/test_latent.py
 def test_ldm_trains_samples_and_evaluates_held_out_captions(vae_run, data_dir, tmp_path):
   config = _ldm_config(vae_run[1], data_dir)
   config.data.cache_latents = True
@@ -148,6 +150,7 @@ def _tiny_bert_folder(folder):
     f.write("\n".join(vocab) + "\n")
 
 
+@pytest.mark.slow  # minutes of compilation on 2 CPU cores: python -m pytest -m slow tests/test_latent.py
 def test_frozen_text_encoder_and_vae_stay_frozen(vae_run, data_dir, tmp_path):
   folder = str(tmp_path / "bert")
   _tiny_bert_folder(folder)
