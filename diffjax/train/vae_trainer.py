@@ -44,7 +44,7 @@ from diffjax import images
 from diffjax.convert import save_pretrained
 from diffjax.data import pipeline
 from diffjax.models import vae as vae_lib
-from diffjax.train import steps, trainer
+from diffjax.train import sharding, steps, trainer
 from diffjax.train.checkpoint import Checkpointer
 from diffjax.train.latent import VAE_FOLDER
 
@@ -165,7 +165,7 @@ def train_vae(config, workdir: str) -> steps.TrainState:
   # -- state ---------------------------------------------------------------------------------
   state_sharding = jax.tree.map(lambda _: replicated, c.abstract_state)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
-  restored = checkpointer.restore_latest(trainer._with_shardings(c.abstract_state, state_sharding))
+  restored = checkpointer.restore_latest(sharding.with_shardings(c.abstract_state, state_sharding))
   if restored is None:
     state = jax.jit(c.init_state, out_shardings=state_sharding)()
   else:
