@@ -23,7 +23,7 @@ def get_config(arg: str = ""):
   c.optim = dict(learning_rate=2e-3, warmup_steps=100, final_lr_fraction=0.05, grad_clip=1.0, b1=0.9, b2=0.99,
                  weight_decay=0.0, grad_accum_steps=1)
   c.train = dict(num_steps=2000, cond_dropout=0.1, ema_decay=0.995, compute_dtype="float32", log_every=50,
-                 checkpoint_every=500, keep_checkpoints=3)
+                 checkpoint_every=500, keep_checkpoints=3, profile_steps=0)  # > 0: profile as many steps
   c.sampler = dict(name="dpmpp_2m", options={}, grid="log_snr", nfe=20, guidance_scale=2.0)
   # Device mesh (data x fsdp = all devices; data=-1: what fsdp leaves) and the rules mapping the parameters'
   # logical axes (diffjax.models.layers) to mesh axes, tried in order; fsdp > 1 shards params and optimizer state.
@@ -42,6 +42,7 @@ def get_config(arg: str = ""):
     c.optim.warmup_steps = 2
     c.train.log_every = 2
     c.train.checkpoint_every = 3
+    c.train.profile_steps = 2
     c.sampler.nfe = 3
     c.eval.samples_per_prompt = 1
     c.eval.digits_per_prompt = 1  # same batch as the grid: one sampler compilation

@@ -18,7 +18,7 @@ def test_tiny_run_trains_checkpoints_and_samples(tmp_path):
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
   grid = np.asarray(Image.open(tmp_path / "samples.png"))
   assert grid.shape[0] >= 10 * 8 and grid.shape[2] == 3  # ten labelled prompt rows (RGB for the labels)
-  assert os.listdir(tmp_path / "tensorboard")
+  assert os.listdir(tmp_path / "tensorboard" / "plugins" / "profile")  # clu Profile action (train.profile_steps)
   scores = json.loads((tmp_path / "eval.json").read_text())
   assert scores["num_samples"] == 10 and 0.0 <= scores["prompt_accuracy"] <= 1.0
   assert scores["classifier_test_accuracy"] > 0.95 and scores["frechet_distance"] > 0

@@ -28,7 +28,7 @@ TRAIN_FIELDS: dict[str, dict[str, type | tuple] | type | tuple] = {
     "optim": dict(learning_rate=_NUMBER, warmup_steps=int, final_lr_fraction=_NUMBER, grad_clip=_NUMBER,
                   b1=_NUMBER, b2=_NUMBER, weight_decay=_NUMBER, grad_accum_steps=int),
     "train": dict(num_steps=int, cond_dropout=_NUMBER, ema_decay=_NUMBER, compute_dtype=str, log_every=int,
-                  checkpoint_every=int, keep_checkpoints=int),
+                  checkpoint_every=int, keep_checkpoints=int, profile_steps=int),
     "sampler": dict(name=str, options=Mapping, grid=str, nfe=int, guidance_scale=_NUMBER),
     "mesh": dict(data=int, fsdp=int, rules=_SEQUENCE),
     "eval": dict(samples_per_prompt=int, digits_per_prompt=int, shapes_prompts=int, shapes_samples_per_prompt=int,
@@ -43,7 +43,7 @@ TRAIN_FIELDS: dict[str, dict[str, type | tuple] | type | tuple] = {
 OPTIONAL = frozenset({"distributed", "prompts", "mesh.rules", "eval.digits_per_prompt", "sampler.options",
                       "diffusion.process_options", "diffusion.weighting_options", "diffusion.time_sampler_options",
                       "data.cache_latents", "vae", "text", "eval.shapes_prompts", "eval.shapes_samples_per_prompt",
-                      "eval.shapes_splits"})
+                      "eval.shapes_splits", "train.profile_steps"})
 
 
 class ConfigError(ValueError):

@@ -328,6 +328,10 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.train.log_every)]
+  if is_main and config.train.get("profile_steps", 0):  # a TensorBoard profile of that many steps, once warm
+    hooks.append(periodic_actions.Profile(logdir=os.path.join(workdir, "tensorboard"),
+                                          num_profile_steps=config.train.profile_steps,
+                                          first_profile=first_step + min(10, max(1, (num_steps - first_step) // 2))))
   train_metrics = None
   step = first_step
   try:
