@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import k_diffusion_loader
 from diffjax.analytic import GaussianMixture
 from diffjax.processes import make_process
 from diffjax.samplers import SOLVERS, grids, make_solver, sample
@@ -251,21 +250,8 @@ def test_unipc_multistep(setup, variant, order, karras):
 
 
 # ------------------------------------------------------------------------------------
-# k-diffusion (sampling.py loaded without the package __init__, which imports missing deps)
+# k-diffusion (the ``ksampling`` fixture of conftest.py)
 # ------------------------------------------------------------------------------------
-def _load_k_sampling():
-  pytest.importorskip("torch")
-  module = k_diffusion_loader.load_k_diffusion_sampling()
-  if module is None:
-    pytest.skip("k-diffusion is not installed")
-  return module
-
-
-@pytest.fixture(scope="module")
-def ksampling():
-  return _load_k_sampling()
-
-
 def _karras_sigmas(setup, ksampling, n):
   p = setup.process
   s_min, s_max = float(p.edm_sigma(p.t_min)), float(p.edm_sigma(p.t_max))

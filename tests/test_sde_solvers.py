@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import k_diffusion_loader
 from diffjax.analytic import GaussianMixture
 from diffjax.processes import make_process
 from diffjax.samplers import ode
@@ -302,23 +301,14 @@ def test_sample_driver_matches_step_loop():
 # ----------------------------------------------------------------------------------
 # Pinned against k-diffusion (same sigmas, same noise): sample_dpmpp_2m_sde / 3m_sde.
 # ----------------------------------------------------------------------------------
-def _k_sampling():
-  pytest.importorskip("torch")
-  module = k_diffusion_loader.load_k_diffusion_sampling()
-  if module is None:
-    pytest.skip("k-diffusion is not installed")
-  return module
-
-
 @pytest.mark.parametrize("name,options,num_points", [
     ("dpmpp_2m_sde", {"solver_type": "midpoint"}, 12),
     ("dpmpp_2m_sde", {"solver_type": "heun", "eta": 0.5}, 12),
     ("dpmpp_3m_sde", {}, 3),  # the first two steps; from step 3 on k-diffusion's d2 weight is half ours
 ])
-def test_k_diffusion_parity(x64, name, options, num_points):
+def test_k_diffusion_parity(x64, ksampling, name, options, num_points):
   import torch
 
-  ksampling = _k_sampling()
   process = make_process("edm")  # alpha = 1, t = sigma: k-diffusion's coordinates
   sigmas = (20.0 ** (1 / 7) + np.linspace(0, 1, num_points) * (0.02 ** (1 / 7) - 20.0 ** (1 / 7))) ** 7
   ts = sigmas  # EDM: t = sigma
