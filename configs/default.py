@@ -22,7 +22,7 @@ def get_config(arg: str = ""):
                      time_sampler="uniform", time_sampler_options={}, time_scale=1000.0)
   c.optim = dict(learning_rate=2e-3, warmup_steps=100, final_lr_fraction=0.05, grad_clip=1.0, b1=0.9, b2=0.99,
                  weight_decay=0.0, grad_accum_steps=1)
-  c.train = dict(num_steps=2000, cond_dropout=0.1, ema_decay=0.995, compute_dtype="float32", log_every=50,
+  c.train = dict(num_steps=1500, cond_dropout=0.1, ema_decay=0.995, compute_dtype="float32", log_every=50,
                  checkpoint_every=500, keep_checkpoints=3, profile_steps=0)  # > 0: profile as many steps
   c.sampler = dict(name="dpmpp_2m", options={}, grid="log_snr", nfe=20, guidance_scale=2.0)
   # Device mesh (data x fsdp = all devices; data=-1: what fsdp leaves) and the rules mapping the parameters'

@@ -52,3 +52,18 @@ def test_no_checkpoint_and_no_nan_checkpoint(tmp_path):
     ckpt.save(1, bad)
   ckpt.close()
   assert Checkpointer(str(tmp_path)).all_steps() == []
+
+
+def test_data_state_is_per_process_and_optional(tmp_path, caplog):
+  """Each process saves its own iterator state (grain's handler); a checkpoint without this process's
+  state (written by another number of processes) still restores the model state."""
+  ckpt = Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(1, _state(1), {"next_index": 7})
+  data_dir = tmp_path / "1" / "data"
+  assert (data_dir / "process_0-of-1.json").exists()
+  os.rename(data_dir / "process_0-of-1.json", data_dir / "process_0-of-2.json")
+  state, data, step = ckpt.restore_latest(_state(0))
+  assert step == 1 and data is None
+  np.testing.assert_array_equal(state["params"]["w"], _state(1)["params"]["w"])
+  assert any("input pipeline position of step 1 could not be restored" in r.getMessage() for r in caplog.records)
+  ckpt.close()

@@ -16,10 +16,13 @@ The two training tests compile the U-Net's init and train step once per mesh (ab
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -172,28 +175,71 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _launch_two_processes(workdir, data_dir, logs, extra=()):
+  """Both processes of a 2-process (2 CPU devices each) run of the test config; stderr to ``logs[i]``."""
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  flags = [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in OVERRIDES.items()
+           if k != "prompts"]
+  return [subprocess.Popen(
+      ["timeout", "1500", sys.executable, "-m", "diffjax.main", "--config=configs/default.py:tiny",
+       f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--config.mesh.fsdp=2", *flags, *extra,
+       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+       f"--config.distributed.coordinator_address=127.0.0.1:{port}"],
+      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=open(logs[i], "w"), text=True) for i in range(2)]
+
+
+def _finish(procs, logs) -> list[str]:
+  """Waits for the processes; asserts they succeeded; their stderr."""
+  for p in procs:
+    p.wait(timeout=1600)
+  errs = [open(log).read() for log in logs]
+  for p, err in zip(procs, errs, strict=True):
+    assert p.returncode == 0, err[-4000:]
+  return errs
+
+
 @pytest.mark.slow
 def test_two_processes_train_like_one(reference, tmp_path):
   data_dir, ref_workdir, ref_losses, ref_state = reference
   workdir = str(tmp_path / "two_processes")
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  logs = [str(tmp_path / f"process{i}.log") for i in range(2)]
   # with the tiny config's ten prompts: both processes sample (one image and one judged digit per prompt),
   # process 0 writes samples.png and eval.json
-  flags = [f"--config.{k}={v!r}" if isinstance(v, tuple) else f"--config.{k}={v}" for k, v in OVERRIDES.items()
-           if k != "prompts"]
-  procs = [subprocess.Popen(
-      ["timeout", "1500", sys.executable, "-m", "diffjax.main", "--config=configs/default.py:tiny",
-       f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--config.mesh.fsdp=2", *flags,
-       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-       f"--config.distributed.coordinator_address=127.0.0.1:{port}"],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=1600) for p in procs]
-  for p, (_, err) in zip(procs, outs, strict=True):
-    assert p.returncode == 0, err[-4000:]
-  assert "process 1 of 2, 2 local of 4 devices" in outs[1][1]
+  errs = _finish(_launch_two_processes(workdir, data_dir, logs), logs)
+  assert "process 1 of 2, 2 local of 4 devices" in errs[1]
   np.testing.assert_allclose(_losses(workdir), ref_losses, rtol=1e-5)
   _assert_close(ref_state.params, _final_state(workdir, _config(data_dir)).params, rtol=1e-4, atol=PARAM_ATOL)
   assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 1  # process 0's events only
   assert os.path.exists(os.path.join(workdir, "samples.png")) and os.path.exists(os.path.join(workdir, "eval.json"))
-  assert "digit evaluation:" in outs[0][1] and "digit evaluation:" not in outs[1][1]
+  assert "digit evaluation:" in errs[0] and "digit evaluation:" not in errs[1]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_and_the_run_resumes(reference, tmp_path):
+  """A SIGTERM to process 1 alone (a preempted host): both save the same step and exit cleanly
+  (JAX's preemption sync service); rerunning both resumes from it (each process its own
+  input position) and ends like the 1-device run."""
+  data_dir, _, ref_losses, ref_state = reference
+  workdir = str(tmp_path / "preempted")
+  logs = [str(tmp_path / f"process{i}.log") for i in range(2)]
+  procs = _launch_two_processes(workdir, data_dir, logs, extra=["--config.prompts=()"])
+  deadline = time.time() + 900
+  while "process 1 of 2" not in open(logs[1]).read():  # SIGTERM once the preemption service is up
+    assert time.time() < deadline and procs[1].poll() is None, open(logs[1]).read()[-4000:]
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)
+  errs = _finish(procs, logs)
+  stopped = [re.search(r"SIGTERM: saved the checkpoint of step (\d+)", err) for err in errs]
+  assert all(stopped), errs[0][-3000:] + errs[1][-3000:]
+  step = int(stopped[0].group(1))
+  assert step == int(stopped[1].group(1)) and step < STEPS
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert saved == [step]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints", str(step), "data"))) == [
+      "process_0-of-2.json", "process_1-of-2.json"]
+
+  errs = _finish(_launch_two_processes(workdir, data_dir, logs, extra=["--config.prompts=()"]), logs)
+  assert all(f"resumed from the checkpoint of step {step}" in err for err in errs)
+  np.testing.assert_allclose(_losses(workdir), ref_losses, rtol=1e-5)
+  _assert_close(ref_state.params, _final_state(workdir, _config(data_dir)).params, rtol=1e-4, atol=PARAM_ATOL)

@@ -2,7 +2,9 @@
 
 One checkpoint per saved step holds two items: ``state`` (any pytree of arrays:
 params, EMA params, optimizer state, step, RNG key data) and ``data`` (the grain
-iterator state, JSON). Saves are asynchronous, at most ``max_to_keep`` are kept.
+iterator state of every process, one JSON file each, written by grain's orbax handler:
+``data/process_<i>-of-<n>.json``). Saves are asynchronous, at most ``max_to_keep`` are
+kept. Every process of a multi-host job calls ``save`` and ``restore_latest`` together.
 
 Restoring walks the steps from newest to oldest: a checkpoint that fails to load
 (corrupt or half-written) is skipped with a warning, so a crash during a save never
@@ -11,9 +13,11 @@ loses the run. ``save`` refuses a state with a non-finite floating-point value.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
+import grain.checkpoint
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -31,6 +35,22 @@ def _all_finite(tree) -> bool:
   return not leaves or bool(_finite(leaves))
 
 
+class _DataState:
+  """One process's iterator state (a JSON dict) in the form grain's orbax handler saves and restores."""
+
+  def __init__(self, state: dict | None = None):
+    self.state = state
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.state).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.state = json.loads(state)
+
+  def start_prefetch(self) -> None:  # called by the handler after a restore; nothing to prefetch
+    pass
+
+
 class Checkpointer:
   """Saves and restores (state, data_state) under ``directory`` (see module docstring)."""
 
@@ -46,7 +66,7 @@ class Checkpointer:
       raise FloatingPointError(f"refusing to checkpoint step {step}: the state has a NaN or Inf")
     args = {"state": ocp.args.StandardSave(state)}
     if data_state is not None:
-      args["data"] = ocp.args.JsonSave(data_state)
+      args["data"] = grain.checkpoint.CheckpointSave(_DataState(data_state))
     self._manager.save(step, args=ocp.args.Composite(**args), force=True)
     if wait:
       self._manager.wait_until_finished()
@@ -66,18 +86,29 @@ class Checkpointer:
         jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state))
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        args = {"state": ocp.args.StandardRestore(abstract_state)}
-        has_data = os.path.isdir(os.path.join(self._directory, str(step), "data"))
-        if has_data:
-          args["data"] = ocp.args.JsonRestore()
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         if restored.state is None:
           raise ValueError("empty state")
-        return restored.state, (restored.data if has_data else None), step
       except Exception as e:  # noqa: BLE001 - any failure to read means: try an older one
         logging.warning("checkpoint at step %d could not be restored (%s: %s); trying an older one", step,
                         type(e).__name__, str(e)[:200])
+        continue
+      return restored.state, self._restore_data(step), step
     return None
+
+  def _restore_data(self, step: int) -> dict | None:
+    """This process's iterator state at ``step``; None (with a warning) if it has none, e.g. when the
+    checkpoint was written by another number of processes: the model state still resumes."""
+    if not os.path.isdir(os.path.join(self._directory, str(step), "data")):
+      return None
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(_DataState())))
+      return restored.data.state
+    except Exception as e:  # noqa: BLE001
+      logging.warning("the input pipeline position of step %d could not be restored (%s: %s); the data "
+                      "iterator starts afresh", step, type(e).__name__, str(e)[:200])
+      return None
 
   def all_steps(self):
     return sorted(self._manager.all_steps())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -30,7 +29,7 @@ from diffjax.models.text_to_image import TextToImage
 from diffjax.models.tokenizers import ByteTokenizer
 from diffjax.models.unet import UNetConfig
 from diffjax.samplers import grids, make_solver, points_for_budget
-from diffjax.train import latent, sharding, steps
+from diffjax.train import latent, loop, sharding, steps
 from diffjax.train.checkpoint import Checkpointer
 from diffjax.train.schema import ConfigError, check_fields
 
@@ -188,6 +187,16 @@ def validate_topology(config, num_devices: int, num_processes: int) -> None:
     _invalid(config, "data.batch_size", f"a multiple of the data-parallel size data x fsdp = {num_devices}")
 
 
+def load_train_source(config, data_dir: str):
+  """The training split's random-access source; process 0 builds an embedded dataset first, the others wait."""
+  if jax.process_index() != 0:
+    multihost_utils.sync_global_devices("dataset prepared")
+  source = pipeline.load_source(config.data.name, config.data.train_split, data_dir)
+  if jax.process_index() == 0 and jax.process_count() > 1:
+    multihost_utils.sync_global_devices("dataset prepared")
+  return source
+
+
 class Components(NamedTuple):
   """What training and sampling build from a config."""
 
@@ -264,11 +273,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   # -- data ----------------------------------------------------------------------------
   c = build_components(config)
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
-  if not is_main:  # process 0 builds an embedded dataset first; the others then read it
-    multihost_utils.sync_global_devices("dataset prepared")
-  source = pipeline.load_source(config.data.name, config.data.train_split, data_dir)
-  if is_main and jax.process_count() > 1:
-    multihost_utils.sync_global_devices("dataset prepared")
+  source = load_train_source(config, data_dir)
   options = pipeline.ImageTextOptions(batch_size=config.data.batch_size // jax.process_count(),
                                       image_size=config.data.image_size, max_shift=config.data.max_shift)
   if c.latent is not None and config.data.cache_latents:
@@ -323,42 +328,28 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
 
   # -- loop ----------------------------------------------------------------------------------
   num_steps = config.train.num_steps
-  first_step = int(state.step)
-  stop = {"signal": None}
-  previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   hooks = [periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
                                            every_steps=config.train.log_every)]
   if is_main and config.train.get("profile_steps", 0):  # a TensorBoard profile of that many steps, once warm
+    first_step = int(state.step)
     hooks.append(periodic_actions.Profile(logdir=os.path.join(workdir, "tensorboard"),
                                           num_profile_steps=config.train.profile_steps,
                                           first_profile=first_step + min(10, max(1, (num_steps - first_step) // 2))))
-  train_metrics = None
-  step = first_step
-  try:
-    for step in range(first_step + 1, num_steps + 1):
-      state, metrics, diag = train_step(state, next_batch(), frozen)
-      if not np.isfinite(float(diag["loss"])):  # caught before anything is saved
-        raise FloatingPointError(
-            f"non-finite loss {float(diag['loss'])} at step {step}: batch image mean {float(diag['image_mean']):.4g}, "
-            f"std {float(diag['image_std']):.4g}, gradient norm {float(diag['grad_norm']):.4g}; "
-            f"per-example losses {np.asarray(diag['per_example_loss'])}")
-      train_metrics = metrics if train_metrics is None else train_metrics.merge(metrics)
-      for hook in hooks:
-        hook(step)
-      if step % config.train.log_every == 0 or step == num_steps:
-        writer.write_scalars(step, {f"train/{k}": v for k, v in train_metrics.compute().items()})
-        train_metrics = None
-      if step % config.train.checkpoint_every == 0 or step == num_steps or stop["signal"] is not None:
-        checkpointer.save(step, state, data_iter.get_state())
-      if stop["signal"] is not None:
-        logging.warning("SIGTERM: saved the checkpoint of step %d, stopping", step)
-        break
-  finally:
-    checkpointer.close()
-    signal.signal(signal.SIGTERM, previous_handler)
+
+  def check(step, diag):  # caught before anything is saved
+    if not np.isfinite(float(diag["loss"])):
+      raise FloatingPointError(
+          f"non-finite loss {float(diag['loss'])} at step {step}: batch image mean {float(diag['image_mean']):.4g}, "
+          f"std {float(diag['image_std']):.4g}, gradient norm {float(diag['grad_norm']):.4g}; "
+          f"per-example losses {np.asarray(diag['per_example_loss'])}")
+
+  state, step, preempted = loop.train_loop(
+      state, train_step=lambda s, b: train_step(s, b, frozen), next_batch=next_batch, num_steps=num_steps,
+      checkpointer=checkpointer, data_iter=data_iter, writer=writer, log_every=config.train.log_every,
+      checkpoint_every=config.train.checkpoint_every, check=check, hooks=hooks)
 
   # -- samples -----------------------------------------------------------------------------
-  if stop["signal"] is None and config.get("prompts") and step >= num_steps:
+  if not preempted and config.get("prompts") and step >= num_steps:
     images_uint8 = generate(sample_fn, (state.ema_params, frozen), list(config.prompts), config.sampler, solver,
                             spec, tokenize, config.eval.samples_per_prompt, c.sample_key)
     if is_main:
@@ -369,10 +360,11 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
                                workdir, judge=is_main)
       if is_main:
         writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
-    if config.eval.get("shapes_prompts", 0) and is_main:  # (single-process only: sampling runs on process 0)
+    if config.eval.get("shapes_prompts", 0):
       scores = evaluate_shapes(sample_fn, (state.ema_params, frozen), config, solver, spec, tokenize, data_dir,
-                               workdir)
-      writer.write_scalars(step, {f"eval/{split}_{k}": v for split, r in scores.items() for k, v in r.items()})
+                               workdir, judge=is_main)
+      if is_main:
+        writer.write_scalars(step, {f"eval/{split}_{k}": v for split, r in scores.items() for k, v in r.items()})
   writer.flush()
   return state
 
@@ -409,7 +401,7 @@ def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir,
   return scores
 
 
-def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir, workdir) -> dict:
+def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir, workdir, judge: bool = True) -> dict:
   """Per-attribute accuracy of samples for shapes captions, judged by ``diffjax.data.shapes.check``.
 
   For each split in ``config.eval.shapes_splits`` ("held_out": colour/shape pairs never
@@ -417,6 +409,8 @@ def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir,
   distinct captions of the split get ``config.eval.shapes_samples_per_prompt`` samples
   each. Writes eval.json ({split: {"colour", "shape", "count", "position", "all"} ->
   accuracy, "num_samples", "prompts"}) and ``shapes_<split>.png`` (a row per caption).
+  With several processes all of them sample; only the one with ``judge`` (process 0)
+  scores and writes, the others return {}.
   """
   from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
 
@@ -432,9 +426,13 @@ def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir,
     prompts = list(examples)
     key = jax.random.fold_in(jax.random.key(config.seed), 2 + i)
     samples = generate(sample_fn, params, prompts, config.sampler, solver, spec, tokenize, n, key)
+    if not judge:
+      continue
     wanted = {a: np.repeat([int(examples[p][a]) for p in prompts], n) for a in ATTRIBUTES}
     results[split] = {**attribute_accuracy(samples, wanted), "num_samples": len(samples), "prompts": prompts}
     images.save_labeled_grid(samples, prompts, os.path.join(workdir, f"shapes_{split}.png"), min_width=256)
+  if not judge:
+    return {}
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(results, f, indent=2)
   logging.info("shapes evaluation: %s", {s: {k: v for k, v in r.items() if k != "prompts"} for s, r in results.items()})

@@ -26,7 +26,6 @@ which the second stage (``configs/shapes_ldm.py``, ``config.vae.workdir``) loads
 import dataclasses
 import json
 import os
-import signal
 from typing import NamedTuple
 
 import flax
@@ -44,7 +43,7 @@ from diffjax import images
 from diffjax.convert import save_pretrained
 from diffjax.data import pipeline
 from diffjax.models import vae as vae_lib
-from diffjax.train import sharding, steps, trainer
+from diffjax.train import loop, sharding, steps, trainer
 from diffjax.train.checkpoint import Checkpointer
 from diffjax.train.latent import VAE_FOLDER
 
@@ -143,9 +142,7 @@ def build_components(config) -> VAEComponents:
 def train_vae(config, workdir: str) -> steps.TrainState:
   """Trains the VAE per ``config``, resuming from ``workdir``; evaluates and exports it (module docstring)."""
   # -- distributed setup and mesh -----------------------------------------------------------
-  if config.get("distributed") and config.distributed.num_processes > 1:
-    d = config.distributed
-    jax.distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+  trainer.initialize_distributed(config)
   mesh = trainer.make_mesh(config)
   replicated = NamedSharding(mesh, PartitionSpec())
   batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
@@ -157,7 +154,7 @@ def train_vae(config, workdir: str) -> steps.TrainState:
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
   options = pipeline.ImageTextOptions(batch_size=config.data.batch_size // jax.process_count(),
                                       image_size=config.data.image_size, max_shift=config.data.max_shift)
-  source = pipeline.load_source(config.data.name, config.data.train_split, data_dir)
+  source = trainer.load_train_source(config, data_dir)
   data_iter = iter(pipeline.image_text_dataset(source, options, trainer.tokenize_fn(config.data.max_caption_length),
                                                seed=config.seed, shard_index=jax.process_index(),
                                                shard_count=jax.process_count()))
@@ -173,42 +170,29 @@ def train_vae(config, workdir: str) -> steps.TrainState:
     if data_state is not None:
       data_iter.set_state(data_state)
     logging.info("resumed the VAE from the checkpoint of step %d", int(state.step))
-  if is_main:
-    parameter_overview.log_parameter_overview(state.params)
+  if is_main:  # (replicated: every process holds all of it)
+    parameter_overview.log_parameter_overview(jax.device_get(state.params))
   train_step = jax.jit(lambda s, b: vae_train_step(s, b, vae=c.vae, disc=c.disc, tx=c.tx, loss=c.loss),
                        in_shardings=(state_sharding, batch_sharding), out_shardings=(state_sharding, None, None),
                        donate_argnums=0)
 
   # -- loop ------------------------------------------------------------------------------------
+  def check(step, loss):
+    if not np.isfinite(float(loss)):
+      raise FloatingPointError(f"non-finite VAE loss {float(loss)} at step {step}: lower config.optim.learning_rate")
+
   num_steps = config.train.num_steps
-  stop = {"signal": None}
-  previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-  progress = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
-                                             every_steps=config.train.log_every)
-  metrics, step = None, int(state.step)
-  try:
-    for step in range(int(state.step) + 1, num_steps + 1):
-      batch = jax.make_array_from_process_local_data(batch_sharding, next(data_iter)["image"])
-      state, step_metrics, loss = train_step(state, {"image": batch})
-      if not np.isfinite(float(loss)):
-        raise FloatingPointError(f"non-finite VAE loss {float(loss)} at step {step}: lower config.optim.learning_rate")
-      metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
-      progress(step)
-      if step % config.train.log_every == 0 or step == num_steps:
-        writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.compute().items()})
-        metrics = None
-      if step % config.train.checkpoint_every == 0 or step == num_steps or stop["signal"] is not None:
-        checkpointer.save(step, state, data_iter.get_state())
-      if stop["signal"] is not None:
-        logging.warning("SIGTERM: saved the checkpoint of step %d, stopping", step)
-        break
-  finally:
-    checkpointer.close()
-    signal.signal(signal.SIGTERM, previous_handler)
+  state, step, preempted = loop.train_loop(
+      state, train_step=train_step,
+      next_batch=lambda: {"image": jax.make_array_from_process_local_data(batch_sharding, next(data_iter)["image"])},
+      num_steps=num_steps, checkpointer=checkpointer, data_iter=data_iter, writer=writer,
+      log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every, check=check,
+      hooks=[periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer,
+                                             every_steps=config.train.log_every)])
 
   # -- evaluation and export -----------------------------------------------------------------------
-  if stop["signal"] is None and step >= num_steps and is_main:
-    scores = evaluate_and_export(c.vae, state.ema_params["vae"], config, data_dir, workdir, source)
+  if not preempted and step >= num_steps and is_main:  # on process 0, with a host copy of the replicated weights
+    scores = evaluate_and_export(c.vae, jax.device_get(state.ema_params["vae"]), config, data_dir, workdir, source)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items() if np.isscalar(v)})
   writer.flush()
   return state
