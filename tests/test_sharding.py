@@ -236,8 +236,8 @@ def test_sigterm_to_one_process_stops_both_and_the_run_resumes(reference, tmp_pa
   assert step == int(stopped[1].group(1)) and step < STEPS
   saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert saved == [step]
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints", str(step), "data"))) == [
-      "process_0-of-2.json", "process_1-of-2.json"]
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(
+      os.listdir(os.path.join(workdir, "checkpoints", str(step), "data")))
 
   errs = _finish(_launch_two_processes(workdir, data_dir, logs, extra=["--config.prompts=()"]), logs)
   assert all(f"resumed from the checkpoint of step {step}" in err for err in errs)
