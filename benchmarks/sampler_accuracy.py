@@ -137,6 +137,26 @@ class Problem:
       self._jit_cache[key] = Driver(make_solver(solver_name, self.process, **options), self.denoise)
     return self._jit_cache[key]
 
+  def fast_denoiser(self):
+    """jit((x, t) -> E[x0 | x_t = x]) in float32 with ``fast_posterior_mean``: ``denoise``'s function
+    in matrix-product form (O(n (K + d)) memory instead of O(n K d)); used by the calibration,
+    whose batches are large. Checked against ``denoise`` on a test batch."""
+    w, m, v = (jnp.asarray(a / (a.sum() if i == 0 else 1.0), jnp.float32) for i, a in enumerate(self.arrays))
+    pm, p = fast_posterior_mean(w, m, v), self.process
+
+    def denoise(x, t):
+      a = p.alpha(t)
+      return pm(x.reshape(x.shape[0], -1) / a, p.sigma(t) / a).reshape(x.shape).astype(x.dtype)
+
+    denoise = jax.jit(denoise)
+    x = jax.random.normal(jax.random.key(2), (256, self.dim), jnp.float32) * 3.0
+    for t in (self.process.t_min, 0.5 * (self.process.t_min + self.process.t_max), self.process.t_max):
+      t = jnp.float32(t)
+      err = float(jnp.max(jnp.abs(denoise(x * self.process.alpha(t), t) - self.denoise(x * self.process.alpha(t), t))))
+      if err > 1e-3:
+        raise AssertionError(f"fast float32 denoiser differs from the mixture's by {err} at t = {float(t)}")
+    return denoise
+
   # -- reference -------------------------------------------------------------------
   def _segment_fn(self):
     """jit((x, s_a, s_b) -> (x at s_b, nfe)): the float64 exact-ODE map between two sigma-space noise levels."""
@@ -335,33 +355,51 @@ def default_diffjax_configs(extended=False):
 
 # -- calibrated (fitted multistep on a searched grid) ---------------------------------
 CALIBRATION_FILE = DATA_DIR / "calibrated_samplers.json"
-CALIB_LATTICE = 96
+CALIB_LATTICE = 48
 CALIB_HISTORY = 4
+CALIB_KARRAS_RHO = (3.0, 5.0, 7.0, 10.0)
 
 
 def _sha256(path) -> str:
   return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
-def calibration_batch_sizes(dim: int) -> tuple[int, int]:
-  """(fitting, validation) batch sizes: 2^19 / d in [2048, 8192] (the stored lattice of states stays
-  < 300 MB) and 2^21 / d in [8192, 16384] (a few hard samples dominate the error: scores need many)."""
-  return int(np.clip(2**19 // dim, 2048, 8192)), int(np.clip(2**21 // dim, 8192, 16384))
+def calibration_batch_sizes(dim: int, lattice: int = CALIB_LATTICE) -> tuple[int, int]:
+  """(fitting, validation) batch sizes: the stored lattice of fitting states (float32) stays
+  <= 512 MiB, at most 8192 samples; validation 2^23 / d in [16384, 32768] (a few samples that
+  end in another mixture component than the reference dominate the error: scores need many)."""
+  fit = int(np.clip(2**27 // (lattice * dim), 1024, 8192))
+  return fit, int(np.clip(2**23 // dim, 16384, 32768))
+
+
+def calibration_starts(process, lattice, k: int) -> list:
+  """Initial grids of the search, as lattice indices: Karras with each of CALIB_KARRAS_RHO,
+  uniform log-SNR and uniform t, snapped to the lattice (duplicates dropped)."""
+  from diffjax.samplers import optimized_grids as og
+
+  gens = [functools.partial(grids.karras, rho=rho) for rho in CALIB_KARRAS_RHO]
+  gens += [grids.log_snr_uniform, grids.uniform_t]
+  starts = []
+  for g in gens:
+    idx = og.snap_to_lattice(lattice, g(process, k))
+    if idx not in starts:
+      starts.append(idx)
+  return starts
 
 
 def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine_steps: int = 0,
-              log=print) -> dict:
+              log=print, lattice_size: int = CALIB_LATTICE) -> dict:
   """Fits ``optimized_grids`` samplers to ``problem``'s model for every budget k (k grid points).
 
   Protocol: a fitting batch (seed calib_seed) and a larger validation batch (calib_seed + 1)
-  of pure noise at t_max, never the evaluation seed; the fitting batch's float64
-  reference trajectory is stored at CALIB_LATTICE noise levels uniform in log sigma;
-  for each k, ``search_grid`` (history CALIB_HISTORY) starts from the Karras, log-SNR and
-  uniform-t grids snapped to the lattice and scores candidates on the validation batch
-  (budgets above 10: shorter moves, 3 sweeps). Budgets above ``max_nfe`` are not fitted.
-  Then ``refine_steps`` Adam steps of ``optimized_grids.refine`` on the fitting batch's
-  final error (coefficients and grid jointly; the iterate best on the validation batch
-  is kept).
+  of pure noise at t_max, never the evaluation seed (sizes: ``calibration_batch_sizes``);
+  the fitting batch's float64 reference trajectory is stored (float32) at ``lattice_size``
+  noise levels uniform in log sigma; for each k, ``search_grid`` (history CALIB_HISTORY,
+  moves of 1, 2 and 4 lattice points) starts from the best of ``calibration_starts`` and
+  scores candidates on the validation batch (budgets above 10: 3 sweeps). Budgets above
+  ``max_nfe`` are not fitted. Then ``refine_steps`` Adam steps of ``optimized_grids.refine``
+  on the fitting batch's final error (coefficients and grid jointly; the iterate best on
+  the validation batch is kept). The model is evaluated with ``Problem.fast_denoiser``.
   Returns the JSON-able record, costs included.
   """
   from diffjax.samplers import optimized_grids as og
@@ -369,8 +407,8 @@ def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine
   p = problem.process
   t0 = time.time()
   ref_time0, ref_nfe0 = problem.ref_time, problem.ref_nfe
-  batch, val_batch = calibration_batch_sizes(problem.dim)
-  lattice = np.asarray(og.log_sigma_lattice(p, CALIB_LATTICE), np.float32)
+  batch, val_batch = calibration_batch_sizes(problem.dim, lattice_size)
+  lattice = np.asarray(og.log_sigma_lattice(p, lattice_size), np.float32)
   sig = np.asarray(p.edm_sigma(jnp.asarray(lattice)), np.float64)
   alpha0 = float(p.alpha(lattice[0]))
   x_fit = jax.random.normal(jax.random.key(calib_seed), (batch, problem.dim), jnp.float32)
@@ -380,19 +418,17 @@ def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine
   ref_cost = dict(seconds=problem.ref_time - ref_time0, evaluations=problem.ref_nfe - ref_nfe0)
   log(f"  calibration references: {ref_cost['seconds']:.0f}s, {ref_cost['evaluations']} float64 evaluations "
       f"on batches of {batch} and {val_batch}")
-  denoise = jax.jit(problem.denoise)
+  denoise = problem.fast_denoiser()
   record = dict(sha256=_sha256(problem.path), process=problem.process_name, calib_seed=calib_seed, batch=batch,
                 val_batch=val_batch,
-                lattice=CALIB_LATTICE, history=CALIB_HISTORY, reference_cost=ref_cost, samplers={},
+                lattice=lattice_size, history=CALIB_HISTORY, reference_cost=ref_cost, samplers={},
                 device=jax.devices()[0].device_kind)
   for k in nfes:
-    if k < 2 or k > min(CALIB_LATTICE, max_nfe):
+    if k < 2 or k > min(lattice_size, max_nfe):
       continue
-    inits = [og.snap_to_lattice(lattice, g(p, k)) for g in (grids.karras, grids.log_snr_uniform, grids.uniform_t)]
-    small = k <= 10
     res = og.search_grid(p, denoise, x_fit, lattice, states, target, k, history=min(CALIB_HISTORY, k),
-                         validation=(x_val, target_val), init=inits, moves=(1, 2, 4, 8) if small else (1, 2, 4),
-                         max_sweeps=6 if small else 3)
+                         validation=(x_val, target_val), init=calibration_starts(p, lattice, k), moves=(1, 2, 4),
+                         max_sweeps=6 if k <= 10 else 3)
     fitted, searched_rmse, t_refine = res.sampler, res.sampler.calib_rmse, time.time()
     if refine_steps:
       fitted, _ = og.refine(p, fitted, denoise, x_fit, target, steps=refine_steps, validation=(x_val, target_val))

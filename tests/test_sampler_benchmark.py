@@ -53,3 +53,22 @@ def test_dumps_nfe_and_rmse(tmp_path):
   for (name, k), (_, _, x_final, _) in dumps.items():
     np.testing.assert_allclose(results[name][k]["rmse"], np.sqrt(np.mean((x_final - exact) ** 2)), rtol=1e-3)
   assert 0 < extra["floor"] < min(r["rmse"] for per_k in results.values() for r in per_k.values())
+
+
+def test_calibration_helpers():
+  """The calibration's fast denoiser is the mixture's denoiser; its starts are valid lattice grids."""
+  from diffjax.samplers import optimized_grids as og
+
+  problem = sa.Problem(pathlib.Path(sa.__file__).parent / "data" / "gmm64.npz", "sd", 8, 0, 1e-8)
+  fast, sd = problem.fast_denoiser(), problem.process
+  x = jax.random.normal(jax.random.key(3), (32, problem.dim))
+  for t in (0.0, 100.0, 999.0):
+    xt = x * jnp.sqrt(1.0 + sd.edm_sigma(t) ** 2) * sd.alpha(t)
+    np.testing.assert_allclose(fast(xt, jnp.float32(t)), problem.denoise(xt, jnp.float32(t)), atol=2e-5)
+  fit, val = sa.calibration_batch_sizes(256, 48)
+  assert 48 * fit * 256 * 4 <= 2**29 and fit >= 1024 and val >= fit
+  lattice = np.asarray(og.log_sigma_lattice(sd, 48))
+  for k in (5, 8):
+    starts = sa.calibration_starts(sd, lattice, k)
+    assert len(starts) >= 3 and len({tuple(s) for s in starts}) == len(starts)
+    assert all(len(s) == k and s[0] == 0 and all(np.diff(s) > 0) and s[-1] < 48 for s in starts)
