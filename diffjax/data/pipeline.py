@@ -23,6 +23,11 @@ EMBEDDED = {
 }
 
 
+def caption_text(caption) -> str:
+  """A caption as stored by TFDS (UTF-8 bytes) or already text, as ``str``."""
+  return caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
+
+
 def load_source(name: str, split: str, data_dir: str | None = None):
   """A random-access data source of TFDS dataset ``name``, split ``split`` (slices such as "train[:512]" too).
 
@@ -68,9 +73,8 @@ def _prepare(example, options: ImageTextOptions, tokenize: Callable[[str], np.nd
     pil = Image.fromarray(image[..., 0] if channels == 1 else image)
     image = np.asarray(pil.resize((options.image_size,) * 2, Image.BILINEAR)).reshape(
         options.image_size, options.image_size, channels)
-  caption = example[options.caption_key]
-  caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
-  out = {"image": image.astype(np.float32) / 127.5 - 1.0, "tokens": np.asarray(tokenize(caption), np.int32)}
+  out = {"image": image.astype(np.float32) / 127.5 - 1.0,
+         "tokens": np.asarray(tokenize(caption_text(example[options.caption_key])), np.int32)}
   for key in options.extra_keys:
     out[key] = np.asarray(example[key], np.int32)
   return out
@@ -128,10 +132,9 @@ def latent_text_dataset(source, batch_size: int, tokenize: Callable[[str], np.nd
   """
 
   def prepare(ex):
-    caption = ex["caption"]
-    caption = caption.decode("utf-8") if isinstance(caption, bytes) else str(caption)
     return {"latent_mean": np.asarray(ex["latent_mean"], np.float32), "latent_std": np.asarray(ex["latent_std"],
-            np.float32), "tokens": np.asarray(tokenize(caption), np.int32), "index": np.int32(ex["index"])}
+            np.float32), "tokens": np.asarray(tokenize(caption_text(ex["caption"])), np.int32),
+            "index": np.int32(ex["index"])}
 
   return _batched(source, prepare, None, batch_size, seed=seed, shard_index=shard_index, shard_count=shard_count,
                   num_epochs=num_epochs, shuffle=shuffle, prefetch_threads=prefetch_threads)

@@ -194,7 +194,7 @@ def encode_split(vae: AutoencoderKL, params, source, path: str, vae_path: str, b
     m, s = encode(jnp.asarray(images))
     means.append(np.asarray(m))
     stds.append(np.asarray(s))
-    captions += [e["caption"].decode() if isinstance(e["caption"], bytes) else str(e["caption"]) for e in examples]
+    captions += [pipeline.caption_text(e["caption"]) for e in examples]
   cache = LatentCache(np.concatenate(means), np.concatenate(stds), np.asarray(captions))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}.npz"

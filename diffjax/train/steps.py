@@ -79,6 +79,11 @@ def _sigma_bins(process: Process, t):
   return jnp.clip((frac * NUM_SIGMA_BINS).astype(jnp.int32), 0, NUM_SIGMA_BINS - 1)
 
 
+def with_frozen(params: dict, frozen) -> dict:
+  """The model's full parameters: the trained ones and ``frozen["model"]`` (e.g. a frozen text encoder's)."""
+  return params if frozen is None else {**params, **frozen.get("model", {})}
+
+
 def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask: jax.Array, *, model, tx,
                spec: DiffusionSpec, frozen=None, encode=None):
   """One optimizer step on a batch {"image" (B,H,W,C), "tokens" (B,L), "mask" (B,L)}.
@@ -96,7 +101,6 @@ def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   k_t, k_eps, k_drop, k_dropout = jax.random.split(key, 4)
   x0 = batch["image"] if encode is None else encode(frozen, batch, jax.random.fold_in(key, 1))
-  fixed = {} if frozen is None else frozen.get("model", {})
   b = x0.shape[0]
   t = losses.TIME_SAMPLERS[spec.time_sampler](k_t, (b,), spec.process, **dict(spec.time_sampler_options))
   eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
@@ -106,8 +110,8 @@ def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask
 
   def loss_fn(params):
     def predict(x_t, tt):
-      return model.apply({"params": {**params, **fixed}}, x_t, spec.time_scale * tt, tokens, mask, deterministic=False,
-                         rngs={"dropout": k_dropout})
+      return model.apply({"params": with_frozen(params, frozen)}, x_t, spec.time_scale * tt, tokens, mask,
+                         deterministic=False, rngs={"dropout": k_dropout})
 
     per_example = losses.denoising_loss(predict, x0, eps, t, spec.process, target=spec.target,
                                         weighting=spec.weighting, **dict(spec.weighting_options))

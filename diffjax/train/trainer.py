@@ -249,9 +249,8 @@ def make_sample_fn(c: Components, solver, **jit_options):
 
   def sample_fn(params, tok, m, key, ts, w):
     trained, frozen = params
-    full = trained if frozen is None else {**trained, **frozen["model"]}
-    x = steps.sample_images(full, tok, m, c.null_tokens, c.null_mask, key, ts, w, model=c.model, spec=c.spec,
-                            solver=solver, image_shape=c.image_shape)
+    x = steps.sample_images(steps.with_frozen(trained, frozen), tok, m, c.null_tokens, c.null_mask, key, ts, w,
+                            model=c.model, spec=c.spec, solver=solver, image_shape=c.image_shape)
     return x if c.latent is None else c.latent.decode(frozen, x)
 
   return jax.jit(sample_fn, **jit_options)
@@ -420,7 +419,7 @@ def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir,
     examples = {}
     for j in range(len(source)):
       e = source[j]
-      examples.setdefault(e["caption"].decode(), e)
+      examples.setdefault(pipeline.caption_text(e["caption"]), e)
       if len(examples) == config.eval.shapes_prompts:
         break
     prompts = list(examples)
