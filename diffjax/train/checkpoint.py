@@ -20,19 +20,31 @@ from typing import Any
 import grain.checkpoint
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-
-
-@jax.jit
-def _finite(leaves):
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+from jax.experimental import multihost_utils
 
 
 def _all_finite(tree) -> bool:
-  """One compiled check for the whole tree (not one per shape and sharding)."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
-  return not leaves or bool(_finite(leaves))
+  """Whether every floating-point element of ``tree`` is finite, agreed by all processes.
+
+  Checked with numpy on this process's shards (one copy each; orbax copies them to the
+  host for writing anyway) rather than by a jitted reduction: compiling one reduction
+  per leaf takes XLA:CPU over 2 minutes for a 1,884-array training state.
+  """
+  shards = []
+  for x in jax.tree.leaves(tree):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      continue
+    if isinstance(x, jax.Array):
+      shards += [s.data for s in x.addressable_shards if s.replica_id == 0]
+    else:
+      shards.append(x)
+  finite = all(bool(np.isfinite(a).all()) for a in jax.device_get(shards))
+  if jax.process_count() > 1:  # one process's NaN stops all of them, and none hangs in the save
+    finite = bool(np.all(multihost_utils.process_allgather(np.asarray(finite))))
+  return finite
 
 
 class _DataState:

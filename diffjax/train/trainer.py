@@ -332,7 +332,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   if is_main and config.train.get("profile_steps", 0):  # a TensorBoard profile of that many steps, once warm
     first_step = int(state.step)
     hooks.append(periodic_actions.Profile(logdir=os.path.join(workdir, "tensorboard"),
-                                          num_profile_steps=config.train.profile_steps,
+                                          num_profile_steps=config.train.profile_steps, profile_duration_ms=None,
                                           first_profile=first_step + min(10, max(1, (num_steps - first_step) // 2))))
 
   def check(step, diag):  # caught before anything is saved
