@@ -20,11 +20,14 @@ from diffjax.train import trainer, vae_trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (checkpoints, logs, images).")
-_MODE = flags.DEFINE_enum("mode", "run", ["run", "sample"], "run: the config's job (train, train_vae, sampler_demo); "
-                          "sample: sample from the latest checkpoint in --workdir.")
+_MODE = flags.DEFINE_enum("mode", "run", ["run", "sample", "evaluate"],
+                          "run: the config's job (train, train_vae, sampler_demo); sample: sample from the latest "
+                          "checkpoint in --workdir; evaluate: the config's evaluation of that checkpoint (sampler and "
+                          "evaluation overrides apply) into --output.")
 _PROMPTS = flags.DEFINE_multi_string("prompts", [], "--mode=sample: prompts (repeat the flag).")
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_samples_per_prompt", 4, "--mode=sample: images per prompt.")
-_OUTPUT = flags.DEFINE_string("output", None, "--mode=sample: output directory (default WORKDIR/samples).")
+_OUTPUT = flags.DEFINE_string("output", None, "--mode=sample/evaluate: output directory (default WORKDIR/samples, "
+                              "WORKDIR/evaluation).")
 _SEED = flags.DEFINE_integer("sample_seed", 0, "--mode=sample: seed of the initial noise.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -87,9 +90,12 @@ def main(argv):
   if config.job not in JOBS:
     raise app.UsageError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
   os.makedirs(_WORKDIR.value, exist_ok=True)
+  if _MODE.value != "run" and config.job != "train":
+    raise app.UsageError(f"--mode={_MODE.value} needs a diffusion config (job 'train'), not job {config.job!r}")
+  if _MODE.value == "evaluate":
+    trainer.evaluate_checkpoint(config, _WORKDIR.value, _OUTPUT.value or os.path.join(_WORKDIR.value, "evaluation"))
+    return
   if _MODE.value == "sample":
-    if config.job != "train":
-      raise app.UsageError(f"--mode=sample needs a diffusion config (job 'train'), not job {config.job!r}")
     prompts = list(_PROMPTS.value) or list(config.get("prompts", ()))
     trainer.sample_from_checkpoint(config, _WORKDIR.value, prompts, _NUM_PER_PROMPT.value,
                                    _OUTPUT.value or os.path.join(_WORKDIR.value, "samples"), _SEED.value)

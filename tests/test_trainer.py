@@ -23,6 +23,15 @@ def test_tiny_run_trains_checkpoints_and_samples(tmp_path):
   assert scores["num_samples"] == 10 and 0.0 <= scores["prompt_accuracy"] <= 1.0
   assert scores["classifier_test_accuracy"] > 0.95 and scores["frechet_distance"] > 0
 
+  # --mode=evaluate: the same config re-evaluates the checkpoint exactly; a sampler override changes the samples
+  again = trainer.evaluate_checkpoint(config, str(tmp_path), str(tmp_path / "again"))
+  assert again == scores == json.loads((tmp_path / "again" / "eval.json").read_text())
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "again" / "samples.png")), grid)
+  config.sampler.name = "euler"
+  trainer.evaluate_checkpoint(config, str(tmp_path), str(tmp_path / "euler"))
+  assert json.loads((tmp_path / "euler" / "eval.json").read_text())["num_samples"] == 10
+  assert not np.array_equal(np.asarray(Image.open(tmp_path / "euler" / "samples.png")), grid)
+
 
 @pytest.mark.parametrize("field, value, message", [
     ("sampler.name", "nope", "sampler.name"),

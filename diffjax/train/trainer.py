@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from diffjax import images, processes
 from diffjax.data import pipeline
+from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
 from diffjax.models.text import CLIPTextConfig
 from diffjax.models.text_to_image import TextToImage
 from diffjax.models.tokenizers import ByteTokenizer
@@ -285,7 +286,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   data_iter = iter(dataset)
 
   # -- model, optimizer, state -----------------------------------------------------------
-  model, spec, tx, tokenize = c.model, c.spec, c.tx, c.tokenize
+  model, spec, tx = c.model, c.spec, c.tx
   null_tokens, null_mask = c.null_tokens, c.null_mask
   # params, EMA and optimizer state sharded by the logical-axis rules (replicated when fsdp = 1)
   params_sharding = sharding.param_shardings(c.boxed_params, mesh, config.mesh.get("rules", DEFAULT_RULES))
@@ -347,25 +348,51 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
       checkpointer=checkpointer, data_iter=data_iter, writer=writer, log_every=config.train.log_every,
       checkpoint_every=config.train.checkpoint_every, check=check, hooks=hooks)
 
-  # -- samples -----------------------------------------------------------------------------
-  if not preempted and config.get("prompts") and step >= num_steps:
-    images_uint8 = generate(sample_fn, (state.ema_params, frozen), list(config.prompts), config.sampler, solver,
-                            spec, tokenize, config.eval.samples_per_prompt, c.sample_key)
+  # -- evaluation ------------------------------------------------------------------------
+  if not preempted and step >= num_steps:
+    scores = evaluate(config, c, sample_fn, (state.ema_params, frozen), solver, data_dir, workdir, workdir,
+                      judge=is_main)
     if is_main:
-      grid = images.save_labeled_grid(images_uint8, config.prompts, os.path.join(workdir, "samples.png"))
-      writer.write_images(step, {"samples": grid[None]})
-    if config.eval.get("digits_per_prompt", 0):
-      scores = evaluate_digits(sample_fn, (state.ema_params, frozen), config, solver, spec, tokenize, data_dir,
-                               workdir, judge=is_main)
-      if is_main:
-        writer.write_scalars(step, {f"eval/{k}": v for k, v in scores.items()})
-    if config.eval.get("shapes_prompts", 0):
-      scores = evaluate_shapes(sample_fn, (state.ema_params, frozen), config, solver, spec, tokenize, data_dir,
-                               workdir, judge=is_main)
-      if is_main:
-        writer.write_scalars(step, {f"eval/{split}_{k}": v for split, r in scores.items() for k, v in r.items()})
+      writer.write_scalars(step, scores["scalars"])
+      if "grid" in scores:
+        writer.write_images(step, {"samples": scores["grid"][None]})
   writer.flush()
   return state
+
+
+def evaluate(config, c: Components, sample_fn, params, solver, data_dir: str, workdir: str, output_dir: str,
+             judge: bool = True) -> dict:
+  """Every evaluation the config asks for, with ``params`` = (EMA params, frozen params).
+
+  Writes to ``output_dir``: ``samples.png`` (a row per ``config.prompts``), the shapes
+  grids, and ``eval.json`` (the digit scores and the per-split shapes scores in one dict).
+  Returns {"scores": what eval.json holds, "scalars": {name: float} for the metric writer,
+  "grid": uint8 (H, W, 3) if prompts were sampled}; {} on processes without ``judge``
+  (they only sample).
+  """
+  os.makedirs(output_dir, exist_ok=True)
+  out = {"scores": {}, "scalars": {}}
+  scores = out["scores"]
+  if config.get("prompts"):
+    images_uint8 = generate(sample_fn, params, list(config.prompts), config.sampler, solver, c.spec, c.tokenize,
+                            config.eval.samples_per_prompt, c.sample_key)
+    if judge:
+      out["grid"] = images.save_labeled_grid(images_uint8, config.prompts, os.path.join(output_dir, "samples.png"))
+  if config.get("prompts") and config.eval.get("digits_per_prompt", 0):  # prompts[d] names digit d
+    digits = evaluate_digits(sample_fn, params, config, solver, c.spec, c.tokenize, data_dir, workdir, judge=judge)
+    scores.update(digits)
+    out["scalars"] |= {f"eval/{k}": v for k, v in digits.items()}
+  if config.eval.get("shapes_prompts", 0):
+    shapes = evaluate_shapes(sample_fn, params, config, solver, c.spec, c.tokenize, data_dir, output_dir, judge=judge)
+    scores.update(shapes)
+    out["scalars"] |= {f"eval/{split}_{k}": v for split, r in shapes.items() for k, v in r.items()
+                       if k in ATTRIBUTES + ("all",)}
+  if not judge:
+    return {}
+  if scores:
+    with open(os.path.join(output_dir, "eval.json"), "w") as f:
+      json.dump(scores, f, indent=2)
+  return out
 
 
 def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir, workdir, judge: bool = True) -> dict:
@@ -373,7 +400,7 @@ def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir,
 
   ``config.prompts[d]`` must name digit d. A classifier trained on real digits (cached
   in workdir) judges ``config.eval.digits_per_prompt`` samples per prompt; the Frechet
-  distance compares them with the same number of real test digits. Writes eval.json.
+  distance compares them with the same number of real test digits.
   With several processes all of them sample; only the one with ``judge`` (process 0)
   scores and writes, the others return {}.
   """
@@ -394,25 +421,22 @@ def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir,
   scores = {"prompt_accuracy": digit_eval.prompt_accuracy(classifier, generated, labels),
             "frechet_distance": digit_eval.digit_frechet_distance(classifier, generated[:count], real[:count]),
             "classifier_test_accuracy": clf_accuracy, "num_samples": int(len(generated))}
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(scores, f, indent=2)
   logging.info("digit evaluation: %s", scores)
   return scores
 
 
-def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir, workdir, judge: bool = True) -> dict:
+def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir, output_dir,
+                    judge: bool = True) -> dict:
   """Per-attribute accuracy of samples for shapes captions, judged by ``diffjax.data.shapes.check``.
 
   For each split in ``config.eval.shapes_splits`` ("held_out": colour/shape pairs never
   trained on; "validation": the training pairs), the first ``config.eval.shapes_prompts``
   distinct captions of the split get ``config.eval.shapes_samples_per_prompt`` samples
-  each. Writes eval.json ({split: {"colour", "shape", "count", "position", "all"} ->
-  accuracy, "num_samples", "prompts"}) and ``shapes_<split>.png`` (a row per caption).
+  each. Returns {split: {"colour", "shape", "count", "position", "all"} -> accuracy,
+  "num_samples", "prompts"} and writes ``output_dir/shapes_<split>.png`` (a row per caption).
   With several processes all of them sample; only the one with ``judge`` (process 0)
   scores and writes, the others return {}.
   """
-  from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
-
   n, results = config.eval.shapes_samples_per_prompt, {}
   for i, split in enumerate(config.eval.shapes_splits):
     source = pipeline.load_source(config.data.name, split, data_dir)
@@ -429,13 +453,9 @@ def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir,
       continue
     wanted = {a: np.repeat([int(examples[p][a]) for p in prompts], n) for a in ATTRIBUTES}
     results[split] = {**attribute_accuracy(samples, wanted), "num_samples": len(samples), "prompts": prompts}
-    images.save_labeled_grid(samples, prompts, os.path.join(workdir, f"shapes_{split}.png"), min_width=256)
-  if not judge:
-    return {}
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(results, f, indent=2)
+    images.save_labeled_grid(samples, prompts, os.path.join(output_dir, f"shapes_{split}.png"), min_width=256)
   logging.info("shapes evaluation: %s", {s: {k: v for k, v in r.items() if k != "prompts"} for s, r in results.items()})
-  return {s: {k: v for k, v in r.items() if k in ATTRIBUTES + ("all",)} for s, r in results.items()}
+  return results
 
 
 def generate(sample_fn, params, prompts, sampler_config, solver, spec, tokenize, per_prompt: int, key) -> np.ndarray:
@@ -448,6 +468,18 @@ def generate(sample_fn, params, prompts, sampler_config, solver, spec, tokenize,
   return images.to_uint8(np.asarray(x))
 
 
+def _latest_ema(config, workdir: str):
+  """(components, (EMA params, frozen params), step) of the newest checkpoint under ``workdir``."""
+  validate(config)
+  c = build_components(config)
+  restored = Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(c.abstract_state)
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: train first")
+  state, _, step = restored
+  logging.info("sampling with the EMA weights of step %d", step)
+  return c, (state.ema_params, c.frozen), step
+
+
 def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, output_dir: str, seed: int = 0):
   """Samples ``num_per_prompt`` images per prompt with the latest checkpoint's EMA weights.
 
@@ -455,21 +487,29 @@ def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, o
   prompt-major) and ``output_dir/grid.png`` (one row per prompt, labelled). Sampler, NFE and
   guidance come from ``config.sampler``.
   """
-  validate(config)
   if not prompts:
     raise ValueError("give at least one prompt")
-  c = build_components(config)
-  restored = Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(c.abstract_state)
-  if restored is None:
-    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: train first")
-  state, _, step = restored
-  logging.info("sampling with the EMA weights of step %d", step)
+  c, params, _ = _latest_ema(config, workdir)
   solver = make_solver(config.sampler.name, c.spec.process, **config.sampler.get("options", {}))
-  sample_fn = make_sample_fn(c, solver)
-  imgs = generate(sample_fn, (state.ema_params, c.frozen), list(prompts), config.sampler, solver, c.spec, c.tokenize,
+  imgs = generate(make_sample_fn(c, solver), params, list(prompts), config.sampler, solver, c.spec, c.tokenize,
                   num_per_prompt, jax.random.key(seed))
   os.makedirs(output_dir, exist_ok=True)
   np.savez(os.path.join(output_dir, "samples.npz"), images=imgs,
            prompts=np.asarray([p for p in prompts for _ in range(num_per_prompt)]))
   images.save_labeled_grid(imgs, prompts, os.path.join(output_dir, "grid.png"))
   return imgs
+
+
+def evaluate_checkpoint(config, workdir: str, output_dir: str) -> dict:
+  """Runs the config's evaluation on the latest checkpoint's EMA weights, writing to ``output_dir``.
+
+  For ablations of a trained model: sampler, NFE, guidance and the evaluation sizes come
+  from the config (overrides), so one training run serves any number of evaluations.
+  Returns the scores written to ``output_dir/eval.json``.
+  """
+  c, params, step = _latest_ema(config, workdir)
+  solver = make_solver(config.sampler.name, c.spec.process, **config.sampler.get("options", {}))
+  data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+  scores = evaluate(config, c, make_sample_fn(c, solver), params, solver, data_dir, workdir, output_dir)["scores"]
+  logging.info("evaluation of step %d written to %s", step, output_dir)
+  return scores

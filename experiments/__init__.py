@@ -1,0 +1,1 @@
+"""Experiment launchers: sweeps over config overrides (see README.md)."""
