@@ -25,20 +25,20 @@ def get_config(arg: str = ""):
   c.seed = 0
 
   c.data = dict(name="shapes_captions", data_dir="", train_split="train", batch_size=64, image_size=32, channels=3,
-                max_shift=0, max_caption_length=48, cache_latents=False)
+                max_shift=0, max_caption_length=48, cache_latents=True)
   c.vae = dict(workdir="")
   c.text = dict(mode="joint", path="")
-  c.model = dict(channels=(64, 128), layers_per_block=2, attention_levels=(True, True), num_heads=4, text_width=128,
+  c.model = dict(channels=(64, 128), layers_per_block=1, attention_levels=(False, True), num_heads=4, text_width=128,
                  text_layers=2, text_heads=4, norm_groups=16, dropout=0.0, mid_block_attention=True, remat=False)
   c.diffusion = dict(process="vp_cosine", process_options={}, target="v", weighting="uniform", weighting_options={},
                      time_sampler="uniform", time_sampler_options={}, time_scale=1000.0)
-  c.optim = dict(learning_rate=1e-3, warmup_steps=500, final_lr_fraction=0.05, grad_clip=1.0, b1=0.9, b2=0.99,
+  c.optim = dict(learning_rate=1e-3, warmup_steps=300, final_lr_fraction=0.05, grad_clip=1.0, b1=0.9, b2=0.99,
                  weight_decay=0.0, grad_accum_steps=1)
-  c.train = dict(num_steps=20000, cond_dropout=0.1, ema_decay=0.999, compute_dtype="float32", log_every=100,
+  c.train = dict(num_steps=6000, cond_dropout=0.1, ema_decay=0.999, compute_dtype="float32", log_every=100,
                  checkpoint_every=1000, keep_checkpoints=3)
   c.sampler = dict(name="dpmpp_2m", options={}, grid="log_snr", nfe=25, guidance_scale=3.0)
   c.mesh = dict(data=-1, fsdp=1)
-  c.eval = dict(samples_per_prompt=8, digits_per_prompt=0, shapes_prompts=24, shapes_samples_per_prompt=4,
+  c.eval = dict(samples_per_prompt=8, digits_per_prompt=0, shapes_prompts=36, shapes_samples_per_prompt=8,
                 shapes_splits=("held_out", "validation"))
   c.prompts = (caption("red", "circle", 1, "left"), caption("green", "triangle", 2, "top"),
                caption("blue", "triangle", 1, "right"), caption("yellow", "circle", 3, "bottom"),
@@ -47,6 +47,7 @@ def get_config(arg: str = ""):
   if arg == "tiny":
     c.data.train_split = "train[:256]"
     c.data.batch_size = 8
+    c.data.cache_latents = False  # tests cover both paths: the step encodes the images here
     c.model.channels = (16, 32)
     c.model.attention_levels = (False, True)
     c.model.layers_per_block = 1

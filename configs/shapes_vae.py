@@ -26,12 +26,12 @@ def get_config(arg: str = ""):
   c.data = dict(name="shapes_captions", data_dir="", train_split="train", eval_split="held_out", batch_size=32,
                 image_size=32, channels=3, max_shift=0, max_caption_length=48)
   # channels: per level from 32x32 down; len(channels) - 1 halvings. disc_*: the PatchGAN (off: disc_weight=0).
-  c.vae = dict(channels=(64, 128, 128), layers_per_block=1, latent_channels=4, norm_groups=16,
+  c.vae = dict(channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_groups=8,
                mid_block_attention=True, reconstruction="l2", kl_weight=1e-6, disc_weight=0.0, disc_start=2000,
                disc_channels=32, disc_layers=2)
-  c.optim = dict(learning_rate=5e-4, warmup_steps=200, final_lr_fraction=0.1, grad_clip=1.0, b1=0.9, b2=0.99,
+  c.optim = dict(learning_rate=1e-3, warmup_steps=100, final_lr_fraction=0.1, grad_clip=1.0, b1=0.9, b2=0.99,
                  weight_decay=0.0, grad_accum_steps=1)
-  c.train = dict(num_steps=6000, ema_decay=0.999, log_every=50, checkpoint_every=500, keep_checkpoints=3)
+  c.train = dict(num_steps=3000, ema_decay=0.999, log_every=100, checkpoint_every=500, keep_checkpoints=3)
   c.mesh = dict(data=-1, fsdp=1)
   # num_images: held-out images for the reconstruction error; scale_images: training images for the scaling factor.
   c.eval = dict(num_images=1000, scale_images=2048, grid_images=16)
