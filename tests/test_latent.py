@@ -52,6 +52,8 @@ def test_vae_trains_checkpoints_and_exports_scaling_factor(vae_run, data_dir):
   scores = json.loads(open(os.path.join(workdir, "eval.json")).read())
   assert scores["latent_shape"] == [8, 8, 4] and scores["num_images"] == config.eval.num_images
   np.testing.assert_allclose(scores["scaling_factor"], 1.0 / scores["latent_std"], rtol=1e-6)
+  per_attribute = [scores[f"recon_{a}_accuracy"] for a in ("colour", "shape", "count", "position")]
+  assert 0.0 <= scores["recon_attribute_accuracy"] <= min(per_attribute) <= 1.0  # all right <= each right
   vae, params = load_pretrained(os.path.join(workdir, "vae"))
   assert vae.config.scaling_factor == pytest.approx(scores["scaling_factor"])
   grid = np.asarray(Image.open(os.path.join(workdir, "reconstructions.png")))

@@ -202,8 +202,9 @@ def evaluate_and_export(vae, params, config, data_dir: str, workdir: str, train_
   """Reconstruction errors on ``config.data.eval_split``, the scaling factor, the PNG grid and the export.
 
   Returns (and writes to eval.json) {"l1", "mse", "psnr_db" (peak-to-peak 2 in [-1, 1]),
-  "recon_attribute_accuracy" (checker on reconstructions vs the captions' attributes, for
-  shapes data), "latent_mean", "latent_std", "scaling_factor", "num_images"}.
+  "recon_attribute_accuracy" (checker on reconstructions vs the captions' attributes, all
+  right; for shapes data, with "recon_<attribute>_accuracy" per attribute), "latent_mean",
+  "latent_std", "scaling_factor", "num_images"}.
   """
   from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
 
@@ -219,8 +220,9 @@ def evaluate_and_export(vae, params, config, data_dir: str, workdir: str, train_
   scores = {"l1": float(np.mean(np.abs(recon - x))), "mse": mse, "psnr_db": float(10 * np.log10(4.0 / mse)),
             "num_images": n}
   if all(a in examples[0] for a in ATTRIBUTES):
-    scores["recon_attribute_accuracy"] = attribute_accuracy(recon, {a: [ex[a] for ex in examples]
-                                                                    for a in ATTRIBUTES})["all"]
+    recon_right = attribute_accuracy(recon, {a: [ex[a] for ex in examples] for a in ATTRIBUTES})
+    scores["recon_attribute_accuracy"] = recon_right.pop("all")
+    scores |= {f"recon_{a}_accuracy": v for a, v in recon_right.items()}
   k = min(e.grid_images, n)
   grid = images.grid(images.to_uint8(np.concatenate([x[:k], recon[:k]])), rows=2)
   images.save_png(grid, os.path.join(workdir, "reconstructions.png"), scale=max(1, 512 // grid.shape[1]))
