@@ -13,6 +13,8 @@ median is the black background. In two 300-step CPU runs (channels (32, 64, 64),
 L1 reconstructed near-black images (held-out PSNR 16.1 dB, checker read 0% of them right)
 while L2 brought the shapes back, blurred (22.6 dB, all attributes right for 37%). The KL
 weight is small (as in LDM); the latent scale is fixed afterwards by the scaling factor.
+Sized for a 2-core CPU (1.9 steps/s): the full run reconstructs held-out images at 30.2 dB
+(README: per-attribute table). On a GPU, wider channels (64, 128, 128) and longer runs fit.
 """
 
 import ml_collections
