@@ -127,13 +127,14 @@ def run_sweep(config: str, root: str, grid: Sequence[str], fixed: Sequence[str] 
   os.makedirs(root, exist_ok=True)
   rows, start = [], time.time()
   for i, point in enumerate(points, 1):
-    out_dir = os.path.join(root, point_name(point))
+    name = point_name(point)
+    out_dir = os.path.join(root, name)
     scores_path = os.path.join(out_dir, "eval.json")
     if os.path.exists(scores_path):
       status = "done before"
     else:
       os.makedirs(out_dir, exist_ok=True)
-      print(f"[{i}/{len(points)}] {point_name(point)} (sweep time {time.time() - start:.0f} s)", flush=True)
+      print(f"[{i}/{len(points)}] {name} (sweep time {time.time() - start:.0f} s)", flush=True)
       code = runner(command(config, point, fixed_overrides, out_dir, trained), os.path.join(out_dir, "log.txt"))
       status = "ok" if code == 0 and os.path.exists(scores_path) else f"failed (exit {code}; see log.txt)"
     scores = flatten(json.loads(open(scores_path).read())) if os.path.exists(scores_path) else {}
@@ -142,8 +143,13 @@ def run_sweep(config: str, root: str, grid: Sequence[str], fixed: Sequence[str] 
   return rows
 
 
+def _columns(rows: list[dict]) -> list[str]:
+  """Every key of the rows, in first-seen order (a failed point lacks the score columns)."""
+  return list(dict.fromkeys(k for row in rows for k in row))
+
+
 def _write_csv(rows: list[dict], path: str) -> None:
-  columns = list(dict.fromkeys(k for row in rows for k in row))
+  columns = _columns(rows)
   with open(path, "w", newline="") as f:
     writer = csv.DictWriter(f, fieldnames=columns)
     writer.writeheader()
@@ -152,7 +158,7 @@ def _write_csv(rows: list[dict], path: str) -> None:
 
 def format_table(rows: list[dict]) -> str:
   """Rows as an aligned text table (numbers with 4 significant digits)."""
-  columns = list(dict.fromkeys(k for row in rows for k in row))
+  columns = _columns(rows)
   cells = [[f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
            for row in rows]
   widths = [max(len(c), *(len(r[j]) for r in cells)) for j, c in enumerate(columns)]

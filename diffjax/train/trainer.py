@@ -47,6 +47,16 @@ def build_spec(config) -> steps.DiffusionSpec:
       time_scale=d.time_scale, cond_dropout=config.train.cond_dropout, ema_decay=config.train.ema_decay)
 
 
+def build_solver(config, spec: steps.DiffusionSpec):
+  """The sampler ``config.sampler`` names, for ``spec``'s noise process."""
+  return make_solver(config.sampler.name, spec.process, **config.sampler.get("options", {}))
+
+
+def dataset_dir(config, workdir: str) -> str:
+  """Where TFDS datasets are read or built: ``config.data.data_dir``, else ``WORKDIR/tfds``."""
+  return config.data.data_dir or os.path.join(workdir, "tfds")
+
+
 def build_model(config, latent=None) -> TextToImage:
   """The text-to-image network; with ``latent`` (``latent.LatentParts``) on its latents and text encoder."""
   m = config.model
@@ -272,7 +282,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
 
   # -- data ----------------------------------------------------------------------------
   c = build_components(config)
-  data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+  data_dir = dataset_dir(config, workdir)
   source = load_train_source(config, data_dir)
   options = pipeline.ImageTextOptions(batch_size=config.data.batch_size // jax.process_count(),
                                       image_size=config.data.image_size, max_shift=config.data.max_shift)
@@ -315,7 +325,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
                                        encode=encode),
       in_shardings=(state_sharding, batch_sharding, replicated), out_shardings=(state_sharding, replicated, replicated),
       donate_argnums=0)
-  solver = make_solver(config.sampler.name, spec.process, **config.sampler.get("options", {}))
+  solver = build_solver(config, spec)
   # every process runs sampling (the parameters may be spread over all of them) and gets all images
   sample_fn = make_sample_fn(c, solver, in_shardings=((params_sharding, replicated),) + (replicated,) * 5,
                              out_shardings=replicated)
@@ -371,8 +381,7 @@ def evaluate(config, c: Components, sample_fn, params, solver, data_dir: str, wo
   (they only sample).
   """
   os.makedirs(output_dir, exist_ok=True)
-  out = {"scores": {}, "scalars": {}}
-  scores = out["scores"]
+  out, scores, scalars = {}, {}, {}
   if config.get("prompts"):
     images_uint8 = generate(sample_fn, params, list(config.prompts), config.sampler, solver, c.spec, c.tokenize,
                             config.eval.samples_per_prompt, c.sample_key)
@@ -380,19 +389,19 @@ def evaluate(config, c: Components, sample_fn, params, solver, data_dir: str, wo
       out["grid"] = images.save_labeled_grid(images_uint8, config.prompts, os.path.join(output_dir, "samples.png"))
   if config.get("prompts") and config.eval.get("digits_per_prompt", 0):  # prompts[d] names digit d
     digits = evaluate_digits(sample_fn, params, config, solver, c.spec, c.tokenize, data_dir, workdir, judge=judge)
-    scores.update(digits)
-    out["scalars"] |= {f"eval/{k}": v for k, v in digits.items()}
+    scores |= digits
+    scalars |= {f"eval/{k}": v for k, v in digits.items()}
   if config.eval.get("shapes_prompts", 0):
     shapes = evaluate_shapes(sample_fn, params, config, solver, c.spec, c.tokenize, data_dir, output_dir, judge=judge)
-    scores.update(shapes)
-    out["scalars"] |= {f"eval/{split}_{k}": v for split, r in shapes.items() for k, v in r.items()
-                       if k in ATTRIBUTES + ("all",)}
+    scores |= shapes
+    scalars |= {f"eval/{split}_{k}": v for split, r in shapes.items() for k, v in r.items()
+                if k in ATTRIBUTES + ("all",)}
   if not judge:
     return {}
   if scores:
     with open(os.path.join(output_dir, "eval.json"), "w") as f:
       json.dump(scores, f, indent=2)
-  return out
+  return out | {"scores": scores, "scalars": scalars}
 
 
 def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir, workdir, judge: bool = True) -> dict:
@@ -490,7 +499,7 @@ def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, o
   if not prompts:
     raise ValueError("give at least one prompt")
   c, params, _ = _latest_ema(config, workdir)
-  solver = make_solver(config.sampler.name, c.spec.process, **config.sampler.get("options", {}))
+  solver = build_solver(config, c.spec)
   imgs = generate(make_sample_fn(c, solver), params, list(prompts), config.sampler, solver, c.spec, c.tokenize,
                   num_per_prompt, jax.random.key(seed))
   os.makedirs(output_dir, exist_ok=True)
@@ -508,8 +517,8 @@ def evaluate_checkpoint(config, workdir: str, output_dir: str) -> dict:
   Returns the scores written to ``output_dir/eval.json``.
   """
   c, params, step = _latest_ema(config, workdir)
-  solver = make_solver(config.sampler.name, c.spec.process, **config.sampler.get("options", {}))
-  data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+  solver = build_solver(config, c.spec)
+  data_dir = dataset_dir(config, workdir)
   scores = evaluate(config, c, make_sample_fn(c, solver), params, solver, data_dir, workdir, output_dir)["scores"]
   logging.info("evaluation of step %d written to %s", step, output_dir)
   return scores

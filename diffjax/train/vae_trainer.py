@@ -42,6 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from diffjax import images
 from diffjax.convert import save_pretrained
 from diffjax.data import pipeline
+from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
 from diffjax.models import vae as vae_lib
 from diffjax.train import loop, sharding, steps, trainer
 from diffjax.train.checkpoint import Checkpointer
@@ -151,7 +152,7 @@ def train_vae(config, workdir: str) -> steps.TrainState:
 
   # -- data ----------------------------------------------------------------------------------
   c = build_components(config)
-  data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+  data_dir = trainer.dataset_dir(config, workdir)
   options = pipeline.ImageTextOptions(batch_size=config.data.batch_size // jax.process_count(),
                                       image_size=config.data.image_size, max_shift=config.data.max_shift)
   source = trainer.load_train_source(config, data_dir)
@@ -206,8 +207,6 @@ def evaluate_and_export(vae, params, config, data_dir: str, workdir: str, train_
   right; for shapes data, with "recon_<attribute>_accuracy" per attribute), "latent_mean",
   "latent_std", "scaling_factor", "num_images"}.
   """
-  from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
-
   e = config.eval
   reconstruct = jax.jit(lambda x: vae.apply({"params": params}, x)[0])
   source = pipeline.load_source(config.data.name, config.data.eval_split, data_dir)
