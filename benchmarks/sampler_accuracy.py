@@ -388,11 +388,12 @@ def calibration_starts(process, lattice, k: int) -> list:
 
 
 def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine_steps: int = 0,
-              log=print, lattice_size: int = CALIB_LATTICE) -> dict:
+              log=print, lattice_size: int = CALIB_LATTICE, val_batch: int | None = None) -> dict:
   """Fits ``optimized_grids`` samplers to ``problem``'s model for every budget k (k grid points).
 
   Protocol: a fitting batch (seed calib_seed) and a larger validation batch (calib_seed + 1)
-  of pure noise at t_max, never the evaluation seed (sizes: ``calibration_batch_sizes``);
+  of pure noise at t_max, never the evaluation seed (sizes: ``calibration_batch_sizes``, or
+  ``val_batch`` validation samples);
   the fitting batch's float64 reference trajectory is stored (float32) at ``lattice_size``
   noise levels uniform in log sigma; for each k, ``search_grid`` (history CALIB_HISTORY,
   moves of 1, 2 and 4 lattice points) starts from the best of ``calibration_starts`` and
@@ -407,7 +408,8 @@ def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine
   p = problem.process
   t0 = time.time()
   ref_time0, ref_nfe0 = problem.ref_time, problem.ref_nfe
-  batch, val_batch = calibration_batch_sizes(problem.dim, lattice_size)
+  batch, default_val = calibration_batch_sizes(problem.dim, lattice_size)
+  val_batch = val_batch or default_val
   lattice = np.asarray(og.log_sigma_lattice(p, lattice_size), np.float32)
   sig = np.asarray(p.edm_sigma(jnp.asarray(lattice)), np.float64)
   alpha0 = float(p.alpha(lattice[0]))
@@ -479,7 +481,7 @@ def calibrated_config(args) -> Config:
       else:
         print(f"  [{problem.name}] calibrating {name} (seed {args.calib_seed}) ...", flush=True)
         rec = calibrate(problem, args.nfes, args.calib_seed, args.calib_max_nfe, args.refine_steps,
-                        log=lambda s: print(s, flush=True))
+                        log=lambda s: print(s, flush=True), val_batch=args.calib_val_batch)
         rec["computed_now"] = True
       problem.calibration = rec
     if problem.calibration is None:
@@ -837,6 +839,8 @@ def parse_args(argv=None):
                        "over the standard solvers shrinks)")
   ap.add_argument("--refine_steps", type=int, default=500,
                   help="Adam steps refining each fitted sampler on its final error (0: the grid search only)")
+  ap.add_argument("--calib_val_batch", type=int, default=None,
+                  help="validation samples of the calibration (default: calibration_batch_sizes)")
   ap.add_argument("--calibration_file", default=str(CALIBRATION_FILE), help="JSON cache of calibrated samplers")
   ap.add_argument("--save_calibration", action="store_true", help="write the fits made now to --calibration_file")
   args = ap.parse_args(argv)

@@ -72,3 +72,18 @@ def test_calibration_helpers():
     starts = sa.calibration_starts(sd, lattice, k)
     assert len(starts) >= 3 and len({tuple(s) for s in starts}) == len(starts)
     assert all(len(s) == k and s[0] == 0 and all(np.diff(s) > 0) and s[-1] < 48 for s in starts)
+
+
+def test_calibration_record_scores_on_the_requested_validation_batch():
+  """``calibrate`` with ``val_batch``: the record says so, and each fit's score is its RMSE on that batch."""
+  from diffjax.samplers import optimized_grids as og
+
+  problem = sa.Problem(GMM, "sd", 8, 0, 1e-6)
+  rec = sa.calibrate(problem, [3], calib_seed=7, refine_steps=0, log=lambda s: None, lattice_size=12, val_batch=512)
+  assert rec["val_batch"] == 512 and list(rec["samplers"]) == ["3"]
+  fitted = og.FittedSampler.from_dict(rec["samplers"]["3"])
+  p = problem.process
+  x_val = jax.random.normal(jax.random.key(8), (512, problem.dim), jnp.float32)  # calib_seed + 1
+  target = problem.reference(np.asarray(x_val) / float(p.alpha(fitted.ts[0])), float(p.edm_sigma(fitted.ts[0])))
+  out = fitted.sample(p, problem.fast_denoiser(), x_val)
+  np.testing.assert_allclose(rec["samplers"]["3"]["calib_rmse"], np.sqrt(np.mean((out - target) ** 2)), rtol=1e-3)
