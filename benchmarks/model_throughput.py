@@ -216,7 +216,7 @@ def profile_breakdown(compiled, call, steps: int = 3, top: int = 12) -> str:
     jax.profiler.stop_trace()
     data = jax.profiler.ProfileData.from_file(glob.glob(f'{d}/**/*.xplane.pb', recursive=True)[0])
   by_line = {}  # (plane, line) -> instruction -> ms per step; GPU kernels name their instruction in the stat hlo_op
-  starts, ends = collections.defaultdict(list), collections.defaultdict(list)  # CPU thunk launches / completions
+  starts, ends = collections.defaultdict(list), collections.defaultdict(list)  # Eigen convolution launches / ends
   warnings.filterwarnings('ignore', 'builtin type event_stats', DeprecationWarning)
   for plane in data.planes:
     if not (plane.name.startswith('/device:GPU') or plane.name == '/host:CPU'):
@@ -230,21 +230,21 @@ def profile_breakdown(compiled, call, steps: int = 3, top: int = 12) -> str:
         key = e.name if e.name in info else dict(e.stats).get('hlo_op')
         if key in info:
           c[key] += e.duration_ns / steps / 1e6
-          starts[key].append(e.start_ns)
-  for name, done in ends.items():  # Eigen convolutions: launch-to-completion spans replace the launch time
-    spans = [b - a for a, b in zip(sorted(starts[name]), sorted(done), strict=False)]
+          if key in convolutions:
+            starts[key].append(e.start_ns)
+  conv_ms = collections.Counter()  # Eigen convolutions: launch-to-completion spans replace the launch time
+  for name, done in ends.items():
+    conv_ms[name] = sum(b - a for a, b in zip(sorted(starts[name]), sorted(done), strict=False)) / steps / 1e6
     for c in by_line.values():
       c.pop(name, None)
-    by_line[('async', '')] = by_line.get(('async', ''), collections.Counter()) + collections.Counter(
-        {name: sum(spans) / steps / 1e6})
   streams = [c for (_, line), c in by_line.items() if line.startswith('Stream') and c]
-  per_op = sum(streams or by_line.values(), collections.Counter())
+  per_op = sum(streams or [*by_line.values(), conv_ms], collections.Counter())
   total = sum(per_op.values())
   cats = collections.Counter()
   for name, ms in per_op.items():
     cats[_op_category(name, *info[name])] += ms
-  async_ms = sum(by_line.get(('async', ''), {}).values())
-  unit = (f'CPU time over all threads; {async_ms:.1f} ms of it Eigen convolutions, counted launch to completion'
+  unit = (f'CPU time over all threads; {sum(conv_ms.values()):.1f} ms of it Eigen convolutions, counted launch to '
+          'completion'
           if jax.default_backend() == 'cpu' else 'GPU kernel time')
   out = [f'wall {wall * 1e3:.1f} ms/step; summed op time {total:.1f} ms/step ({unit})',
          '| category | ms/step | share |', '|---|---|---|']
