@@ -1,21 +1,28 @@
-"""Reading and writing weight files: safetensors (no dependency), and guarded pickles.
+"""Reading and writing weight files: safetensors (via the ``safetensors`` package), and guarded pickles.
 
 The safetensors format (https://github.com/huggingface/safetensors) is an 8-byte
 little-endian header length, a JSON header {name: {dtype, shape, data_offsets}} and
-the raw little-endian data; it is read here with ``np.memmap`` (lazy, zero-copy) and
-bfloat16 via ``ml_dtypes``. Pickled checkpoints (.ckpt, .bin, .pt, .pth) run arbitrary
-code when loaded and are refused unless the caller passes ``allow_pickle=True``.
+the raw little-endian data. Files are checked here first (cheaply: the header only,
+against the file's size, never allocating what a header merely claims), so that a
+malformed file raises one :class:`WeightFileError` naming it; then they are read with
+``safetensors.safe_open(framework="numpy")`` (bfloat16 as ``ml_dtypes.bfloat16``) and
+written with ``safetensors.numpy.save_file``. Pickled checkpoints (.ckpt, .bin, .pt,
+.pth) run arbitrary code when loaded and are refused unless the caller passes
+``allow_pickle=True``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 PICKLE_SUFFIXES = ('.ckpt', '.bin', '.pt', '.pth', '.pkl')
 
@@ -24,50 +31,139 @@ _DTYPES = {
     'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,
 }
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100_000_000  # the safetensors library's own limit on the JSON header
 
 
 class PickleRefusedError(ValueError):
   """A pickled checkpoint was passed without ``allow_pickle=True``."""
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """{name: array} from a .safetensors file; arrays are read-only memory maps (native dtypes, bf16 included)."""
+class WeightFileError(ValueError):
+  """A weight file (or its shard index, or a config.json) is malformed; the message names the file."""
+
+
+def _is_count(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_safetensors(path: str) -> None:
+  """Raises WeightFileError unless ``path`` has a well-formed safetensors header consistent with its size."""
+  try:
+    size = os.path.getsize(path)
+  except OSError as e:
+    raise WeightFileError(f'{path}: cannot read the safetensors file ({e})') from e
+  if size == 0:
+    raise WeightFileError(f'{path}: empty file, not a safetensors file')
+  if size < 8:
+    raise WeightFileError(f'{path}: truncated safetensors file ({size} bytes, shorter than the 8-byte header length)')
   with open(path, 'rb') as f:
     (n,) = struct.unpack('<Q', f.read(8))
-    header = json.loads(f.read(n))
-  header.pop('__metadata__', None)
-  data = np.memmap(path, dtype=np.uint8, mode='r', offset=8 + n)
-  out = {}
+    if n > size - 8:
+      raise WeightFileError(f'{path}: truncated or corrupt safetensors file: the header claims {n} bytes but only '
+                            f'{size - 8} follow the length field')
+    if n > _MAX_HEADER:
+      raise WeightFileError(f'{path}: safetensors header of {n} bytes exceeds the {_MAX_HEADER}-byte limit')
+    raw = f.read(n)
+  try:
+    header = json.loads(raw.decode('utf-8'))
+  except (UnicodeDecodeError, ValueError) as e:
+    raise WeightFileError(f'{path}: the safetensors header is not valid UTF-8 JSON ({e})') from e
+  if not isinstance(header, dict):
+    raise WeightFileError(f'{path}: the safetensors header is a JSON {type(header).__name__}, not an object')
+  meta = header.pop('__metadata__', None)
+  if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+    raise WeightFileError(f'{path}: the safetensors __metadata__ is not an object of strings')
+  data_len = size - 8 - n
   for name, info in header.items():
-    if info['dtype'] not in _DTYPES:
-      raise ValueError(f'{path}: tensor {name} has unsupported dtype {info["dtype"]}')
-    start, end = info['data_offsets']
-    out[name] = data[start:end].view(_DTYPES[info['dtype']]).reshape(info['shape'])
-  return out
+    if not isinstance(info, dict) or not {'dtype', 'shape', 'data_offsets'} <= info.keys():
+      raise WeightFileError(f'{path}: tensor {name!r} header entry needs dtype, shape and data_offsets, got {info!r}')
+    dtype, shape, offsets = info['dtype'], info['shape'], info['data_offsets']
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+      raise WeightFileError(f'{path}: tensor {name!r} has unsupported dtype {dtype!r} '
+                            f'(supported: {", ".join(_DTYPES)})')
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+      raise WeightFileError(f'{path}: tensor {name!r} has invalid shape {shape!r}')
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+      raise WeightFileError(f'{path}: tensor {name!r} has invalid data_offsets {offsets!r}')
+    start, end = offsets
+    if end > data_len:
+      raise WeightFileError(f'{path}: truncated or corrupt safetensors file: tensor {name!r} data_offsets '
+                            f'[{start}, {end}] run past the end of the {data_len}-byte data section')
+    nbytes = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize
+    if end - start != nbytes:
+      raise WeightFileError(f'{path}: tensor {name!r} shape {shape} of {dtype} needs {nbytes} bytes but its '
+                            f'data_offsets [{start}, {end}] hold {end - start}')
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """{name: array} from a .safetensors file (native dtypes, bf16 as ``ml_dtypes.bfloat16``).
+
+  Raises WeightFileError (naming the file) if it is malformed.
+  """
+  p = os.fspath(path)
+  _check_safetensors(p)
+  try:
+    with safetensors.safe_open(p, framework='numpy') as f:
+      return {name: f.get_tensor(name) for name in f.keys()}
+  except safetensors.SafetensorError as e:  # anything the cheap check above lets through (e.g. overlapping data)
+    raise WeightFileError(f'{p}: malformed safetensors file ({e})') from e
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None):
-  """Writes {name: array} as a .safetensors file (``metadata`` defaults to {'format': 'pt'} for PyTorch loaders)."""
-  header, offset, arrays = {}, 0, []
+  """Writes {name: array} as a .safetensors file (``metadata`` defaults to {'format': 'pt'} for PyTorch loaders).
+
+  The file is written to a temporary name and moved into place, so readers never see half a file.
+  """
+  arrays = {}
   for name in sorted(tensors):
     a = np.asarray(tensors[name])
     a = a if a.flags.c_contiguous else a.copy(order='C')  # (ascontiguousarray would make scalars 1-d)
     if a.dtype not in _NAMES:
       raise ValueError(f'tensor {name}: dtype {a.dtype} cannot be written to safetensors')
-    header[name] = {'dtype': _NAMES[a.dtype], 'shape': list(a.shape), 'data_offsets': [offset, offset + a.nbytes]}
-    offset += a.nbytes
-    arrays.append(a)
-  header['__metadata__'] = dict(metadata or {'format': 'pt'})
-  blob = json.dumps(header, separators=(',', ':')).encode()
-  blob += b' ' * (-len(blob) % 8)  # align the data to 8 bytes
-  tmp = f'{os.fspath(path)}.tmp{os.getpid()}'
-  with open(tmp, 'wb') as f:
-    f.write(struct.pack('<Q', len(blob)))
-    f.write(blob)
-    for a in arrays:
-      f.write(a.tobytes())
-  os.replace(tmp, path)  # a new file: memory maps of the old one (``read_safetensors``) stay valid
+    arrays[name] = a
+  p = os.fspath(path)
+  tmp = f'{p}.tmp{os.getpid()}'
+  try:
+    safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata or {'format': 'pt'}))
+    os.replace(tmp, p)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def read_json_config(path: str | os.PathLike) -> dict:
+  """The JSON object in ``path`` (a config.json); WeightFileError naming the file if it is not valid JSON or
+  not an object."""
+  p = os.fspath(path)
+  try:
+    with open(p, 'rb') as f:
+      obj = json.loads(f.read().decode('utf-8'))
+  except (UnicodeDecodeError, ValueError) as e:
+    raise WeightFileError(f'{p}: not valid JSON ({e})') from e
+  if not isinstance(obj, dict):
+    raise WeightFileError(f'{p}: expected a JSON object, got a {type(obj).__name__}')
+  return obj
+
+
+def _index_shards(index: str) -> list[str]:
+  """The shard file names of a ``*.safetensors.index.json``, checked to exist next to it."""
+  try:
+    with open(index, 'rb') as f:
+      obj = json.loads(f.read().decode('utf-8'))
+  except (UnicodeDecodeError, ValueError) as e:
+    raise WeightFileError(f'{index}: the shard index is not valid JSON ({e})') from e
+  weight_map = obj.get('weight_map') if isinstance(obj, dict) else None
+  if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+    raise WeightFileError(f'{index}: the shard index has no "weight_map" object of {{tensor: shard file}}')
+  folder = os.path.dirname(index)
+  shards = sorted(set(weight_map.values()))
+  missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
+  if missing:
+    raise WeightFileError(f'{index}: names shard file(s) that do not exist: {", ".join(missing)}')
+  return shards
 
 
 def read_pickle(path: str | os.PathLike, allow_pickle: bool = False) -> dict[str, np.ndarray]:
@@ -125,10 +221,8 @@ def find_weights(folder: str | os.PathLike, stems: tuple[str, ...], allow_pickle
       return read_safetensors(single)
     index = single + '.index.json'
     if os.path.exists(index):
-      with open(index) as f:
-        shards = sorted(set(json.load(f)['weight_map'].values()))
       out = {}
-      for s in shards:
+      for s in _index_shards(index):
         out.update(read_safetensors(os.path.join(folder, s)))
       return out
   for stem in stems:
