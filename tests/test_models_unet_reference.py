@@ -72,6 +72,9 @@ def test_unet_matches_diffusers(name, tmp_path):
   y = jax.jit(net.apply)({'params': params}, x, t, ctx, labels)
   diff = float(np.abs(np.asarray(y) - _torch_forward(ref, x, t, ctx, labels)).max())
   print(f'unet[{name}] max abs diff {diff:.2e}')
+  # per conv / attention layer and side ~lambda sqrt(k) u = 4.3e-6 (k = 9 C_in <= 9 * 64, lambda = 3,
+  # probabilistic bound) relative to the GroupNorm-restored scale; a random walk over ~30 layers and both
+  # sides, x sqrt(60): 3.3e-5 x max|activation| (O(1)) <= 1e-4 (measured <= 3.0e-6)
   assert diff <= 1e-4
 
 

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tolerances
 
 from diffjax.convert import load_pretrained, save_pretrained
 from diffjax.models.vae import (
@@ -41,7 +42,10 @@ def test_gaussian_kl_and_sampling():
   logvar = jnp.full((1, 2, 2, 1), np.log(0.25))
   g = DiagonalGaussian(mean, logvar)
   want = 4 * 0.5 * (0.25 + 0.25 - 1 - np.log(0.25))  # 4 elements of KL(N(.5, .25) || N(0, 1))
-  np.testing.assert_allclose(g.kl(), [want], rtol=1e-6)
+  # 4 x (var + mean^2 - 1 - logvar) / 2 in float32: ~8 roundings and an exp (T), conditioning
+  # sum|terms| / |sum| = (0.25 + 0.25 + 1 + 1.39) / 0.89 = 3.3: rtol 2.3e-6 (measured 1.9e-9 relative)
+  cond = (0.25 + 0.25 + 1 - np.log(0.25)) / (0.25 + 0.25 - 1 - np.log(0.25))
+  np.testing.assert_allclose(g.kl(), [want], rtol=tolerances.gamma(8 + tolerances.TRANSCENDENTAL_OPS) * cond)
   s = DiagonalGaussian(jnp.zeros((4000, 1, 1, 1)), jnp.full((4000, 1, 1, 1), np.log(4.0))).sample(jax.random.key(0))
   assert abs(float(s.std()) - 2.0) < 0.1
   assert DiagonalGaussian.from_moments(jnp.full((1, 1, 1, 2), 100.0)).logvar.max() == 20.0
@@ -106,6 +110,10 @@ def test_vae_matches_diffusers(name, tmp_path):
   diffs = {k: float(np.abs(np.asarray(a) - nhwc(b)).max())
            for k, a, b in (('mean', mean, dist.mean), ('logvar', logvar, dist.logvar), ('decode', rec, want_rec))}
   print(f'vae[{name}] max abs diff', {k: f'{v:.2e}' for k, v in diffs.items()})
+  # tiny random VAE: per conv layer and side ~lambda sqrt(k) u = 3e-6 (k = 9 C_in <= 9 * 32, lambda = 3,
+  # probabilistic bound) relative to the activation scale GroupNorm restores; as a random walk over ~20
+  # layers of encode + decode and both sides, x sqrt(40): 1.9e-5 x max|activation| (a few) <= 1e-4
+  # (measured <= 3.9e-6)
   assert max(diffs.values()) <= 1e-4
 
 

@@ -235,7 +235,8 @@ def test_declared_evaluations_and_options():
   assert set(ORDER_OPTIONS) <= set(ODE_SOLVERS)
   for case in CASES:
     solver = _solver(case, processes.EDM())
-    assert _evaluations_per_step(solver) == solver.nfe_per_step and not solver.stochastic, _name(case)
+    assert _evaluations_per_step(solver) == solver.nfe_per_step + solver.warmup_nfe, _name(case)
+    assert not solver.stochastic, _name(case)
   for name, bad in [("dpm_solver", {"order": 4}), ("dpmpp_2m", {"order": 0}), ("unipc", {"variant": "bh3"}),
                     ("ipndm", {"order": 5}), ("lms", {"order": 5}), ("ipndm_v", {"order": 0})]:
     with pytest.raises(ValueError):

@@ -3,7 +3,7 @@
 Each case runs the reference library and diffjax on the same noise levels, with the
 same exact denoiser of a small Gaussian mixture (a torch model wrapping the same
 mixture on the reference side) and the same initial noise, and compares the final
-samples in float32 (max abs difference <= 1e-5).
+samples in float32 (max abs difference <= ATOL, derived at its definition).
 
 Coordinates: diffjax works in the process's VP coordinates x = alpha x~. The Euler
 family of diffusers and k-diffusion work in the variance-exploding x~ = x / alpha
@@ -25,12 +25,14 @@ side is a few 1e-6 here (measured against float64 runs).
 from __future__ import annotations
 
 import functools
+import math
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tolerances
 
 from diffjax.analytic import GaussianMixture
 from diffjax.processes import make_process
@@ -41,7 +43,15 @@ diffusers = pytest.importorskip("diffusers")
 
 pytestmark = [pytest.mark.reference, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
-ATOL = 1e-5
+# Rounding model for the final samples (each side float32; the torch denoiser rounds its float64
+# result once): per step ~ SAMPLER_STEP_OPS = 56 roundings, relative to the data scale M = 3.95
+# (max |mean| + 3 sd of the mixture: the flows contract errors made at high noise to it), over at
+# most 25 steps. The worst-case bound 2 gamma(25 * 56) M = 6.6e-4 exceeds what one wrong timestep
+# does (moving one middle timestep of 25-step DDIM by 1 changes the samples by 4.5e-5), so the
+# probabilistic bound is used (Higham & Mary 2019: lambda sqrt(n) u, violated with probability
+# < 2 exp(-lambda^2 / 2) per element and far less for the max of correlated elements), lambda = 3,
+# n = 2 sides x 25 x 56: ATOL = 4.0e-5 (measured worst: 7.9e-6, k-diffusion's dpmpp_2m).
+ATOL = 3.0 * math.sqrt(2 * 25 * tolerances.SAMPLER_STEP_OPS) * tolerances.U32 * 3.95
 N_SAMPLES, DIM = 64, 3
 SD_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -178,6 +188,24 @@ def test_ddim(setup, spacing, num_steps):
   assert _max_diff(ours, ref) <= ATOL
 
 
+@pytest.mark.parametrize("num_steps", [4, 10, 25])
+def test_pndm(setup, num_steps):
+  """PNDMScheduler as Stable Diffusion configures it (PLMS: skip_prk_steps, leading + 1, alpha_bar_0 at the end).
+
+  Its N + 1 timesteps repeat the second one (the Heun start); diffjax's pndm runs on the
+  N distinct ones and the final t = 0 (alpha_bar_0, set_alpha_to_one=False), without the
+  jump to sigma = 0; the result is in VP coordinates on both sides.
+  """
+  s = diffusers.PNDMScheduler(**SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+  ref, calls = _run_diffusers(s, setup, num_steps)
+  distinct = grids.ddim_timesteps(1000, num_steps, "leading", 1)
+  timesteps = s.timesteps.numpy()
+  np.testing.assert_array_equal(timesteps, np.concatenate([distinct[:1], distinct[1:2], distinct[1:]]))
+  ours = _diffjax("pndm", np.concatenate([distinct, [0.0]]), setup.noise, denoise_final=False)
+  assert calls == num_steps + 1
+  assert _max_diff(ours, ref) <= ATOL
+
+
 def _euler_family_init(setup, scheduler, ts):
   alpha0 = float(setup.process.alpha(jnp.float32(ts[0])))
   return setup.noise * float(scheduler.init_noise_sigma) * alpha0
@@ -224,6 +252,8 @@ def test_dpmsolver_multistep(setup, order, num_steps, karras):
   ref, calls = _run_diffusers(s, setup, num_steps)
   ts = _multistep_grid(setup, s)
   if not karras:  # integer timesteps: the grid is the timesteps themselves
+    # t = t_from_edm_sigma(float32 sigma): ~20 roundings in log sigma over its smallest slope (0.0033 per
+    # unit t, at t = 421) plus ulp(999): 20 u / 0.0033 + 999 u = 4.2e-4 < 2e-3 << 1, an off-by-one timestep.
     np.testing.assert_allclose(ts, s.timesteps.numpy(), atol=2e-3)
   ours = _diffjax(name, ts, setup.noise, lower_order_final=num_steps < 15 or order == 2)
   assert calls == num_steps
@@ -264,6 +294,8 @@ def test_karras_grid(setup, ksampling):
     ref = _karras_sigmas(setup, ksampling, n)
     assert ref[-1] == 0
     ours = np.asarray(setup.process.edm_sigma(grids.karras(setup.process, n)))
+    # sigma = (a + i / (n - 1) (b - a))^7: rho = 7 multiplies the base's ~4 roundings, pow adds
+    # TRANSCENDENTAL_OPS; both sides: 2 (7 * 4 + 4) u = 3.8e-6 relative, 5x below 2e-5.
     np.testing.assert_allclose(ours, ref[:-1], rtol=2e-5)
 
 

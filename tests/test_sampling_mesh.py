@@ -8,6 +8,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tolerances
 
 from diffjax import processes as P
 from diffjax.analytic import GaussianMixture
@@ -71,16 +72,21 @@ _WORKER = textwrap.dedent("""
       sharded = jax.jit(run, in_shardings=(batch, None), out_shardings=batch)(jax.device_put(x, batch), key)
       assert len(sharded.sharding.device_set) == 8
       diff = float(np.max(np.abs(np.asarray(one) - np.asarray(sharded))))
-      assert np.isfinite(diff) and diff < 1e-5, (name, diff)
-      print(name, diff)
+      bound = RTOL * float(np.max(np.abs(np.asarray(one))))
+      assert np.isfinite(diff) and diff <= bound, (name, diff, bound)
+      print(name, diff, bound)
 """)
 
 
 def test_batch_sharded_sampling_on_8_devices_matches_one_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  code = f"NAMES = {MESH_SOLVERS!r}\n" + _WORKER
+  # Per-example work is the same on 1 or 8 devices, but another batch size per device may vectorize
+  # (and fuse) differently: rounding only, two runs of 11 steps, up to 2 evaluations a step.
+  rtol = tolerances.sampler_rtol(11, evals_per_step=2)
+  code = f"NAMES = {MESH_SOLVERS!r}\nRTOL = {rtol!r}\n" + _WORKER
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-3000:]
   checked = [line.split()[0] for line in out.stdout.splitlines()]
   assert "euler" in checked and len(checked) >= 2, out.stdout
-  np.testing.assert_array_less([float(line.split()[1]) for line in out.stdout.splitlines()], 1e-5)
+  diffs, bounds = np.array([[float(v) for v in line.split()[1:3]] for line in out.stdout.splitlines()]).T
+  np.testing.assert_array_less(diffs, bounds)

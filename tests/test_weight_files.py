@@ -7,7 +7,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from diffjax.convert.files import WeightFileError, find_weights, read_json_config, read_safetensors, write_safetensors
+from diffjax.convert import configs, load_pretrained
+from diffjax.convert.files import (
+  WeightFileError,
+  find_weights,
+  read_json_config,
+  read_safetensors,
+  read_weights,
+  write_safetensors,
+)
+from diffjax.models import BERT_CONFIGS, CLIP_TEXT_CONFIGS, UNET_CONFIGS, VAE_CONFIGS
 
 
 def _raw(path, header, data=b'', length=None):
@@ -167,10 +176,118 @@ def test_read_json_config(tmp_path):
   assert read_json_config(tmp_path / 'config.json') == {'a': 1}
 
 
-@pytest.mark.parametrize('content, match', [(b'{"a": 1,', 'not valid JSON'), (b'\xff\xfe', 'not valid JSON'),
-                                            (b'[1, 2]', 'JSON object')], ids=['invalid', 'non-utf8', 'list'])
+_BAD_JSON = [(b'{"a": 1,', 'not valid JSON'), (b'\xff\xfe', 'not valid JSON'), (b'[1, 2]', 'JSON object'),
+             (b'', 'empty file'), (b' \n', 'empty file'), (b'"config"', 'got a JSON string')]
+_BAD_JSON_IDS = ['invalid', 'non-utf8', 'list', 'empty', 'blank', 'string']
+
+
+@pytest.mark.parametrize('content, match', _BAD_JSON, ids=_BAD_JSON_IDS)
 def test_bad_json_config(tmp_path, content, match):
   (tmp_path / 'config.json').write_bytes(content)
   with pytest.raises(WeightFileError, match=match) as e:
     read_json_config(tmp_path / 'config.json')
   assert str(tmp_path / 'config.json') in str(e.value)
+
+
+def test_unknown_weight_suffix(tmp_path):
+  (tmp_path / 'model.npz').write_bytes(b'PK')
+  with pytest.raises(ValueError, match=r'unknown weight file type \(\.npz\); supported: \.safetensors') as e:
+    read_weights(tmp_path / 'model.npz')
+  assert str(tmp_path / 'model.npz') in str(e.value) and '.ckpt' in str(e.value)
+
+
+# -- config.json of model folders --------------------------------------------------------------------------------------
+_CONFIGS = {  # the tiny architectures of tests/test_convert.py, as their config.json dicts
+    'unet': lambda: configs.unet_config_to_diffusers(UNET_CONFIGS['tiny']),
+    'vae': lambda: configs.vae_config_to_diffusers(VAE_CONFIGS['tiny']),
+    'clip': lambda: configs.clip_text_config_to_transformers(CLIP_TEXT_CONFIGS['tiny']),
+    'bert': lambda: configs.bert_config_to_transformers(BERT_CONFIGS['tiny']),
+}
+
+
+def _load_error(folder, cfg):
+  """load_pretrained(folder) with only a config.json there (the config is checked before the weights)."""
+  folder.mkdir(exist_ok=True)
+  path = folder / 'config.json'
+  path.write_text(json.dumps(cfg) if isinstance(cfg, dict) else cfg)
+  with pytest.raises(WeightFileError) as e:
+    load_pretrained(folder)
+  assert str(e.value).startswith(str(path)), str(e.value)
+  return str(e.value)
+
+
+@pytest.mark.parametrize('content, match', _BAD_JSON, ids=_BAD_JSON_IDS)
+def test_bad_config_json_of_a_model_folder(tmp_path, content, match):
+  (tmp_path / 'config.json').write_bytes(content)
+  with pytest.raises(WeightFileError, match=match) as e:
+    load_pretrained(tmp_path)
+  assert str(e.value).startswith(str(tmp_path / 'config.json'))
+
+
+def test_bad_config_json_in_a_pipeline_folder_names_the_part(tmp_path):
+  assert 'not valid JSON' in _load_error(tmp_path / 'vae', '{"_class_name": "AutoencoderKL",')
+
+
+@pytest.mark.parametrize('kind, field, value, expected', [
+    ('unet', 'block_out_channels', 'abc', 'a list of integers'),
+    ('unet', 'block_out_channels', [32, '64'], 'a list of integers'),
+    ('unet', 'layers_per_block', '2', 'an integer'),
+    ('unet', 'layers_per_block', [1, 2], 'an integer'),
+    ('unet', 'cross_attention_dim', [1, 2], 'an integer or null'),
+    ('unet', 'in_channels', None, 'an integer'),
+    ('unet', 'in_channels', True, 'an integer'),
+    ('unet', 'attention_head_dim', 'eight', 'an integer or a list of integers'),
+    ('unet', 'down_block_types', 'DownBlock2D', 'a list of strings'),
+    ('unet', 'use_linear_projection', 1, 'true or false'),
+    ('unet', 'norm_eps', '1e-5', 'a number'),
+    ('unet', 'resnet_time_scale_shift', 0, 'a string'),
+    ('vae', 'block_out_channels', 'abc', 'a list of integers'),
+    ('vae', 'latent_channels', 4.0, 'an integer'),
+    ('vae', 'in_channels', None, 'an integer'),
+    ('vae', 'scaling_factor', '0.18215', 'a number'),
+    ('vae', 'up_block_types', [['UpDecoderBlock2D']], 'a list of strings'),
+    ('clip', 'hidden_size', '32', 'an integer'),
+    ('clip', 'num_hidden_layers', None, 'an integer'),
+    ('clip', 'layer_norm_eps', [1e-5], 'a number'),
+    ('clip', 'hidden_act', 1, 'a string'),
+    ('clip', 'architectures', 'CLIPTextModel', 'a list of strings or null'),
+    ('bert', 'num_attention_heads', '4', 'an integer'),
+])
+def test_config_field_of_the_wrong_type(tmp_path, kind, field, value, expected):
+  cfg = _CONFIGS[kind]()
+  cfg[field] = value
+  msg = _load_error(tmp_path, cfg)
+  assert f"field '{field}' must be {expected}, got {value!r}" in msg
+
+
+@pytest.mark.parametrize('kind, patch, field', [
+    ('unet', {'class_embed_type': 'projection'}, 'projection_class_embeddings_input_dim'),
+    ('clip', {'model_type': 'clip'}, 'text_config'),
+], ids=['unet-projection-dim', 'clip-text-config'])
+def test_missing_required_config_field(tmp_path, kind, patch, field):
+  msg = _load_error(tmp_path, {**_CONFIGS[kind](), **patch})
+  assert f"required field '{field}'" in msg and 'is missing' in msg
+
+
+def test_nested_clip_text_config_is_checked(tmp_path):
+  text = _CONFIGS['clip']()
+  assert 'must be a JSON object' in _load_error(tmp_path, {'model_type': 'clip', 'text_config': [text]})
+  text['vocab_size'] = 1e3
+  msg = _load_error(tmp_path, {'model_type': 'clip', 'text_config': text})
+  assert "field 'text_config.vocab_size' must be an integer, got 1000.0" in msg
+
+
+@pytest.mark.parametrize('kind', sorted(_CONFIGS))
+def test_valid_configs_still_convert(kind):
+  convert = {'unet': configs.unet_config_from_diffusers, 'vae': configs.vae_config_from_diffusers,
+             'clip': configs.clip_text_config_from_transformers, 'bert': configs.bert_config_from_transformers}[kind]
+  want = {'unet': UNET_CONFIGS, 'vae': VAE_CONFIGS, 'clip': CLIP_TEXT_CONFIGS, 'bert': BERT_CONFIGS}[kind]['tiny']
+  assert convert(_CONFIGS[kind]()) == want
+  assert convert(json.loads(json.dumps(_CONFIGS[kind]()))) == want  # lists from JSON, not tuples
+
+
+def test_config_dict_errors_name_where():
+  with pytest.raises(WeightFileError, match=r"^unet/config\.json: field 'layers_per_block' must be an integer"):
+    configs.unet_config_from_diffusers({'layers_per_block': '2'}, where='unet/config.json')
+  with pytest.raises(WeightFileError, match=r'^config: the config must be a JSON object'):
+    configs.vae_config_from_diffusers([1, 2])

@@ -1,13 +1,19 @@
 """diffusers / transformers ``config.json`` dicts <-> diffjax architecture dataclasses.
 
 Every ``*_from_*`` function refuses (``ValueError``) options diffjax does not
-implement, rather than silently building a different network.
+implement, rather than silently building a different network, and checks the type of
+every field it reads: a wrong-typed or missing required field raises one
+``WeightFileError`` that starts with the config file's path (``where``) and names the
+field and what was expected.
 """
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Mapping
 from typing import Any
 
+from diffjax.convert.files import WeightFileError
 from diffjax.models.text import BertConfig, CLIPTextConfig
 from diffjax.models.unet import UNetConfig
 from diffjax.models.vae import VAEConfig
@@ -29,58 +35,119 @@ _UNET_FIXED = {
 _VAE_FIXED = {'act_fn': 'silu', 'latents_mean': None, 'latents_std': None}
 
 
-def _check_fixed(cfg: dict, fixed: dict, what: str):
-  bad = {k: cfg[k] for k, v in fixed.items() if k in cfg and cfg[k] != v and not (v is False and cfg[k] is None)}
-  if bad:
-    raise ValueError(f'{what} config options not supported by diffjax: {bad} (supported: '
-                     f'{ {k: fixed[k] for k in bad} })')
+_REQUIRED = object()
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _seq_of(check):
+  return lambda x: isinstance(x, list | tuple) and all(check(e) for e in x)
+
+
+_KINDS = {  # kind: (check, what is expected)
+    'int': (_is_int, 'an integer'), 'float': (_is_num, 'a number'),
+    'bool': (lambda x: isinstance(x, bool), 'true or false'), 'str': (lambda x: isinstance(x, str), 'a string'),
+    'ints': (_seq_of(_is_int), 'a list of integers'),
+    'strs': (_seq_of(lambda x: isinstance(x, str)), 'a list of strings'),
+    'int|ints': (lambda x: _is_int(x) or _seq_of(_is_int)(x), 'an integer or a list of integers'),
+}
+
+
+class _Fields:
+  """Typed reads of a config dict at the config -> dataclass boundary.
+
+  A field of the wrong type, or a missing required one, raises one WeightFileError whose message starts with
+  ``where`` (the config file) and names the field and what was expected. Lists come back as tuples.
+  """
+
+  def __init__(self, cfg: Any, where: str, prefix: str = ''):
+    if not isinstance(cfg, Mapping):
+      name = prefix.rstrip('.') or 'the config'
+      raise WeightFileError(f'{where}: {name} must be a JSON object, got {cfg!r}')
+    self.cfg, self.where, self.prefix = cfg, where, prefix
+
+  def __call__(self, key: str, kind: str, default: Any = _REQUIRED, nullable: bool = False) -> Any:
+    check, expected = _KINDS[kind]
+    expected += ' or null' if nullable else ''
+    if key not in self.cfg:
+      if default is _REQUIRED:
+        raise WeightFileError(f'{self.where}: required field {self.prefix + key!r} ({expected}) is missing')
+      return default
+    v = self.cfg[key]
+    if v is None and nullable:
+      return None
+    if not check(v):
+      raise WeightFileError(f'{self.where}: field {self.prefix + key!r} must be {expected}, got {v!r}')
+    return tuple(v) if isinstance(v, list | tuple) else v
+
+  def sub(self, key: str) -> _Fields:
+    """The nested object ``key`` (e.g. a CLIPConfig's ``text_config``)."""
+    if key not in self.cfg:
+      raise WeightFileError(f'{self.where}: required field {self.prefix + key!r} (a JSON object) is missing')
+    return _Fields(self.cfg[key], self.where, f'{self.prefix}{key}.')
+
+  def check_fixed(self, fixed: dict, what: str):
+    """ValueError (naming the file) for options whose values diffjax does not implement."""
+    cfg = self.cfg
+    bad = {k: cfg[k] for k, v in fixed.items() if k in cfg and cfg[k] != v and not (v is False and cfg[k] is None)}
+    if bad:
+      raise ValueError(f'{self.where}: {what} config options not supported by diffjax: {bad} (supported: '
+                       f'{ {k: fixed[k] for k in bad} })')
 
 
 def _per_level(v: Any, n: int) -> tuple:
   return tuple(v) if isinstance(v, list | tuple) else (v,) * n
 
 
-def unet_config_from_diffusers(cfg: dict) -> UNetConfig:
-  """A diffusers ``UNet2DConditionModel`` config dict -> ``UNetConfig``."""
-  _check_fixed(cfg, _UNET_FIXED, 'UNet2DConditionModel')
-  down = cfg.get('down_block_types', ('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',))
-  up = cfg.get('up_block_types', ('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3)
+def unet_config_from_diffusers(cfg: Mapping, where: str = 'config') -> UNetConfig:
+  """A diffusers ``UNet2DConditionModel`` config dict -> ``UNetConfig`` (``where``: the config file, for errors)."""
+  f = _Fields(cfg, where)
+  f.check_fixed(_UNET_FIXED, 'UNet2DConditionModel')
+  down = f('down_block_types', 'strs', ('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',))
+  up = f('up_block_types', 'strs', ('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3)
   allowed = {'CrossAttnDownBlock2D', 'DownBlock2D'}
   if set(down) - allowed or set(up) - {'CrossAttnUpBlock2D', 'UpBlock2D'}:
-    raise ValueError(f'unsupported block types {down} / {up}; diffjax has {sorted(allowed)} and their Up versions')
+    raise ValueError(f'{where}: unsupported block types {down} / {up}; diffjax has {sorted(allowed)} and their Up '
+                     f'versions')
   levels = tuple(t == 'CrossAttnDownBlock2D' for t in down)
   if tuple(t == 'CrossAttnUpBlock2D' for t in up) != levels[::-1]:
-    raise ValueError(f'up_block_types {up} must mirror down_block_types {down}')
-  mid = cfg.get('mid_block_type', 'UNetMidBlock2DCrossAttn')
+    raise ValueError(f'{where}: up_block_types {up} must mirror down_block_types {down}')
+  mid = f('mid_block_type', 'str', 'UNetMidBlock2DCrossAttn', nullable=True)
   if mid != 'UNetMidBlock2DCrossAttn':
-    raise ValueError(f'mid_block_type {mid!r} is not supported (only UNetMidBlock2DCrossAttn)')
+    raise ValueError(f'{where}: mid_block_type {mid!r} is not supported (only UNetMidBlock2DCrossAttn)')
   n = len(down)
-  heads = _per_level(cfg.get('attention_head_dim', 8), n)
-  depth = set(_per_level(cfg.get('transformer_layers_per_block', 1), n))
+  heads = _per_level(f('attention_head_dim', 'int|ints', 8), n)
+  depth = set(_per_level(f('transformer_layers_per_block', 'int|ints', 1), n))
   if len(depth) != 1:
-    raise ValueError(f'transformer_layers_per_block must be the same on every level, got {depth}')
-  lpb = cfg.get('layers_per_block', 2)
-  if not isinstance(lpb, int):
-    raise ValueError(f'layers_per_block must be an int, got {lpb}')
-  if cfg.get('resnet_time_scale_shift', 'default') not in ('default', 'scale_shift'):
-    raise ValueError(f"resnet_time_scale_shift {cfg['resnet_time_scale_shift']!r} is not supported")
+    raise ValueError(f'{where}: transformer_layers_per_block must be the same on every level, got {depth}')
+  shift = f('resnet_time_scale_shift', 'str', 'default')
+  if shift not in ('default', 'scale_shift'):
+    raise ValueError(f'{where}: resnet_time_scale_shift {shift!r} is not supported')
   num_classes = pooled = None
-  cet = cfg.get('class_embed_type')
+  cet = f('class_embed_type', 'str', None, nullable=True)
   if cet is None:
-    num_classes = cfg.get('num_class_embeds')
+    num_classes = f('num_class_embeds', 'int', None, nullable=True)
   elif cet == 'projection':
-    pooled = cfg['projection_class_embeddings_input_dim']
+    pooled = f('projection_class_embeddings_input_dim', 'int')
   else:
-    raise ValueError(f'class_embed_type {cet!r} is not supported (None or "projection")')
+    raise ValueError(f'{where}: class_embed_type {cet!r} is not supported (None or "projection")')
   return UNetConfig(
-      in_channels=cfg.get('in_channels', 4), out_channels=cfg.get('out_channels', 4),
-      block_out_channels=tuple(cfg.get('block_out_channels', (320, 640, 1280, 1280))), layers_per_block=lpb,
-      attention_levels=levels, num_heads=heads[0] if len(set(heads)) == 1 else heads,
-      transformer_depth=depth.pop(), cross_attention_dim=cfg.get('cross_attention_dim', 1280),
-      use_linear_projection=cfg.get('use_linear_projection', False), norm_num_groups=cfg.get('norm_num_groups', 32),
-      norm_eps=cfg.get('norm_eps', 1e-5), flip_sin_to_cos=cfg.get('flip_sin_to_cos', True),
-      freq_shift=cfg.get('freq_shift', 0), resnet_scale_shift=cfg.get('resnet_time_scale_shift') == 'scale_shift',
-      dropout=cfg.get('dropout', 0.0), num_classes=num_classes, pooled_dim=pooled)
+      in_channels=f('in_channels', 'int', 4), out_channels=f('out_channels', 'int', 4),
+      block_out_channels=f('block_out_channels', 'ints', (320, 640, 1280, 1280)),
+      layers_per_block=f('layers_per_block', 'int', 2), attention_levels=levels,
+      num_heads=heads[0] if len(set(heads)) == 1 else heads, transformer_depth=depth.pop(),
+      cross_attention_dim=f('cross_attention_dim', 'int', 1280, nullable=True),
+      use_linear_projection=f('use_linear_projection', 'bool', False),
+      norm_num_groups=f('norm_num_groups', 'int', 32), norm_eps=f('norm_eps', 'float', 1e-5),
+      flip_sin_to_cos=f('flip_sin_to_cos', 'bool', True), freq_shift=f('freq_shift', 'float', 0),
+      resnet_scale_shift=shift == 'scale_shift', dropout=f('dropout', 'float', 0.0), num_classes=num_classes,
+      pooled_dim=pooled)
 
 
 def unet_config_to_diffusers(c: UNetConfig, sample_size: int = 64) -> dict:
@@ -111,20 +178,22 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int = 64) -> dict:
   return d
 
 
-def vae_config_from_diffusers(cfg: dict) -> VAEConfig:
-  """A diffusers ``AutoencoderKL`` config dict -> ``VAEConfig``."""
-  _check_fixed(cfg, _VAE_FIXED, 'AutoencoderKL')
-  boc = tuple(cfg.get('block_out_channels', (64,)))
+def vae_config_from_diffusers(cfg: Mapping, where: str = 'config') -> VAEConfig:
+  """A diffusers ``AutoencoderKL`` config dict -> ``VAEConfig`` (``where``: the config file, for errors)."""
+  f = _Fields(cfg, where)
+  f.check_fixed(_VAE_FIXED, 'AutoencoderKL')
   for key, typ in (('down_block_types', 'DownEncoderBlock2D'), ('up_block_types', 'UpDecoderBlock2D')):
-    if set(cfg.get(key, (typ,))) != {typ}:
-      raise ValueError(f'{key} {cfg[key]} is not supported (only {typ})')
+    types = f(key, 'strs', (typ,))
+    if set(types) != {typ}:
+      raise ValueError(f'{where}: {key} {types} is not supported (only {typ})')
   return VAEConfig(
-      in_channels=cfg.get('in_channels', 3), out_channels=cfg.get('out_channels', 3),
-      latent_channels=cfg.get('latent_channels', 4), block_out_channels=boc,
-      layers_per_block=cfg.get('layers_per_block', 1), norm_num_groups=cfg.get('norm_num_groups', 32),
-      mid_block_attention=cfg.get('mid_block_add_attention', True),
-      use_quant_conv=cfg.get('use_quant_conv', True), use_post_quant_conv=cfg.get('use_post_quant_conv', True),
-      scaling_factor=cfg.get('scaling_factor', 0.18215), shift_factor=cfg.get('shift_factor') or 0.0)
+      in_channels=f('in_channels', 'int', 3), out_channels=f('out_channels', 'int', 3),
+      latent_channels=f('latent_channels', 'int', 4), block_out_channels=f('block_out_channels', 'ints', (64,)),
+      layers_per_block=f('layers_per_block', 'int', 1), norm_num_groups=f('norm_num_groups', 'int', 32),
+      mid_block_attention=f('mid_block_add_attention', 'bool', True),
+      use_quant_conv=f('use_quant_conv', 'bool', True), use_post_quant_conv=f('use_post_quant_conv', 'bool', True),
+      scaling_factor=f('scaling_factor', 'float', 0.18215),
+      shift_factor=f('shift_factor', 'float', None, nullable=True) or 0.0)
 
 
 def vae_config_to_diffusers(c: VAEConfig, sample_size: int = 512) -> dict:
@@ -141,17 +210,19 @@ def vae_config_to_diffusers(c: VAEConfig, sample_size: int = 512) -> dict:
   }
 
 
-def clip_text_config_from_transformers(cfg: dict) -> CLIPTextConfig:
+def clip_text_config_from_transformers(cfg: Mapping, where: str = 'config') -> CLIPTextConfig:
   """A transformers ``CLIPTextConfig`` dict (or a ``CLIPConfig`` with ``text_config``) -> ``CLIPTextConfig``."""
-  if cfg.get('model_type') == 'clip':
-    cfg = cfg['text_config']
-  with_proj = 'CLIPTextModelWithProjection' in (cfg.get('architectures') or ())
+  f = _Fields(cfg, where)
+  if f('model_type', 'str', None, nullable=True) == 'clip':
+    f = f.sub('text_config')
+  with_proj = 'CLIPTextModelWithProjection' in (f('architectures', 'strs', None, nullable=True) or ())
   return CLIPTextConfig(
-      vocab_size=cfg.get('vocab_size', 49408), hidden_size=cfg.get('hidden_size', 512),
-      intermediate_size=cfg.get('intermediate_size', 2048), num_layers=cfg.get('num_hidden_layers', 12),
-      num_heads=cfg.get('num_attention_heads', 8), max_positions=cfg.get('max_position_embeddings', 77),
-      hidden_act=cfg.get('hidden_act', 'quick_gelu'), layer_norm_eps=cfg.get('layer_norm_eps', 1e-5),
-      eos_token_id=cfg.get('eos_token_id', 2), projection_dim=cfg.get('projection_dim', 512) if with_proj else None)
+      vocab_size=f('vocab_size', 'int', 49408), hidden_size=f('hidden_size', 'int', 512),
+      intermediate_size=f('intermediate_size', 'int', 2048), num_layers=f('num_hidden_layers', 'int', 12),
+      num_heads=f('num_attention_heads', 'int', 8), max_positions=f('max_position_embeddings', 'int', 77),
+      hidden_act=f('hidden_act', 'str', 'quick_gelu'), layer_norm_eps=f('layer_norm_eps', 'float', 1e-5),
+      eos_token_id=f('eos_token_id', 'int', 2),
+      projection_dim=f('projection_dim', 'int', 512) if with_proj else None)
 
 
 def clip_text_config_to_transformers(c: CLIPTextConfig) -> dict:
@@ -169,16 +240,18 @@ def clip_text_config_to_transformers(c: CLIPTextConfig) -> dict:
   return d
 
 
-def bert_config_from_transformers(cfg: dict, add_pooler: bool = True) -> BertConfig:
-  """A transformers ``BertConfig`` dict -> ``BertConfig``."""
-  if cfg.get('position_embedding_type', 'absolute') != 'absolute':
-    raise ValueError(f"position_embedding_type {cfg['position_embedding_type']!r} is not supported (absolute)")
+def bert_config_from_transformers(cfg: Mapping, add_pooler: bool = True, where: str = 'config') -> BertConfig:
+  """A transformers ``BertConfig`` dict -> ``BertConfig`` (``where``: the config file, for errors)."""
+  f = _Fields(cfg, where)
+  pos = f('position_embedding_type', 'str', 'absolute')
+  if pos != 'absolute':
+    raise ValueError(f'{where}: position_embedding_type {pos!r} is not supported (absolute)')
   return BertConfig(
-      vocab_size=cfg.get('vocab_size', 30522), hidden_size=cfg.get('hidden_size', 768),
-      intermediate_size=cfg.get('intermediate_size', 3072), num_layers=cfg.get('num_hidden_layers', 12),
-      num_heads=cfg.get('num_attention_heads', 12), max_positions=cfg.get('max_position_embeddings', 512),
-      type_vocab_size=cfg.get('type_vocab_size', 2), hidden_act=cfg.get('hidden_act', 'gelu'),
-      layer_norm_eps=cfg.get('layer_norm_eps', 1e-12), add_pooler=add_pooler)
+      vocab_size=f('vocab_size', 'int', 30522), hidden_size=f('hidden_size', 'int', 768),
+      intermediate_size=f('intermediate_size', 'int', 3072), num_layers=f('num_hidden_layers', 'int', 12),
+      num_heads=f('num_attention_heads', 'int', 12), max_positions=f('max_position_embeddings', 'int', 512),
+      type_vocab_size=f('type_vocab_size', 'int', 2), hidden_act=f('hidden_act', 'str', 'gelu'),
+      layer_norm_eps=f('layer_norm_eps', 'float', 1e-12), add_pooler=add_pooler)
 
 
 def bert_config_to_transformers(c: BertConfig) -> dict:

@@ -134,30 +134,40 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     raise
 
 
-def read_json_config(path: str | os.PathLike) -> dict:
-  """The JSON object in ``path`` (a config.json); WeightFileError naming the file if it is not valid JSON or
-  not an object."""
+def read_json_config(path: str | os.PathLike, what: str = 'a JSON object') -> dict:
+  """The JSON object in ``path`` (a config.json, model_index.json, shard index ...); the one place JSON files are
+  parsed. WeightFileError naming the file if it is empty, not UTF-8 JSON, or not an object (``what`` says what
+  was expected instead)."""
   p = os.fspath(path)
+  with open(p, 'rb') as f:
+    raw = f.read()
+  if not raw.strip():
+    raise WeightFileError(f'{p}: empty file, expected {what}')
   try:
-    with open(p, 'rb') as f:
-      obj = json.loads(f.read().decode('utf-8'))
+    obj = json.loads(raw.decode('utf-8'))
   except (UnicodeDecodeError, ValueError) as e:
     raise WeightFileError(f'{p}: not valid JSON ({e})') from e
   if not isinstance(obj, dict):
-    raise WeightFileError(f'{p}: expected a JSON object, got a {type(obj).__name__}')
+    raise WeightFileError(f'{p}: expected {what}, got a JSON {_json_type(obj)}')
   return obj
+
+
+def _json_type(x) -> str:
+  """The JSON name of a parsed value's type (for error messages)."""
+  if x is None:
+    return 'null'
+  return {bool: 'boolean', int: 'number', float: 'number', str: 'string', list: 'list', dict: 'object'}.get(
+      type(x), type(x).__name__)
+
+
+_WEIGHT_MAP = 'a "weight_map" object of {tensor: shard file}'
 
 
 def _index_shards(index: str) -> list[str]:
   """The shard file names of a ``*.safetensors.index.json``, checked to exist next to it."""
-  try:
-    with open(index, 'rb') as f:
-      obj = json.loads(f.read().decode('utf-8'))
-  except (UnicodeDecodeError, ValueError) as e:
-    raise WeightFileError(f'{index}: the shard index is not valid JSON ({e})') from e
-  weight_map = obj.get('weight_map') if isinstance(obj, dict) else None
+  weight_map = read_json_config(index, f'a shard index: a JSON object with {_WEIGHT_MAP}').get('weight_map')
   if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-    raise WeightFileError(f'{index}: the shard index has no "weight_map" object of {{tensor: shard file}}')
+    raise WeightFileError(f'{index}: the shard index has no {_WEIGHT_MAP}')
   folder = os.path.dirname(index)
   shards = sorted(set(weight_map.values()))
   missing = [s for s in shards if not os.path.isfile(os.path.join(folder, s))]
@@ -204,7 +214,9 @@ def read_weights(path: str | os.PathLike, allow_pickle: bool = False) -> dict[st
     return read_safetensors(p)
   if p.endswith(PICKLE_SUFFIXES):
     return read_pickle(p, allow_pickle)
-  raise ValueError(f'{p}: unknown weight file type (expected .safetensors, or {", ".join(PICKLE_SUFFIXES)})')
+  suffix = os.path.splitext(p)[1] or 'no suffix'
+  raise ValueError(f'{p}: unknown weight file type ({suffix}); supported: .safetensors, and with allow_pickle=True '
+                   f'{", ".join(PICKLE_SUFFIXES)}')
 
 
 def find_weights(folder: str | os.PathLike, stems: tuple[str, ...], allow_pickle: bool = False

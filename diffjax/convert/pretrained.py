@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.convert import configs, ldm
-from diffjax.convert.files import find_weights, read_weights, write_safetensors
+from diffjax.convert.files import find_weights, read_json_config, read_weights, write_safetensors
 from diffjax.convert.keys import IGNORED_KEYS, flax_from_state_dict, state_dict_from_flax
 from diffjax.models.text import BertEncoder, CLIPTextTransformer
 from diffjax.models.unet import UNet, init_unet
@@ -78,25 +79,26 @@ def build(kind: str, config: Any, state: Mapping[str, np.ndarray], *, dtype=jnp.
 
 # -- loading ---------------------------------------------------------------------------------------------------------
 def _load_folder(folder: str, allow_pickle: bool, **kw) -> Loaded:
-  with open(os.path.join(folder, 'config.json')) as f:
-    cfg = json.load(f)
+  where = os.path.join(folder, 'config.json')
+  cfg = read_json_config(where)
   cls = cfg.get('_class_name')
   model_type = cfg.get('model_type')
+  # the config is checked before any weights are read
   if cls == 'UNet2DConditionModel':
-    state = find_weights(folder, ('diffusion_pytorch_model',), allow_pickle)
-    return build('unet', configs.unet_config_from_diffusers(cfg), state, what=folder, **kw)
-  if cls == 'AutoencoderKL':
-    state = find_weights(folder, ('diffusion_pytorch_model',), allow_pickle)
-    return build('vae', configs.vae_config_from_diffusers(cfg), state, what=folder, **kw)
-  if model_type in ('clip_text_model', 'clip'):
-    state = find_weights(folder, ('model',), allow_pickle)
-    return build('clip', configs.clip_text_config_from_transformers(cfg), state, what=folder, **kw)
-  if model_type == 'bert':
-    state = find_weights(folder, ('model',), allow_pickle)
-    pooler = any(k.endswith('pooler.dense.weight') for k in state)
-    return build('bert', configs.bert_config_from_transformers(cfg, pooler), state, what=folder, **kw)
-  raise ValueError(f'{folder}/config.json: unsupported model (_class_name={cls!r}, model_type={model_type!r}); '
-                   f'diffjax loads UNet2DConditionModel, AutoencoderKL, CLIPTextModel and BertModel')
+    kind, config, stem = 'unet', configs.unet_config_from_diffusers(cfg, where), 'diffusion_pytorch_model'
+  elif cls == 'AutoencoderKL':
+    kind, config, stem = 'vae', configs.vae_config_from_diffusers(cfg, where), 'diffusion_pytorch_model'
+  elif model_type in ('clip_text_model', 'clip'):
+    kind, config, stem = 'clip', configs.clip_text_config_from_transformers(cfg, where), 'model'
+  elif model_type == 'bert':
+    kind, config, stem = 'bert', configs.bert_config_from_transformers(cfg, where=where), 'model'
+  else:
+    raise ValueError(f'{where}: unsupported model (_class_name={cls!r}, model_type={model_type!r}); '
+                     f'diffjax loads UNet2DConditionModel, AutoencoderKL, CLIPTextModel and BertModel')
+  state = find_weights(folder, (stem,), allow_pickle)
+  if kind == 'bert':
+    config = dataclasses.replace(config, add_pooler=any(k.endswith('pooler.dense.weight') for k in state))
+  return build(kind, config, state, what=folder, **kw)
 
 
 def _load_single_file(path: str, allow_pickle: bool, **kw) -> dict[str, Loaded]:
@@ -149,6 +151,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=j
   Raises:
     WeightMismatchError: the weights do not fit the architecture; the message lists
       every missing, unexpected and mis-shaped key.
+    WeightFileError: a malformed weight file, shard index or config.json (invalid JSON, a
+      field of the wrong type, a missing required field); the message starts with the file.
     ValueError: an architecture option diffjax does not implement.
   """
   p = os.fspath(path)

@@ -42,6 +42,8 @@ class Solver(NamedTuple):
       the strong/weak order for SDE solvers; tests measure it.
     nfe_per_step: denoiser evaluations per step; None when adaptive (variable).
     stochastic: whether ``step`` needs a PRNG key.
+    warmup_nfe: evaluations the first step makes beyond ``nfe_per_step`` (PNDM's
+      Heun start), counted once per ``sample``.
   """
 
   init: Callable[[Array, Array], Any]
@@ -49,6 +51,7 @@ class Solver(NamedTuple):
   order: int
   nfe_per_step: int | None
   stochastic: bool = False
+  warmup_nfe: int = 0
 
 
 def sample(solver: Solver, denoise: Denoiser, x: Array, ts: Array, *,
@@ -93,7 +96,8 @@ def num_evaluations(solver: Solver, num_points: int, denoise_final: bool = True)
   """Denoiser evaluations of ``sample`` on a grid of ``num_points`` (fixed-step solvers)."""
   if solver.nfe_per_step is None:
     raise ValueError("adaptive solver: the number of evaluations is not known in advance")
-  return (num_points - 1) * solver.nfe_per_step + int(denoise_final)
+  steps = num_points - 1
+  return steps * solver.nfe_per_step + (solver.warmup_nfe if steps else 0) + int(denoise_final)
 
 
 def points_for_budget(solver: Solver, nfe: int, denoise_final: bool = True) -> int:

@@ -417,6 +417,42 @@ def lms(process: Process, order: int = 4) -> Solver:
   return _sigma_multistep(process, order, _lms_weights)
 
 
+def pndm(process: Process) -> Solver:
+  """PNDM as Stable Diffusion runs it (Liu et al. 2022, "PLMS"; diffusers' PNDMScheduler, skip_prk_steps).
+
+  The first step is Heun's method (the eps prediction averaged between x and the Euler
+  predictor at t'), the next ones fixed-coefficient Adams-Bashforth of orders 2, 3, 4 in
+  eps, all on the EDM-sigma ODE dx~/ds = eps (the DDIM transfer with the combined eps,
+  PNDM's eq. 9). The history holds the eps at the start of each step; the Heun
+  predictor's evaluation is not kept. So N steps cost N + 1 evaluations (``warmup_nfe``
+  = 1) and diffusers' N-step PLMS is this solver on its N + 1 distinct timesteps, the
+  last step going to alpha_bar_0 (``set_alpha_to_one=False``). Global order 2 on grids
+  not uniform in s (fixed coefficients). Needs alpha > 0.
+  """
+  table = jnp.asarray(_IPNDM)
+
+  def init(x, ts):
+    return _history_init(3, x, ts)
+
+  def step(denoise, x, t, t_next, state, key):
+    alpha, _, lam = _schedule(process, t, t_next, state["t"])
+    s = jnp.exp(-lam)
+    h, xs = s[1] - s[0], x / alpha[0]
+    d = (xs - denoise(x, t)) / s[0]
+
+    def heun():
+      xs_euler = xs + h * d
+      return xs + h * 0.5 * (d + (xs_euler - denoise(alpha[1] * xs_euler, t_next)) / s[1])
+
+    def adams_bashforth():
+      return xs + h * _combine(table[jnp.minimum(state["i"], 3)], d, state["hist"])
+
+    xs_next = jax.lax.cond(state["i"] == 0, heun, adams_bashforth)
+    return (alpha[1] * xs_next).astype(x.dtype), _push(state, d, t)
+
+  return Solver(init=init, step=step, order=2, nfe_per_step=1, warmup_nfe=1)
+
+
 def ipndm_v(process: Process, order: int = 4) -> Solver:
   """iPNDM with Adams-Bashforth coefficients for non-uniform steps: the method of ``lms``.
 
@@ -442,5 +478,6 @@ ODE_SOLVERS = {
     "unipc_bh2": functools.partial(unipc, variant="bh2"),
     "ipndm": ipndm,
     "ipndm_v": ipndm_v,
+    "pndm": pndm,
     "lms": lms,
 }
