@@ -1,0 +1,130 @@
+"""Stable Diffusion 1.x / 2.x from a diffusers pipeline folder: a ``Pipeline`` and its parameters.
+
+A folder holds ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/`` (diffusers
+and transformers weights, read by ``diffjax.convert.load_pretrained``: sharded and fp16
+files included), ``tokenizer/`` (CLIP ``vocab.json`` + ``merges.txt``) and
+``scheduler/scheduler_config.json`` (``schedulers.DiffusersScheduler``). As diffusers'
+``StableDiffusionPipeline`` does, an outdated scheduler config is read with
+``steps_offset=1`` and ``clip_sample=False``, the text encoder sees no attention mask
+(the CLIP configs of SD set no ``use_attention_mask``), the context is its last hidden
+state, and latents are decoded as ``vae.decode(z / scaling_factor)``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax.convert import load_pretrained
+from diffjax.convert.files import read_json_config
+from diffjax.models.tokenizers import CLIPTokenizer
+from diffjax.pipelines.core import Pipeline
+from diffjax.pipelines.schedulers import DiffusersScheduler
+
+REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def _check_folder(folder: str) -> dict:
+  index_path = os.path.join(folder, "model_index.json")
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"{folder} does not exist")
+  if not os.path.isfile(index_path):
+    raise ValueError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
+  index = read_json_config(index_path)
+  missing = [c for c in REQUIRED if not (isinstance(index.get(c), list) and index[c][0] is not None)
+             or not os.path.isdir(os.path.join(folder, c))]
+  if missing:
+    raise ValueError(f"{index_path}: the pipeline lacks {', '.join(missing)} (need {', '.join(REQUIRED)})")
+  if isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None:
+    raise NotImplementedError(f"{folder}: SDXL pipelines (text_encoder_2) are not supported yet")
+  return index
+
+
+def _tokenizer_json(path: str) -> tuple[dict, list]:
+  """(vocab, merges) of a Hugging Face ``tokenizer.json`` with a BPE model (what transformers 5 saves)."""
+  data = read_json_config(path)
+  model = data.get("model")
+  if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+    raise ValueError(f"{path}: expected a BPE tokenizer (model.type 'BPE' with a vocab), got {str(model)[:80]}")
+  merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+  vocab = dict(model["vocab"]) | {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+  return vocab, merges
+
+
+def load_tokenizer(folder: str) -> CLIPTokenizer:
+  """The CLIP tokenizer of ``folder``: ``vocab.json`` + ``merges.txt`` or a ``tokenizer.json``, and the
+  optional ``tokenizer_config.json`` (length, padding token)."""
+  config_path = os.path.join(folder, "tokenizer_config.json")
+  config = read_json_config(config_path) if os.path.isfile(config_path) else {}
+  pad = config.get("pad_token")
+  pad = pad.get("content") if isinstance(pad, dict) else pad  # transformers writes AddedToken dicts too
+  max_length = config.get("model_max_length", 77)
+  if not isinstance(max_length, int) or not 2 <= max_length <= 4096:  # some configs hold a huge sentinel
+    max_length = 77
+  files = [os.path.join(folder, n) for n in ("vocab.json", "merges.txt")]
+  if all(os.path.isfile(f) for f in files):
+    return CLIPTokenizer.from_files(*files, max_length=max_length, pad_token=pad)
+  if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+    vocab, merges = _tokenizer_json(os.path.join(folder, "tokenizer.json"))
+    return CLIPTokenizer(vocab, merges, max_length=max_length, pad_token=pad)
+  raise FileNotFoundError(f"{folder}: no CLIP tokenizer (need vocab.json and merges.txt, or tokenizer.json)")
+
+
+def load_scheduler(folder: str) -> DiffusersScheduler:
+  path = os.path.join(folder, "scheduler_config.json")
+  config = dict(read_json_config(path))
+  if config.get("steps_offset", 1) != 1:  # StableDiffusionPipeline's rewrite of outdated configs
+    config["steps_offset"] = 1
+  if config.get("clip_sample", False) is True:
+    config["clip_sample"] = False
+  return DiffusersScheduler.from_config(config, where=path)
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32) -> tuple[Pipeline, dict]:
+  """(pipeline, params) of a Stable Diffusion 1.x/2.x diffusers folder.
+
+  ``params`` is {"unet", "vae", "text_encoder"}; ``dtype`` is the computation dtype of the
+  networks (e.g. ``jnp.bfloat16``; the VAE decodes in float32 as diffusers' ``force_upcast``
+  does), ``param_dtype`` that of the parameters.
+  """
+  folder = os.fspath(path)
+  _check_folder(folder)
+  loaded = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
+  (unet, p_unet), (vae, p_vae), (text, p_text) = (loaded[k] for k in ("unet", "vae", "text_encoder"))
+  if vae.dtype != jnp.float32:  # decode in float32 (SD's VAE overflows in half precision)
+    vae = vae.clone(dtype=jnp.float32)
+  tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
+  scheduler = load_scheduler(os.path.join(folder, "scheduler"))
+  cfg = vae.config
+  if unet.config.in_channels != cfg.latent_channels:
+    raise NotImplementedError(f"{folder}: a U-Net with {unet.config.in_channels} input channels for "
+                              f"{cfg.latent_channels}-channel latents (inpainting, upscaling) is not supported yet")
+
+  def tokenize(prompts):
+    t = tokenizer(prompts)
+    # No attention mask, as SD's text encoders are run (the causal mask alone).
+    return np.asarray(t.input_ids, np.int32), np.ones_like(np.asarray(t.input_ids, np.int32))
+
+  def encode_text(params, ids, mask):
+    return text.apply({"params": params["text_encoder"]}, ids, None).last_hidden_state
+
+  def predict(params, x, t, context):
+    return unet.apply({"params": params["unet"]}, x, t, context).astype(jnp.float32)
+
+  def decode(params, z):
+    z = z.astype(jnp.float32) / cfg.scaling_factor + cfg.shift_factor
+    return vae.apply({"params": params["vae"]}, z, method=vae.decode).astype(jnp.float32)
+
+  def encode_image(params, images, noise):
+    """Posterior sample mean + std * noise (noise: standard normal of the latent shape), scaled."""
+    posterior = vae.apply({"params": params["vae"]}, images.astype(jnp.float32), method=vae.encode)
+    z = posterior.mean + posterior.std * noise
+    return ((z - cfg.shift_factor) * cfg.scaling_factor).astype(jnp.float32)
+
+  pipe = Pipeline(tokenize=tokenize, encode_text=encode_text, predict=predict, process=scheduler.process,
+                  target=scheduler.target, latent_channels=cfg.latent_channels, downsample=cfg.downsample_factor,
+                  decode=decode, encode_image=encode_image, scheduler=scheduler, max_length=tokenizer.max_length,
+                  count_tokens=lambda p: len(tokenizer.encode(p)) + 2)
+  return pipe, {"unet": p_unet, "vae": p_vae, "text_encoder": p_text}
