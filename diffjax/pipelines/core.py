@@ -58,8 +58,8 @@ class Pipeline:
     latent_channels: channels of the denoised space (c).
     downsample: image size / latent size (1 in pixel space, 8 for SD's VAE).
     decode: ``(params, latents) -> images`` (B, H, W, C) in [-1, 1]; None in pixel space.
-    encode_image: ``(params, images, key) -> latents``, a posterior sample scaled as the
-      network expects (key: PRNG key or standard-normal array of the latent shape).
+    encode_image: ``(params, images, noise) -> latents``, the posterior sample
+      mean + std * noise (noise standard normal of the latent shape), scaled as the network expects.
     scheduler: the scheduler a pretrained folder names (``schedulers.DiffusersScheduler``).
     max_length: the tokenizer's sequence length.
     count_tokens: prompt -> number of ids before truncation (None: unknown).
@@ -88,8 +88,6 @@ class Pipeline:
 
   def tokenize_checked(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """``tokenize`` with a warning naming every prompt the tokenizer truncates."""
-    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-      raise TypeError(f"prompts must be a list of strings, got {prompts!r}")
     if self.count_tokens is not None:
       for i, p in enumerate(prompts):
         n = self.count_tokens(p)
@@ -118,6 +116,16 @@ def denoiser(pipe: Pipeline, params, context, negative_context, guidance_scale, 
                                   interval=options.interval, rescale=options.rescale)
 
 
+def _sample_from(pipe: Pipeline, params, ids, mask, negative_ids, negative_mask, x, ts, guidance_scale, key, *,
+                 solver: Solver, denoise_final: bool, options: Guidance, decode: bool):
+  """The shared body of the tasks: encode both prompts, sample from x at ts[0] with guidance, decode."""
+  context = pipe.encode_text(params, ids, mask)
+  negative = pipe.encode_text(params, negative_ids, negative_mask)
+  d = denoiser(pipe, params, context, negative, guidance_scale, options)
+  x = sample(solver, d, x, ts, key=key, denoise_final=denoise_final)
+  return pipe.decode(params, x) if decode and pipe.decode is not None else x
+
+
 def txt2img(pipe: Pipeline, params, ids, mask, negative_ids, negative_mask, noise, ts, guidance_scale, key=None, *,
             solver: Solver, init_scale, denoise_final: bool = True, options: Guidance = Guidance(),
             decode: bool = True):
@@ -129,11 +137,8 @@ def txt2img(pipe: Pipeline, params, ids, mask, negative_ids, negative_mask, nois
     ts: (N,) process times; guidance_scale: scalar (traced: sweeping it does not recompile).
     key: PRNG key of stochastic solvers.
   """
-  context = pipe.encode_text(params, ids, mask)
-  negative = pipe.encode_text(params, negative_ids, negative_mask)
-  d = denoiser(pipe, params, context, negative, guidance_scale, options)
-  x = sample(solver, d, init_scale * noise, ts, key=key, denoise_final=denoise_final)
-  return pipe.decode(params, x) if decode and pipe.decode is not None else x
+  return _sample_from(pipe, params, ids, mask, negative_ids, negative_mask, init_scale * noise, ts, guidance_scale,
+                      key, solver=solver, denoise_final=denoise_final, options=options, decode=decode)
 
 
 def strength_start(num_points: int, strength: float) -> int:
@@ -160,9 +165,6 @@ def img2img(pipe: Pipeline, params, ids, mask, negative_ids, negative_mask, imag
   gives in the process's coordinates. Other arguments as in ``txt2img``.
   """
   t0 = ts[0]
-  x = pipe.process.alpha(t0) * image_latents + pipe.process.sigma(t0) * noise
-  context = pipe.encode_text(params, ids, mask)
-  negative = pipe.encode_text(params, negative_ids, negative_mask)
-  d = denoiser(pipe, params, context, negative, guidance_scale, options)
-  x = sample(solver, d, x.astype(noise.dtype), ts, key=key, denoise_final=denoise_final)
-  return pipe.decode(params, x) if decode and pipe.decode is not None else x
+  x = (pipe.process.alpha(t0) * image_latents + pipe.process.sigma(t0) * noise).astype(noise.dtype)
+  return _sample_from(pipe, params, ids, mask, negative_ids, negative_mask, x, ts, guidance_scale, key,
+                      solver=solver, denoise_final=denoise_final, options=options, decode=decode)

@@ -46,12 +46,9 @@ class Output:
 @functools.lru_cache(maxsize=32)
 def _program(pipe: core.Pipeline, task: str, name: str, options: tuple, denoise_final: bool, guidance: core.Guidance):
   """One jitted program per (pipeline, task, solver, final jump, guidance options); grids and scales are traced."""
-  solver = make_solver(name, pipe.process, **dict(options))
   fn = core.txt2img if task == "txt2img" else core.img2img
-  kw = dict(solver=solver, denoise_final=denoise_final, options=guidance, decode=False)
-  if task == "txt2img":
-    return jax.jit(lambda params, *a: fn(pipe, params, *a[:-1], init_scale=a[-1], **kw))
-  return jax.jit(lambda params, *a: fn(pipe, params, *a, **kw))
+  return jax.jit(functools.partial(fn, pipe, solver=make_solver(name, pipe.process, **dict(options)),
+                                   denoise_final=denoise_final, options=guidance, decode=False))
 
 
 @functools.lru_cache(maxsize=8)
@@ -122,7 +119,7 @@ def generate(pipe: core.Pipeline, params, prompts: str | Sequence[str], *, negat
   if image is None:
     run = _program(pipe, "txt2img", *key)
     latents = run(params, ids, mask, neg_ids, neg_mask, noise, jnp.asarray(plan.ts), jnp.float32(guidance_scale),
-                  k_solver, jnp.float32(plan.init_scale))
+                  k_solver, init_scale=jnp.float32(plan.init_scale))
   else:
     if pipe.encode_image is None:
       raise ValueError("img2img needs a pipeline with an image encoder (a VAE)")

@@ -78,7 +78,6 @@ class DiffusersScheduler:
   steps_offset: int
   set_alpha_to_one: bool
   solver_order: int
-  config: Mapping = dataclasses.field(repr=False, compare=False, default_factory=dict)
 
   @classmethod
   def from_config(cls, config: Mapping, where: str = "scheduler config") -> DiffusersScheduler:
@@ -118,7 +117,7 @@ class DiffusersScheduler:
     if spacing not in ("leading", "trailing", "linspace"):
       raise ValueError(f"{where}: timestep_spacing {spacing!r} is not one of leading, trailing, linspace")
     return cls(name, process, PREDICTION_TYPES[prediction], spacing, int(config.get("steps_offset", 0)),
-               bool(config.get("set_alpha_to_one", True)), int(config.get("solver_order", 2)), dict(config))
+               bool(config.get("set_alpha_to_one", True)), int(config.get("solver_order", 2)))
 
   @property
   def num_train_timesteps(self) -> int:

@@ -26,7 +26,7 @@ from diffjax.pipelines.schedulers import DiffusersScheduler
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
-def _check_folder(folder: str) -> dict:
+def _check_folder(folder: str) -> None:
   index_path = os.path.join(folder, "model_index.json")
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{folder} does not exist")
@@ -39,7 +39,6 @@ def _check_folder(folder: str) -> dict:
     raise ValueError(f"{index_path}: the pipeline lacks {', '.join(missing)} (need {', '.join(REQUIRED)})")
   if isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None:
     raise NotImplementedError(f"{folder}: SDXL pipelines (text_encoder_2) are not supported yet")
-  return index
 
 
 def _tokenizer_json(path: str) -> tuple[dict, list]:
@@ -103,9 +102,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=j
                               f"{cfg.latent_channels}-channel latents (inpainting, upscaling) is not supported yet")
 
   def tokenize(prompts):
-    t = tokenizer(prompts)
-    # No attention mask, as SD's text encoders are run (the causal mask alone).
-    return np.asarray(t.input_ids, np.int32), np.ones_like(np.asarray(t.input_ids, np.int32))
+    ids = np.asarray(tokenizer(prompts).input_ids, np.int32)
+    return ids, np.ones_like(ids)  # no attention mask, as SD's text encoders run (the causal mask alone)
 
   def encode_text(params, ids, mask):
     return text.apply({"params": params["text_encoder"]}, ids, None).last_hidden_state
