@@ -16,6 +16,7 @@ from diffjax.convert import load_pretrained, save_pretrained
 from diffjax.data import pipeline, shapes
 from diffjax.models import vae as vae_lib
 from diffjax.models.text import BertConfig, BertEncoder
+from diffjax.pipelines import vae as vae_codec
 from diffjax.train import latent, steps, trainer, vae_trainer
 
 
@@ -120,7 +121,7 @@ def test_cached_latents_are_the_vae_posteriors_and_resume_exactly(vae_run, data_
   it = iter(ds)
   batch = next(it)
   images = np.stack([source[int(i)]["image"] for i in batch["index"]]).astype(np.float32) / 127.5 - 1.0
-  mean, std = jax.jit(lambda x: latent.posterior(parts.vae, parts.frozen["vae"], x))(images)
+  mean, std = jax.jit(lambda x: vae_codec.posterior(parts.vae, parts.frozen["vae"], x))(images)
   # cached moments come from the same jitted posterior on the same images (measured: equal); 1e-5 covers a
   # recompilation's rounding (~lambda sqrt(k) u per conv layer, as in test_models_vae's parity test)
   np.testing.assert_allclose(batch["latent_mean"], mean, rtol=1e-5, atol=1e-5)

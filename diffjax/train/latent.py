@@ -33,6 +33,7 @@ from diffjax.data import pipeline
 from diffjax.models.text import BertEncoder, CLIPTextTransformer
 from diffjax.models.tokenizers import CLIPTokenizer, WordPieceTokenizer
 from diffjax.models.vae import AutoencoderKL
+from diffjax.pipelines import vae as vae_codec
 
 TEXT_MODES = ("joint", "frozen_pretrained")
 VAE_FOLDER = "vae"  # under the first stage's workdir
@@ -108,19 +109,6 @@ def load_text_encoder(path: str, max_length: int):
   return module.config, params, tokenizer
 
 
-def scaled_latents(vae: AutoencoderKL, mean, std, key) -> jax.Array:
-  """x0 = scaling_factor * (z - shift_factor), z = mean + std * N(0, I): the diffusion data of a posterior."""
-  c = vae.config
-  z = mean + std * jax.random.normal(key, mean.shape, mean.dtype)
-  return c.scaling_factor * (z - c.shift_factor)
-
-
-def posterior(vae: AutoencoderKL, params, images) -> tuple[jax.Array, jax.Array]:
-  """Posterior (mean, std), each (B, h, w, c), of images (B, H, W, C) in [-1, 1]."""
-  q = vae.apply({"params": params}, images, method="encode")
-  return q.mean, q.std
-
-
 def build(config) -> LatentParts:
   """The frozen VAE (and text encoder) of ``config`` with its encode and decode functions."""
   validate(config)
@@ -138,11 +126,16 @@ def build(config) -> LatentParts:
     text_config, text_params, tokenizer = load_text_encoder(config.text.path, config.data.max_caption_length)
     frozen["model"] = {"text_encoder": text_params}
   c = vae.config
-  if config.data.get("cache_latents"):
-    encode = lambda fz, batch, key: scaled_latents(vae, batch["latent_mean"], batch["latent_std"], key)
-  else:
-    encode = lambda fz, batch, key: scaled_latents(vae, *posterior(vae, fz["vae"], batch["image"]), key)
-  decode = lambda fz, x: vae.apply({"params": fz["vae"]}, x / c.scaling_factor + c.shift_factor, method="decode")
+  cached = bool(config.data.get("cache_latents"))
+
+  def encode(fz, batch, key):
+    if cached:
+      mean, std = batch["latent_mean"], batch["latent_std"]
+    else:
+      mean, std = vae_codec.posterior(vae, fz["vae"], batch["image"])
+    return vae_codec.scaled_latents(vae, mean, std, jax.random.normal(key, mean.shape, mean.dtype))
+
+  decode = lambda fz, x: vae_codec.decode(vae, fz["vae"], x)
   logging.info("latent diffusion on %s latents of the VAE in %s (scaling factor %.5g); text encoder: %s", shape,
                config.vae.workdir, c.scaling_factor, config.text.mode)
   return LatentParts(frozen, shape, encode, decode, text_config, tokenizer, vae, vae_folder(config.vae.workdir))
@@ -186,7 +179,7 @@ def encode_split(vae: AutoencoderKL, params, source, path: str, vae_path: str, b
       if str(f["vae_sha1"]) == fingerprint and len(f["mean"]) == len(source):
         return LatentCache(f["mean"], f["std"], f["captions"])
     logging.warning("latent cache %s was made by other VAE weights or data: encoding again", path)
-  encode = jax.jit(lambda x: posterior(vae, params, x))
+  encode = jax.jit(lambda x: vae_codec.posterior(vae, params, x))
   means, stds, captions = [], [], []
   for start in range(0, len(source), batch_size):
     examples = [source[i] for i in range(start, min(start + batch_size, len(source)))]

@@ -1,4 +1,4 @@
-"""Pure, module-level step functions of text-to-image diffusion training and sampling."""
+"""Pure, module-level step functions of text-to-image diffusion training (sampling: ``diffjax.pipelines``)."""
 
 # (no `from __future__ import annotations`: clu metric collections need evaluated annotations)
 
@@ -11,9 +11,8 @@ import optax
 from clu import metrics as clu_metrics
 from flax import struct
 
-from diffjax import losses, parameterization
+from diffjax import losses
 from diffjax.processes import Process
-from diffjax.samplers import Solver, guidance, sample
 
 NUM_SIGMA_BINS = 4  # the loss is also reported per log-SNR quartile of the process range
 
@@ -128,33 +127,3 @@ def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask
   diagnostics = {"loss": loss, "per_example_loss": per_example, "grad_norm": grad_norm,
                  "image_mean": jnp.mean(x0), "image_std": jnp.std(x0)}
   return new_state, metrics, diagnostics
-
-
-def sample_images(params, tokens, mask, null_tokens, null_mask, key, ts, guidance_scale, *, model, spec: DiffusionSpec,
-                  solver: Solver, image_shape: tuple):
-  """Samples one image per caption with classifier-free guidance.
-
-  Args:
-    params: network parameters (usually the EMA ones).
-    tokens, mask: (B, L) caption tokens. null_tokens, null_mask: (L,) empty caption.
-    key: PRNG key (initial noise and stochastic solvers). ts: (N,) time grid.
-    guidance_scale: scalar (traced: sweeping it does not recompile).
-    image_shape: (H, W, C).
-
-  Returns:
-    (B, H, W, C) float images (the data space of training, e.g. [-1, 1]).
-  """
-  b = tokens.shape[0]
-  encode = lambda tok, m: model.apply({"params": params}, tok, m, method=model.encode_text)
-  context = encode(tokens, mask)
-  null_context = encode(null_tokens[None], null_mask[None])
-
-  def denoise(x, t, cond):
-    t_net = jnp.broadcast_to(spec.time_scale * t, x.shape[:1])
-    out = model.apply({"params": params}, x, t_net, cond, method=model.predict)
-    return parameterization.to_x0(spec.target, out, x, jnp.broadcast_to(t, x.shape[:1]), spec.process)
-
-  guided = guidance.classifier_free(denoise, context, null_context, guidance_scale)
-  k_init, k_solver = jax.random.split(key)
-  x = spec.process.prior_sample(k_init, (b,) + tuple(image_shape))
-  return sample(solver, guided, x, ts, key=k_solver)

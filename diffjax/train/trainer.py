@@ -22,13 +22,14 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from diffjax import images, processes
+from diffjax import images, pipelines, processes
 from diffjax.data import pipeline
 from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
 from diffjax.models.text import CLIPTextConfig
 from diffjax.models.text_to_image import TextToImage
 from diffjax.models.tokenizers import ByteTokenizer
 from diffjax.models.unet import UNetConfig
+from diffjax.pipelines import Pipeline, text_to_image
 from diffjax.samplers import grids, make_solver, points_for_budget
 from diffjax.train import latent, loop, sharding, steps
 from diffjax.train.checkpoint import Checkpointer
@@ -224,6 +225,7 @@ class Components(NamedTuple):
   boxed_params: dict  # abstract params in nn.Partitioned boxes: their logical axis names, for sharding
   latent: object = None  # latent.LatentParts of a latent diffusion model (frozen VAE, text encoder)
   frozen: object = None  # parameters used but not trained (``steps.train_step``)
+  pipe: Pipeline | None = None  # the model side of generation (``pipeline_params`` gives its parameters)
 
 
 def build_components(config) -> Components:
@@ -231,7 +233,8 @@ def build_components(config) -> Components:
   if config.get("vae"):  # latent diffusion: a frozen VAE (and maybe text encoder) around the same network
     lat = latent.build(config)
   model, tx = build_model(config, lat), build_optimizer(config)
-  tokenize = tokenize_fn(config.data.max_caption_length, lat and lat.tokenizer)
+  tokenizer = (lat and lat.tokenizer) or ByteTokenizer(max_length=config.data.max_caption_length)
+  tokenize = tokenize_fn(config.data.max_caption_length, tokenizer)
   k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
   shape = (config.data.image_size, config.data.image_size, config.data.channels) if lat is None else lat.latent_shape
 
@@ -249,20 +252,32 @@ def build_components(config) -> Components:
                             opt_state=tx.init(params), rng=jax.random.key_data(k_train))
 
   null_tokens, null_mask = (jnp.asarray(a) for a in tokenize(""))
-  return Components(build_spec(config), model, tx, tokenize, null_tokens, null_mask, shape, init_state,
-                    jax.eval_shape(init_state), k_sample, jax.eval_shape(init_boxed), lat, lat and lat.frozen)
+  spec = build_spec(config)
+  pipe = text_to_image.from_model(model, process=spec.process, target=spec.target,
+                                  tokenizer=tokenizer,
+                                  image_shape=shape, time_scale=spec.time_scale, vae=lat and lat.vae)
+  return Components(spec, model, tx, tokenize, null_tokens, null_mask, shape, init_state,
+                    jax.eval_shape(init_state), k_sample, jax.eval_shape(init_boxed), lat, lat and lat.frozen, pipe)
+
+
+def pipeline_params(trained, frozen) -> dict:
+  """The parameters of ``Components.pipe`` from the trained ones and the frozen ones (None in pixel space)."""
+  params = {"model": steps.with_frozen(trained, frozen)}
+  return params if frozen is None else params | {"vae": frozen["vae"]}
 
 
 def make_sample_fn(c: Components, solver, **jit_options):
-  """jitted ``(params, tokens, mask, key, ts, guidance_scale) -> images`` (B, H, W, C) in the data range;
-  ``params`` is the pair (trained params, ``c.frozen``); latents are decoded with the VAE. ``jit_options``
-  go to ``jax.jit`` (shardings)."""
+  """jitted ``(params, tokens, mask, key, ts, guidance_scale) -> images`` (B, H, W, C) in the data range:
+  ``diffjax.pipelines.txt2img`` of ``c.pipe`` against the empty caption, decoded with the VAE of a latent
+  model. ``params`` is the pair (trained params, ``c.frozen``); the initial noise is the standard normal
+  drawn with the first half of ``key``, the solver's randomness the second. ``jit_options`` go to
+  ``jax.jit`` (shardings)."""
 
   def sample_fn(params, tok, m, key, ts, w):
-    trained, frozen = params
-    x = steps.sample_images(steps.with_frozen(trained, frozen), tok, m, c.null_tokens, c.null_mask, key, ts, w,
-                            model=c.model, spec=c.spec, solver=solver, image_shape=c.image_shape)
-    return x if c.latent is None else c.latent.decode(frozen, x)
+    k_init, k_solver = jax.random.split(key)
+    noise = jax.random.normal(k_init, tok.shape[:1] + tuple(c.image_shape))
+    return pipelines.txt2img(c.pipe, pipeline_params(*params), tok, m, c.null_tokens[None], c.null_mask[None],
+                             noise, ts, w, k_solver, solver=solver, init_scale=c.spec.process.prior_std)
 
   return jax.jit(sample_fn, **jit_options)
 
@@ -489,22 +504,40 @@ def _latest_ema(config, workdir: str):
   return c, (state.ema_params, c.frozen), step
 
 
+def load_pipeline(config, workdir: str) -> tuple[Pipeline, dict, int]:
+  """(pipeline, its parameters, step) of the newest checkpoint under ``workdir``: the EMA weights of the
+  network the config describes, with its frozen VAE and text encoder (``pipeline_params``)."""
+  c, (ema, frozen), step = _latest_ema(config, workdir)
+  return c.pipe, pipeline_params(ema, frozen), step
+
+
+def sample_plan(config, process) -> pipelines.Plan:
+  """The sampling plan of ``config.sampler``: its solver (and options) on its grid within its NFE."""
+  s = config.sampler
+  return pipelines.Plan.native(process, s.name, s.nfe, s.grid, **s.get("options", {}))
+
+
 def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, output_dir: str, seed: int = 0):
   """Samples ``num_per_prompt`` images per prompt with the latest checkpoint's EMA weights.
 
-  Writes ``output_dir/samples.npz`` (``images`` uint8 (N, H, W, C), ``prompts`` (N,),
-  prompt-major) and ``output_dir/grid.png`` (one row per prompt, labelled). Sampler, NFE and
-  guidance come from ``config.sampler``.
+  ``diffjax.pipelines.generate`` on ``load_pipeline``'s pipeline. Writes
+  ``output_dir/samples.npz`` (``images`` uint8 (N, H, W, C), ``prompts`` (N,), prompt-major),
+  ``output_dir/grid.png`` (one row per prompt, labelled) and ``output_dir/samples.json``
+  (the generation record and the checkpoint's step). Sampler, NFE and guidance come from
+  ``config.sampler``.
   """
   if not prompts:
     raise ValueError("give at least one prompt")
-  c, params, _ = _latest_ema(config, workdir)
-  solver = build_solver(config, c.spec)
-  imgs = generate(make_sample_fn(c, solver), params, list(prompts), config.sampler, solver, c.spec, c.tokenize,
-                  num_per_prompt, jax.random.key(seed))
+  pipe, params, step = load_pipeline(config, workdir)
+  size = config.data.image_size
+  out = pipelines.generate(pipe, params, [p for p in prompts for _ in range(num_per_prompt)], height=size,
+                           width=size, plan=sample_plan(config, pipe.process),
+                           guidance_scale=config.sampler.guidance_scale, seed=seed)
+  imgs = images.to_uint8(out.images, 0.0, 1.0)
   os.makedirs(output_dir, exist_ok=True)
-  np.savez(os.path.join(output_dir, "samples.npz"), images=imgs,
-           prompts=np.asarray([p for p in prompts for _ in range(num_per_prompt)]))
+  np.savez(os.path.join(output_dir, "samples.npz"), images=imgs, prompts=np.asarray(out.record["prompts"]))
+  with open(os.path.join(output_dir, "samples.json"), "w") as f:
+    json.dump(out.record | {"workdir": os.path.abspath(workdir), "step": step}, f, indent=2)
   images.save_labeled_grid(imgs, prompts, os.path.join(output_dir, "grid.png"))
   return imgs
 
