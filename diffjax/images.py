@@ -61,3 +61,26 @@ def save_labeled_grid(images: np.ndarray, labels, path: str, min_width: int = 51
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   out.save(path)
   return np.asarray(out)
+
+
+MODES = {3: ("RGB",), 1: ("L", "1")}  # what a colour image / a mask file may hold
+
+
+def load_image(path: str, channels: int = 3) -> np.ndarray:
+  """float32 (H, W, channels) in [0, 1] of an image file: an RGB image (``channels=3``) or a grey mask (1).
+
+  ValueError naming the file for a missing or unreadable file or another mode (RGBA,
+  palette, CMYK ...: convert it first, so nothing is guessed about alpha or colour).
+  """
+  if not os.path.isfile(path):
+    raise ValueError(f"{path}: no such image file")
+  try:
+    with Image.open(path) as pil:
+      pil.load()
+  except (OSError, SyntaxError) as e:
+    raise ValueError(f"{path}: not a readable image ({e})") from None
+  if pil.mode not in MODES[channels]:
+    raise ValueError(f"{path}: image mode {pil.mode}, expected {' or '.join(MODES[channels])} "
+                     f"({'a colour image' if channels == 3 else 'a grey mask'}): convert it first")
+  x = np.asarray(pil.convert("L") if pil.mode == "1" else pil, np.float32) / 255.0
+  return x.reshape(x.shape[:2] + (channels,))

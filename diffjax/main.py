@@ -7,23 +7,31 @@ The config is read here and nowhere deeper: jobs receive typed arguments.
 
 from __future__ import annotations
 
+import os
+
+# Before TensorFlow is imported (tfds imports it; it only reads data here): no C++ INFO lines, and no oneDNN
+# kernels, whose notice is printed before any log level applies (diffjax computes nothing with TensorFlow).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
 import difflib
 import importlib.util
-import os
+import logging as logging_lib
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffjax import sampler_demo
+from diffjax import generation, sampler_demo
 from diffjax.train import trainer, vae_trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (checkpoints, logs, images).")
-_MODE = flags.DEFINE_enum("mode", "run", ["run", "sample", "evaluate"],
-                          "run: the config's job (train, train_vae, sampler_demo); sample: sample from the latest "
-                          "checkpoint in --workdir; evaluate: the config's evaluation of that checkpoint (sampler and "
-                          "evaluation overrides apply) into --output.")
+_MODE = flags.DEFINE_enum("mode", "run", ["run", "sample", "evaluate", "generate"],
+                          "run: the config's job (train, train_vae, sampler_demo, generate); sample: sample from the "
+                          "latest checkpoint in --workdir; evaluate: the config's evaluation of that checkpoint "
+                          "(sampler and evaluation overrides apply) into --output; generate: the same as run for a "
+                          "generation config (configs/generate.py).")
 _PROMPTS = flags.DEFINE_multi_string("prompts", [], "--mode=sample: prompts (repeat the flag).")
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_samples_per_prompt", 4, "--mode=sample: images per prompt.")
 _OUTPUT = flags.DEFINE_string("output", None, "--mode=sample/evaluate: output directory (default WORKDIR/samples, "
@@ -80,7 +88,27 @@ def parse_flags(argv):
 
 
 JOBS = {"sampler_demo": _sampler_demo, "train": lambda config, workdir: trainer.train_and_evaluate(config, workdir),
-        "train_vae": lambda config, workdir: vae_trainer.train_vae(config, workdir)}
+        "train_vae": lambda config, workdir: vae_trainer.train_vae(config, workdir),
+        "generate": lambda config, workdir: generation.generate(config, workdir)}
+OUTPUTS = {  # what a job leaves in --workdir, for the summary at the end
+    "train": "checkpoints/, tensorboard/, config.json, samples.png, eval.json",
+    "train_vae": "checkpoints/, tensorboard/, vae/ (the exported AutoencoderKL)",
+    "sampler_demo": "samplers.png", "generate": "NNNN.png, samples.npz, generation.json"}
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class _OwnInfoOnly(logging_lib.Filter):
+  """Passes warnings and errors of everyone, and INFO lines only of diffjax's own code."""
+
+  def filter(self, record: logging_lib.LogRecord) -> bool:
+    return record.levelno >= logging_lib.WARNING or record.pathname.startswith(PACKAGE_DIR)
+
+
+def quiet_third_party_logs() -> None:
+  """Third-party INFO lines (orbax, tfds, grain, jax ...) are dropped unless ``--verbosity`` is 1 or more."""
+  if flags.FLAGS.verbosity < 1:
+    for handler in logging_lib.getLogger().handlers:
+      handler.addFilter(_OwnInfoOnly())
 
 
 def main(argv):
@@ -89,18 +117,25 @@ def main(argv):
   config = _CONFIG.value
   if config.job not in JOBS:
     raise app.UsageError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
+  quiet_third_party_logs()
   os.makedirs(_WORKDIR.value, exist_ok=True)
-  if _MODE.value != "run" and config.job != "train":
+  if _MODE.value == "generate" and config.job != "generate":
+    raise app.UsageError(f"--mode=generate needs a generation config (configs/generate.py), not job {config.job!r}")
+  if _MODE.value in ("sample", "evaluate") and config.job != "train":
     raise app.UsageError(f"--mode={_MODE.value} needs a diffusion config (job 'train'), not job {config.job!r}")
   if _MODE.value == "evaluate":
-    trainer.evaluate_checkpoint(config, _WORKDIR.value, _OUTPUT.value or os.path.join(_WORKDIR.value, "evaluation"))
+    output = _OUTPUT.value or os.path.join(_WORKDIR.value, "evaluation")
+    trainer.evaluate_checkpoint(config, _WORKDIR.value, output)
+    logging.info("done: eval.json and the sample grids are in %s", output)
     return
   if _MODE.value == "sample":
     prompts = list(_PROMPTS.value) or list(config.get("prompts", ()))
-    trainer.sample_from_checkpoint(config, _WORKDIR.value, prompts, _NUM_PER_PROMPT.value,
-                                   _OUTPUT.value or os.path.join(_WORKDIR.value, "samples"), _SEED.value)
+    output = _OUTPUT.value or os.path.join(_WORKDIR.value, "samples")
+    trainer.sample_from_checkpoint(config, _WORKDIR.value, prompts, _NUM_PER_PROMPT.value, output, _SEED.value)
+    logging.info("done: grid.png, samples.npz and samples.json are in %s", output)
     return
   JOBS[config.job](config, _WORKDIR.value)
+  logging.info("done: %s in %s", OUTPUTS[config.job], os.path.abspath(_WORKDIR.value))
 
 
 if __name__ == "__main__":

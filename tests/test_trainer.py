@@ -8,6 +8,8 @@ import pytest
 from PIL import Image
 
 from configs import default
+from configs import generate as generate_config
+from diffjax import generation
 from diffjax.train import trainer
 
 
@@ -31,6 +33,19 @@ def test_tiny_run_trains_checkpoints_and_samples(tmp_path):
   trainer.evaluate_checkpoint(config, str(tmp_path), str(tmp_path / "euler"))
   assert json.loads((tmp_path / "euler" / "eval.json").read_text())["num_samples"] == 10
   assert not np.array_equal(np.asarray(Image.open(tmp_path / "euler" / "samples.png")), grid)
+
+  # the workdir is a pretrained model: the generation job on it gives --mode=sample's images (both run
+  # diffjax.pipelines.generate with seed + i per image on the latest EMA weights and the same sampler)
+  sampled = trainer.sample_from_checkpoint(config, str(tmp_path), config.prompts[:2], 2, str(tmp_path / "sample"))
+  job = generate_config.get_config()
+  job.update(dict(pretrained=str(tmp_path), prompts=tuple(config.prompts[:2]), num_per_prompt=2,
+                  height=config.data.image_size, width=config.data.image_size))
+  job.sampler.update(dict(name=config.sampler.name, grid=config.sampler.grid, steps=config.sampler.nfe,
+                          guidance_scale=config.sampler.guidance_scale))
+  record = generation.generate(job, str(tmp_path / "generated"))
+  assert record["kind"] == "diffjax" and record["step"] == 6 and record["weights_sha256"]
+  np.testing.assert_array_equal(np.load(tmp_path / "generated" / "samples.npz")["images"], sampled)
+  assert json.loads((tmp_path / "sample" / "samples.json").read_text())["step"] == 6
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -83,10 +83,85 @@ def _check_image(image, height: int, width: int, channels: int) -> np.ndarray:
   return image.astype(np.float32)
 
 
+def image_seeds(seed: int | Sequence[int], count: int) -> list[int]:
+  """``count`` seeds: ``seed + i`` for one int, else the given ones (checked: one per image, non-negative ints)."""
+  seeds = [int(seed) + i for i in range(count)] if isinstance(seed, int | np.integer) else list(seed)
+  if len(seeds) != count or not all(isinstance(s, int | np.integer) and 0 <= s < 2**32 for s in seeds):
+    raise ValueError(f"seed must be an int or {count} ints in [0, 2**32) (one per image), got {seed!r}")
+  return [int(s) for s in seeds]
+
+
+def draw_noise(seeds: Sequence[int], shape: tuple) -> tuple[tuple[jax.Array, jax.Array, jax.Array], jax.Array]:
+  """((initial noise, image noise, masked-image noise), solver key): standard normal (B,) + shape.
+
+  Row i of each comes from ``seeds[i]`` alone; the image noises are the VAE posterior draws
+  of an init image and of inpainting's masked image. The solver key is the first seed's.
+  """
+  keys = [jax.random.split(jax.random.key(s), 4) for s in seeds]
+  draw = lambda j: jnp.stack([jax.random.normal(k[j], shape) for k in keys])
+  return (draw(0), draw(1), draw(2)), keys[0][3]
+
+
+def given_or(draw: jax.Array, given, what: str) -> jax.Array:
+  """``given`` as float32 if not None (checked against ``draw``'s shape), else ``draw``."""
+  if given is None:
+    return draw
+  given = jnp.asarray(given, jnp.float32)
+  if given.shape != draw.shape:
+    raise ValueError(f"{what} has shape {given.shape}, expected {draw.shape}")
+  return given
+
+
+@dataclasses.dataclass
+class Request:
+  """The checked, task-independent part of a generation call (``request``)."""
+
+  prompts: list[str]
+  negative: list[str]
+  seeds: list[int]
+  shape: tuple  # (B, h, w, c) latents
+  draws: tuple  # draw_noise's three noises
+  solver_key: jax.Array
+  tokens: tuple  # (ids, mask, negative ids, negative mask)
+
+  def record(self, height: int, width: int, plan: Plan, guidance_scale: float, guidance: core.Guidance) -> dict:
+    return {"prompts": self.prompts, "negative_prompts": self.negative, "height": height, "width": width,
+            "seeds": self.seeds, "guidance_scale": float(guidance_scale), "guidance": dataclasses.asdict(guidance),
+            "plan": plan.record()}
+
+
+def request(pipe: core.Pipeline, prompts, negative_prompts, seed, height: int, width: int) -> Request:
+  """Prompts and negatives checked (one or B negatives), seeds per image, noises drawn, prompts tokenized."""
+  prompts = _as_list(prompts, "prompts")
+  b = len(prompts)
+  negative = [""] if negative_prompts is None else _as_list(negative_prompts, "negative_prompts")
+  if len(negative) not in (1, b):
+    raise ValueError(f"{len(negative)} negative prompts for {b} prompts: give one or {b}")
+  shape = (b,) + pipe.latent_shape(height, width)
+  seeds = image_seeds(seed, b)
+  draws, key = draw_noise(seeds, shape[1:])
+  return Request(prompts, negative, seeds, shape, draws, key,
+                 pipe.tokenize_checked(prompts) + pipe.tokenize_checked(negative))
+
+
+def batched(a: np.ndarray, b: int, what: str) -> np.ndarray:
+  """``a`` (1 or b, ...) broadcast to (b, ...)."""
+  if a.shape[0] not in (1, b):
+    raise ValueError(f"{a.shape[0]} {what} for {b} prompts: give one or {b}")
+  return np.broadcast_to(a, (b,) + a.shape[1:])
+
+
+def finish(pipe: core.Pipeline, params, latents, record: dict) -> Output:
+  """Decode (when the pipeline has a decoder) and map [-1, 1] to [0, 1]."""
+  out = latents if pipe.decode is None else _decoder(pipe)(params, latents)
+  images = np.clip(np.asarray(out, np.float32) / 2.0 + 0.5, 0.0, 1.0)
+  return Output(images=images, latents=np.asarray(latents), record=record)
+
+
 def generate(pipe: core.Pipeline, params, prompts: str | Sequence[str], *, negative_prompts=None,
              height: int = 512, width: int = 512, plan: Plan | None = None, guidance_scale: float = 7.5,
-             guidance: core.Guidance | None = None, seed: int = 0, noise=None, image=None, strength: float = 0.8,
-             image_noise=None) -> Output:
+             guidance: core.Guidance | None = None, seed: int | Sequence[int] = 0, noise=None, image=None,
+             strength: float = 0.8, image_noise=None) -> Output:
   """txt2img, or img2img with ``image``, for one image per prompt.
 
   Args:
@@ -94,50 +169,38 @@ def generate(pipe: core.Pipeline, params, prompts: str | Sequence[str], *, negat
     height, width: output size in pixels (multiples of the VAE's downsampling).
     plan: the sampling plan (``plan_for``; default the folder's scheduler with 50 steps).
     guidance_scale: classifier-free guidance scale (1: the conditional prediction alone).
-    seed: draws ``noise`` and ``image_noise`` when they are not given.
+    seed: one per image, or one for all (image i then gets seed + i): image i's ``noise`` and
+      ``image_noise`` are drawn from its own seed (``draw_noise``), so it does not depend on the
+      batch it is in; a stochastic solver's randomness comes from the first seed.
     noise: (B, h, w, c) standard normal initial noise (the same arrays as another library's).
     image: (B, H, W, C) float in [0, 1] for img2img; strength in (0, 1] as in diffusers.
     image_noise: (B, h, w, c) standard normal for the VAE posterior sample of ``image``.
   """
   guidance = guidance or core.Guidance()
-  prompts = _as_list(prompts, "prompts")
-  b = len(prompts)
-  negative = [""] if negative_prompts is None else _as_list(negative_prompts, "negative_prompts")
-  if len(negative) not in (1, b):
-    raise ValueError(f"{len(negative)} negative prompts for {b} prompts: give one or {b}")
   plan = plan or plan_for(pipe)
-  shape = (b,) + pipe.latent_shape(height, width)
-  k_noise, k_image, k_solver = jax.random.split(jax.random.key(seed), 3)
-  noise = jax.random.normal(k_noise, shape) if noise is None else jnp.asarray(noise, jnp.float32)
-  if noise.shape != shape:
-    raise ValueError(f"noise has shape {noise.shape}, expected {shape}")
-  ids, mask = pipe.tokenize_checked(prompts)
-  neg_ids, neg_mask = pipe.tokenize_checked(negative)
-  record = {"prompts": prompts, "negative_prompts": negative, "height": height, "width": width, "seed": seed,
-            "guidance_scale": float(guidance_scale), "guidance": dataclasses.asdict(guidance), "plan": plan.record()}
+  req = request(pipe, prompts, negative_prompts, seed, height, width)
+  noise = given_or(req.draws[0], noise, "noise")
+  record = req.record(height, width, plan, guidance_scale, guidance)
   key = (plan.name, plan.options, plan.denoise_final, guidance)
   if image is None:
     run = _program(pipe, "txt2img", *key)
-    latents = run(params, ids, mask, neg_ids, neg_mask, noise, jnp.asarray(plan.ts), jnp.float32(guidance_scale),
-                  k_solver, init_scale=jnp.float32(plan.init_scale))
-  else:
-    if pipe.encode_image is None:
-      raise ValueError("img2img needs a pipeline with an image encoder (a VAE)")
-    pixels = _check_image(image, height, width, 3)
-    if pixels.shape[0] not in (1, b):
-      raise ValueError(f"{pixels.shape[0]} init images for {b} prompts: give one or {b}")
-    pixels = np.broadcast_to(pixels, (b,) + pixels.shape[1:])
-    image_noise = jax.random.normal(k_image, shape) if image_noise is None else jnp.asarray(image_noise, jnp.float32)
-    if image_noise.shape != shape:
-      raise ValueError(f"image_noise has shape {image_noise.shape}, expected {shape}")
-    image_latents = _encoder(pipe)(params, jnp.asarray(2.0 * pixels - 1.0), image_noise)
-    n = len(plan.ts) - (0 if plan.denoise_final else 1)  # the points where the network is evaluated
-    start = core.strength_start(n, strength)
-    record |= {"task": "img2img", "strength": float(strength), "first_step": start}
-    run = _program(pipe, "img2img", *key)
-    latents = run(params, ids, mask, neg_ids, neg_mask, image_latents, noise, jnp.asarray(plan.ts[start:]),
-                  jnp.float32(guidance_scale), k_solver)
-  record.setdefault("task", "txt2img")
-  out = latents if pipe.decode is None else _decoder(pipe)(params, latents)
-  images = np.clip(np.asarray(out, np.float32) / 2.0 + 0.5, 0.0, 1.0)
-  return Output(images=images, latents=np.asarray(latents), record=record)
+    latents = run(params, *req.tokens, noise, jnp.asarray(plan.ts), jnp.float32(guidance_scale), req.solver_key,
+                  init_scale=jnp.float32(plan.init_scale))
+    return finish(pipe, params, latents, {"task": "txt2img"} | record)
+  if pipe.encode_image is None:
+    raise ValueError("img2img needs a pipeline with an image encoder (a VAE)")
+  pixels = batched(_check_image(image, height, width, 3), req.shape[0], "init images")
+  image_noise = given_or(req.draws[1], image_noise, "image_noise")
+  image_latents = _encoder(pipe)(params, jnp.asarray(2.0 * pixels - 1.0), image_noise)
+  start = first_step(plan, strength)
+  run = _program(pipe, "img2img", *key)
+  latents = run(params, *req.tokens, image_latents, noise, jnp.asarray(plan.ts[start:]),
+                jnp.float32(guidance_scale), req.solver_key)
+  return finish(pipe, params, latents,
+                {"task": "img2img"} | record | {"strength": float(strength), "first_step": start})
+
+
+def first_step(plan: Plan, strength: float) -> int:
+  """The grid index an SDEdit run of ``strength`` starts at (diffusers' rounding over the evaluated points)."""
+  n = len(plan.ts) - (0 if plan.denoise_final else 1)  # the points where the network is evaluated
+  return core.strength_start(n, strength)

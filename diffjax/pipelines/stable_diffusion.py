@@ -7,7 +7,8 @@ files included), ``tokenizer/`` (CLIP ``vocab.json`` + ``merges.txt``) and
 ``StableDiffusionPipeline`` does, an outdated scheduler config is read with
 ``steps_offset=1`` and ``clip_sample=False``, the text encoder sees no attention mask
 (the CLIP configs of SD set no ``use_attention_mask``), the context is its last hidden
-state, and latents are decoded as ``vae.decode(z / scaling_factor)``.
+state, and latents are decoded as ``vae.decode(z / scaling_factor)``. A folder whose U-Net takes
+2c + 1 channels (SD inpainting, c the VAE's latent channels) gives an ``inpaint.InpaintingPipeline``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from diffjax.convert import load_pretrained
 from diffjax.convert.files import read_json_config
 from diffjax.models.tokenizers import CLIPTokenizer
 from diffjax.pipelines.core import Pipeline
+from diffjax.pipelines.inpaint import InpaintingPipeline
 from diffjax.pipelines.schedulers import DiffusersScheduler
 
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -92,14 +94,23 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=j
   _check_folder(folder)
   loaded = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
   (unet, p_unet), (vae, p_vae), (text, p_text) = (loaded[k] for k in ("unet", "vae", "text_encoder"))
-  if vae.dtype != jnp.float32:  # decode in float32 (SD's VAE overflows in half precision)
-    vae = vae.clone(dtype=jnp.float32)
   tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
   scheduler = load_scheduler(os.path.join(folder, "scheduler"))
+  pipe = assemble(unet, vae, text, tokenizer, scheduler, where=folder)
+  return pipe, {"unet": p_unet, "vae": p_vae, "text_encoder": p_text}
+
+
+def assemble(unet, vae, text, tokenizer: CLIPTokenizer, scheduler: DiffusersScheduler, *, where: str) -> Pipeline:
+  """The SD 1.x/2.x ``Pipeline`` of loaded modules (params {"unet", "vae", "text_encoder"}); ``where`` names
+  the source in errors. A U-Net of 2c + 1 input channels (c the VAE's) gives an ``InpaintingPipeline``."""
+  if vae.dtype != jnp.float32:  # decode in float32 (SD's VAE overflows in half precision)
+    vae = vae.clone(dtype=jnp.float32)
   cfg = vae.config
-  if unet.config.in_channels != cfg.latent_channels:
-    raise NotImplementedError(f"{folder}: a U-Net with {unet.config.in_channels} input channels for "
-                              f"{cfg.latent_channels}-channel latents (inpainting, upscaling) is not supported yet")
+  # An inpainting U-Net takes [latents, mask, masked-image latents]: an InpaintingPipeline (c = the VAE's channels).
+  inpainting = unet.config.in_channels == 2 * cfg.latent_channels + 1
+  if unet.config.in_channels != cfg.latent_channels and not inpainting:
+    raise NotImplementedError(f"{where}: a U-Net with {unet.config.in_channels} input channels for "
+                              f"{cfg.latent_channels}-channel latents is not supported")
 
   def tokenize(prompts):
     ids = np.asarray(tokenizer(prompts).input_ids, np.int32)
@@ -121,8 +132,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=j
     z = posterior.mean + posterior.std * noise
     return ((z - cfg.shift_factor) * cfg.scaling_factor).astype(jnp.float32)
 
-  pipe = Pipeline(tokenize=tokenize, encode_text=encode_text, predict=predict, process=scheduler.process,
-                  target=scheduler.target, latent_channels=cfg.latent_channels, downsample=cfg.downsample_factor,
-                  decode=decode, encode_image=encode_image, scheduler=scheduler, max_length=tokenizer.max_length,
-                  count_tokens=lambda p: len(tokenizer.encode(p)) + 2)
-  return pipe, {"unet": p_unet, "vae": p_vae, "text_encoder": p_text}
+  kind = InpaintingPipeline if inpainting else Pipeline
+  return kind(tokenize=tokenize, encode_text=encode_text, predict=predict, process=scheduler.process,
+              target=scheduler.target, latent_channels=cfg.latent_channels, downsample=cfg.downsample_factor,
+              decode=decode, encode_image=encode_image, scheduler=scheduler, max_length=tokenizer.max_length,
+              count_tokens=lambda p: len(tokenizer.encode(p)) + 2)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -57,7 +58,9 @@ def train_loop(state, *, train_step: Callable, next_batch: Callable[[], Any], nu
     hooks: clu periodic actions, called with the step after each step.
   """
   metrics, step, preempted = None, int(state.step), False
-  with Preemption() as preemption:
+  bar = tqdm.tqdm(total=num_steps, initial=step, unit="step", desc="training", dynamic_ncols=True, mininterval=1.0,
+                  disable=jax.process_index() != 0)  # steps/s and ETA; the loss of the last logged steps
+  with Preemption() as preemption, bar:
     try:
       for step in range(int(state.step) + 1, num_steps + 1):
         state, step_metrics, aux = train_step(state, next_batch())
@@ -65,8 +68,12 @@ def train_loop(state, *, train_step: Callable, next_batch: Callable[[], Any], nu
         metrics = step_metrics if metrics is None else metrics.merge(step_metrics)
         for hook in hooks:
           hook(step)
+        bar.update(1)
         if step % log_every == 0 or step == num_steps:
-          writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.compute().items()})
+          scalars = metrics.compute()
+          writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+          if "loss" in scalars:
+            bar.set_postfix(loss=f"{float(scalars['loss']):.4g}", refresh=False)
           metrics = None
         preempted = preemption.reached(step)
         if step % checkpoint_every == 0 or step == num_steps or preempted:

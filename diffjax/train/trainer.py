@@ -35,10 +35,12 @@ from diffjax.train import latent, loop, sharding, steps
 from diffjax.train.checkpoint import Checkpointer
 from diffjax.train.schema import ConfigError, check_fields
 
-
 # ----------------------------------------------------------------------------------
 # Config -> typed objects (the config stops here).
 # ----------------------------------------------------------------------------------
+CONFIG_FILE = "config.json"  # the training config, written into the workdir (what generation reads back)
+
+
 def build_spec(config) -> steps.DiffusionSpec:
   d = config.diffusion
   return steps.DiffusionSpec(
@@ -294,6 +296,9 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   batch_sharding = NamedSharding(mesh, PartitionSpec(MESH_AXES))
   is_main = jax.process_index() == 0
   writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"), just_logging=not is_main)
+  if is_main:  # the config beside the checkpoints: a workdir is then a pretrained model of its own
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   # -- data ----------------------------------------------------------------------------
   c = build_components(config)

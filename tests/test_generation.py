@@ -1,0 +1,115 @@
+"""The generation job (configs/generate.py, diffjax.generation) on a tiny random-weight Stable Diffusion folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_pipelines_parity import SIZE, _tiny_pipeline
+
+from configs import generate as generate_config
+from diffjax import generation
+from diffjax.train.schema import ConfigError
+
+pytest.importorskip("diffusers")
+pytestmark = [pytest.mark.reference, pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  return _tiny_pipeline(tmp_path_factory.mktemp("sd"), "ddim")[1]
+
+
+def _config(folder, **fields):
+  config = generate_config.get_config("tiny")
+  config.pretrained = str(folder)
+  config.height = config.width = SIZE
+  config.prompts = ("a photo of a cat", "a painting of a mountain lake at sunset")
+  config.sampler.steps = 3
+  config.update(fields)
+  return config
+
+
+def test_writes_images_npz_and_a_record_that_reproduces_each_image(folder, tmp_path):
+  config = _config(folder, num_per_prompt=2, batch_size=3, negative_prompt="blurry", seed=5)  # batches of 3 and 1
+  record = generation.generate(config, str(tmp_path / "out"))
+  npz = np.load(tmp_path / "out" / "samples.npz")
+  assert npz["images"].shape == (4, SIZE, SIZE, 3) and npz["images"].dtype == np.uint8
+  assert list(npz["prompts"]) == [p for p in config.prompts for _ in range(2)]
+  assert list(npz["seeds"]) == [5, 6, 7, 8]
+  on_disk = json.loads((tmp_path / "out" / "generation.json").read_text())
+  assert on_disk == record and record["kind"] == "diffusers" and record["task"] == "txt2img"
+  assert [r["file"] for r in record["images"]] == ["0000.png", "0001.png", "0002.png", "0003.png"]
+  for i, r in enumerate(record["images"]):
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / r["file"])), npz["images"][i])
+  assert record["negative_prompts"] == ["blurry"] and record["plan"]["solver"] == "ddim"
+  unet = "unet/diffusion_pytorch_model.safetensors"
+  assert record["weights_sha256"][unet] == hashlib.sha256((folder / unet).read_bytes()).hexdigest()
+  assert len(set(npz["images"].reshape(4, -1).sum(1).tolist())) == 4  # four different images
+  # image 2 alone, from its seed in the record, at batch 1: the same image (its noise depends on its seed only;
+  # only XLA's batch-size-dependent rounding may differ, ~1e-6 of the [0, 1] range: at most one uint8 level)
+  third = record["images"][2]
+  alone = _config(folder, prompts=(third["prompt"],), negative_prompt="blurry", seed=third["seed"], batch_size=1)
+  generation.generate(alone, str(tmp_path / "alone"))
+  again = np.asarray(Image.open(tmp_path / "alone" / "0000.png")).astype(int)
+  assert np.abs(again - npz["images"][2]).max() <= 1
+
+
+def test_img2img_from_an_image_file(folder, tmp_path):
+  rgb = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), np.uint8)
+  Image.fromarray(rgb).save(tmp_path / "init.png")
+  config = _config(folder, task="img2img", init_image=str(tmp_path / "init.png"), strength=0.6, height=0, width=0)
+  record = generation.generate(config, str(tmp_path / "out"))
+  assert record["task"] == "img2img" and record["strength"] == 0.6 and record["first_step"] == 2  # int(3 * 0.6) = 1
+  assert np.load(tmp_path / "out" / "samples.npz")["images"].shape == (2, SIZE, SIZE, 3)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(task="inpaint2"), "config.task"),
+    (dict(strength=1.5, task="img2img", init_image="x.png"), "config.strength"),
+    (dict(task="img2img"), "config.init_image is empty"),
+    (dict(num_per_prompt=0), "config.num_per_prompt"),
+    (dict(prompts=()), "config.prompts"),
+    (dict(dtype="int8"), "config.dtype"),
+    (dict(pretrained="/nonexistent"), "config.pretrained"),
+])
+def test_bad_settings_name_the_field(folder, tmp_path, fields, message):
+  with pytest.raises(ConfigError, match=message):
+    generation.generate(_config(folder, **fields), str(tmp_path))
+
+
+def test_bad_files_name_the_file(folder, tmp_path):
+  with pytest.raises(ConfigError, match="neither a diffusers pipeline folder"):
+    generation.generate(_config(folder, pretrained=str(tmp_path)), str(tmp_path / "out"))
+  Image.fromarray(np.zeros((SIZE, SIZE, 4), np.uint8)).save(tmp_path / "rgba.png")
+  Image.fromarray(np.zeros((SIZE, 2 * SIZE, 3), np.uint8)).save(tmp_path / "wide.png")
+  (tmp_path / "junk.png").write_bytes(b"not an image")
+  for name, message in [("rgba.png", "image mode RGBA, expected RGB"), ("wide.png", f"is {2 * SIZE}x{SIZE}"),
+                        ("junk.png", "not a readable image"), ("missing.png", "no such image file")]:
+    config = _config(folder, task="img2img", init_image=str(tmp_path / name))
+    with pytest.raises(ConfigError, match=message):
+      generation.generate(config, str(tmp_path / "out"))
+  with pytest.raises(ConfigError, match="config.sampler: unknown grid"):
+    generation.generate(_config(folder, sampler=dict(name="euler", grid="nope", steps=3, guidance_scale=7.5,
+                                                     guidance_rescale=0.0)), str(tmp_path / "out"))
+
+
+def test_command_line(folder, tmp_path):
+  """``--mode=generate`` runs the job; a bad override ends with one line naming the field."""
+  base = [sys.executable, "-m", "diffjax.main", "--config=configs/generate.py:tiny", f"--workdir={tmp_path}",
+          f"--config.pretrained={folder}", f"--config.height={SIZE}", f"--config.width={SIZE}",
+          "--config.sampler.steps=2", "--config.prompts=('a photo of a cat',)"]
+  out = subprocess.run(base + ["--mode=generate"], capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert (tmp_path / "0000.png").exists() and "done: NNNN.png, samples.npz, generation.json" in out.stderr
+  assert "Creating a new" not in out.stderr and "oneDNN custom operations" not in out.stderr  # third-party INFO
+  out = subprocess.run(base + ["--config.strength=2.0", "--config.task=img2img", "--config.init_image=x.png"],
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode != 0
+  assert out.stderr.strip().splitlines()[-1] == "FATAL config error: config.strength = 2.0 must be in (0, 1]"
