@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gaussian_oracle import gaussian_pipeline
 from test_pipelines_parity import (
     ATOL,
     NEGATIVE,
@@ -203,21 +204,6 @@ KNOWN = np.array([True, True, False, False])
 X0 = np.where(KNOWN, [2.0, 1.5, 0.0, 0.0], 0.0)  # the known pixels; the unknown ones are ignored
 
 
-def _gaussian_pipeline(process):
-  """A Pipeline whose network is the exact denoiser of N(MU, COV): E[x0 | x_t] (target x0), no text."""
-  lam, u = np.linalg.eigh(COV)  # E[x0 | x] = mu + U diag(alpha l / (alpha^2 l + sigma^2)) U^T (x - alpha mu)
-  mu, lam, u = (jnp.asarray(a, jnp.float32) for a in (MU, lam, u))
-
-  def predict(params, x, t, context):
-    alpha, sigma = process.alpha(t[0]), process.sigma(t[0])
-    flat = x.reshape(x.shape[0], D) - alpha * mu
-    x0 = mu + ((flat @ u) * (alpha * lam / (alpha**2 * lam + sigma**2))) @ u.T
-    return x0.reshape(x.shape)
-
-  return pipelines.Pipeline(tokenize=None, encode_text=lambda p, ids, m: jnp.zeros((ids.shape[0], 1, 1)),
-                            predict=predict, process=process, target="x0", latent_channels=1)
-
-
 def _repaint_moments(alpha, sigma, path):
   """Exact mean (D,) and covariance (D, D) of RePaint with DDPM steps, from x ~ N(0, I) at path[0].
 
@@ -261,7 +247,7 @@ def test_repaint_gaussian_moments():
   is not exact: 0.14 (closed form) against 0.57 (sampled, standard error 0.01) measured).
   """
   process = DiscreteVP.from_schedule("scaled_linear", 1000, 0.00085, 0.012)
-  pipe = _gaussian_pipeline(process)
+  pipe = gaussian_pipeline(process, MU, COV)
   n = 8192
   ts = np.asarray(grids.ddim_timesteps(1000, 20, "leading", 1), np.float64)
   region = jnp.broadcast_to(jnp.asarray((~KNOWN).astype(np.float32)).reshape(1, 2, 2, 1), (n, 2, 2, 1))

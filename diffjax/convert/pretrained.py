@@ -102,7 +102,12 @@ def _load_folder(folder: str, allow_pickle: bool, **kw) -> Loaded:
 
 
 def _load_single_file(path: str, allow_pickle: bool, **kw) -> dict[str, Loaded]:
-  parts = ldm.split_checkpoint(read_weights(path, allow_pickle))
+  return models_from_ldm(read_weights(path, allow_pickle), path, **kw)
+
+
+def models_from_ldm(state: Mapping[str, np.ndarray], path: str, **kw) -> dict[str, Loaded]:
+  """{'unet' | 'vae' | 'text_encoder': (module, params)} of a single-file state dict read from ``path``."""
+  parts = ldm.split_checkpoint(state)
   if not parts:
     raise ValueError(f'{path}: not an original Stable Diffusion checkpoint (no keys starting with '
                      f'{ldm.UNET_PREFIX!r}, {ldm.VAE_PREFIX!r} or {ldm.CLIP_PREFIX!r})')

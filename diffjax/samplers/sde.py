@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from diffjax.processes import Process
 from diffjax.samplers.base import Solver, schedule_at
+from diffjax.samplers.ode import ddim_update
 
 
 def _no_state(x, ts):
@@ -96,8 +97,9 @@ def ddim(process: Process, eta: float = 0.0) -> Solver:
   stochastic = bool(eta != 0)
 
   def step(denoise, x, t, t_next, state, key):
-    z = _normal(key, x) if stochastic else jnp.zeros_like(x)
-    return _ancestral(process, x, denoise(x, t), t, t_next, eta, z).astype(x.dtype), state
+    if not stochastic:  # the ODE step itself: also valid towards noise (inversion), where 1 - r^2 < 0
+      return ddim_update(process, x, denoise(x, t), t, t_next).astype(x.dtype), state
+    return _ancestral(process, x, denoise(x, t), t, t_next, eta, _normal(key, x)).astype(x.dtype), state
 
   return Solver(init=_no_state, step=step, order=1, nfe_per_step=1, stochastic=stochastic)
 
