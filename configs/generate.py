@@ -3,6 +3,11 @@
 python -m diffjax.main --config=configs/generate.py --workdir=/tmp/gen \
     --config.pretrained=PATH --config.prompts="('a photo of a cat', 'a lake at dawn')"
 img2img: --config.task=img2img --config.init_image=photo.png --config.strength=0.6
+inpainting: --config.task=inpaint --config.init_image=photo.png --config.mask_image=mask.png
+  (white = regenerate; an SD inpainting folder conditions on the mask, any other model blends,
+  with RePaint resampling when --config.repaint.jump_length=10 --config.repaint.jump_n_sample=10)
+A single-file SD 1.x/2.x checkpoint: --config.pretrained=sd.safetensors --config.tokenizer=DIR
+  (a CLIP tokenizer folder; --config.prediction_type=v_prediction overrides the family's default).
 Sampler: the folder's scheduler (``sampler.name = ""``) with ``sampler.steps`` steps, or any
 diffjax solver by name on ``sampler.grid`` within ``sampler.steps`` network evaluations
 (e.g. --config.sampler.name=dpmpp_2m --config.sampler.grid=karras --config.sampler.steps=20).
@@ -17,15 +22,21 @@ import ml_collections
 def get_config(arg: str = ""):
   config = ml_collections.ConfigDict()
   config.job = "generate"
-  config.pretrained = ""  # a diffusers pipeline folder (model_index.json) or a diffjax workdir (config.json)
-  config.task = "txt2img"  # txt2img | img2img
+  config.pretrained = ""  # a diffusers folder (model_index.json), a diffjax workdir (config.json) or an SD file
+  config.tokenizer = ""  # single-file checkpoints only: the CLIP tokenizer folder
+  config.prediction_type = ""  # single-file checkpoints only: "" = the family's default (SD 1 epsilon, SD 2 v)
+  config.task = "txt2img"  # txt2img | img2img | inpaint
   config.prompts = ("a photograph of an astronaut riding a horse",)
   config.negative_prompt = ""  # one for all prompts ("" = unconditional)
   config.num_per_prompt = 1
-  config.height = 512  # pixels; img2img: must equal the init image's size (0: take it from the image)
+  config.height = 512  # pixels; img2img/inpaint: must equal the init image's size (0: take it from the image)
   config.width = 512
-  config.init_image = ""  # img2img: an RGB image file
-  config.strength = 0.8  # img2img: how far towards noise the image is taken, in (0, 1]
+  config.init_image = ""  # img2img/inpaint: an RGB image file
+  config.mask_image = ""  # inpaint: a grey image file of the init image's size, >= 0.5 (white) = regenerate
+  config.strength = 0.0  # img2img/inpaint: how far towards noise, in (0, 1]; 0 = the task's default (0.8 / 1.0)
+  config.repaint = ml_collections.ConfigDict()  # inpaint with a model not trained for it: RePaint resampling
+  config.repaint.jump_length = 0  # grid intervals per jump back up (0 = no resampling; 10 in the paper)
+  config.repaint.jump_n_sample = 0  # passes over each jump (10 in the paper)
   config.seed = 0  # image i gets seed + i
   config.batch_size = 4  # images per compiled call
   config.dtype = "float32"  # computation dtype of the networks (bfloat16 on accelerators)

@@ -1,7 +1,9 @@
 """The generation job: ``generate(config, output_dir)`` writes images for prompts (and an init image).
 
-The pretrained model is a diffusers Stable Diffusion folder (``model_index.json``) or a
-diffjax training workdir (``config.json`` and ``checkpoints/``, its latest EMA weights).
+The pretrained model is a diffusers Stable Diffusion folder (``model_index.json``), a
+diffjax training workdir (``config.json`` and ``checkpoints/``, its latest EMA weights) or
+an original single-file SD 1.x/2.x checkpoint (with ``config.tokenizer``). Tasks: txt2img,
+img2img, inpaint (``pipelines.inpaint``).
 The config (``configs/generate.py``) is read and checked here, then turned into calls of
 ``diffjax.pipelines.generate``, ``config.batch_size`` images at a time with a progress bar.
 
@@ -29,13 +31,15 @@ from diffjax import images, pipelines
 from diffjax.train import trainer
 from diffjax.train.schema import ConfigError, check_fields
 
-TASKS = ("txt2img", "img2img")
+TASKS = ("txt2img", "img2img", "inpaint")
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _NUMBER = (int, float)
 FIELDS = {
-    "job": str, "pretrained": str, "task": str, "prompts": (tuple, list), "negative_prompt": str,
-    "num_per_prompt": int, "height": int, "width": int, "init_image": str, "strength": _NUMBER, "seed": int,
-    "batch_size": int, "dtype": str,
+    "job": str, "pretrained": str, "tokenizer": str, "prediction_type": str, "task": str, "prompts": (tuple, list),
+    "negative_prompt": str, "num_per_prompt": int, "height": int, "width": int, "init_image": str, "mask_image": str,
+    "strength": _NUMBER, "repaint": dict(jump_length=int, jump_n_sample=int), "seed": int, "batch_size": int,
+    "dtype": str,
     "sampler": dict(name=str, grid=str, steps=int, options=Mapping, guidance_scale=_NUMBER, guidance_rescale=_NUMBER),
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".msgpack")
@@ -45,9 +49,12 @@ CHUNK = 1 << 22
 def validate(config) -> None:
   """``ConfigError`` naming the field for an unknown, missing, mistyped or impossible setting."""
   check_fields(config, FIELDS, optional=frozenset({"sampler.options"}))
-  if not config.pretrained or not os.path.isdir(config.pretrained):
-    raise ConfigError(f"config.pretrained = {config.pretrained!r} is not a folder: give a diffusers pipeline "
-                      f"folder or a diffjax training workdir")
+  if not config.pretrained or not os.path.exists(config.pretrained):
+    raise ConfigError(f"config.pretrained = {config.pretrained!r} does not exist: give a diffusers pipeline "
+                      f"folder, a diffjax training workdir or a single-file SD checkpoint")
+  if os.path.isfile(config.pretrained) and not config.tokenizer:
+    raise ConfigError(f"config.tokenizer is empty: the single file {config.pretrained} holds no tokenizer; "
+                      f"give a CLIP tokenizer folder (vocab.json + merges.txt)")
   if config.task not in TASKS:
     raise ConfigError(f"config.task = {config.task!r}: expected one of {TASKS}")
   if not config.prompts or not all(isinstance(p, str) for p in config.prompts):
@@ -58,14 +65,19 @@ def validate(config) -> None:
       raise ConfigError(f"config.{name} = {value} must be >= 1")
   if config.dtype not in DTYPES:
     raise ConfigError(f"config.dtype = {config.dtype!r}: expected one of {sorted(DTYPES)}")
-  if config.task == "img2img":
-    if not 0.0 < config.strength <= 1.0:
-      raise ConfigError(f"config.strength = {config.strength} must be in (0, 1]")
+  if config.task != "txt2img":
+    if not 0.0 <= config.strength <= 1.0:
+      raise ConfigError(f"config.strength = {config.strength} must be in (0, 1] (0: the task's default)")
     if not config.init_image:
-      raise ConfigError("config.init_image is empty: img2img needs an RGB image file")
+      raise ConfigError(f"config.init_image is empty: {config.task} needs an RGB image file")
+  if config.task == "inpaint" and not config.mask_image:
+    raise ConfigError("config.mask_image is empty: inpaint needs a grey mask file (white = regenerate)")
+  r = config.repaint
+  if (r.jump_length > 0) != (r.jump_n_sample > 0) or r.jump_length < 0 or r.jump_n_sample < 0:
+    raise ConfigError(f"config.repaint = {r.to_dict()}: set both jump_length and jump_n_sample >= 1, or both 0 (off)")
   for side in ("height", "width"):
-    if config[side] < 0 or (config[side] == 0 and config.task != "img2img"):
-      raise ConfigError(f"config.{side} = {config[side]} must be positive (0 only for img2img: the image's size)")
+    if config[side] < 0 or (config[side] == 0 and config.task == "txt2img"):
+      raise ConfigError(f"config.{side} = {config[side]} must be positive (0 only with an init image: its size)")
 
 
 def _sha256(path: str) -> str:
@@ -88,8 +100,17 @@ def weights_fingerprint(root: str, under: str = "") -> dict[str, str]:
   return out
 
 
-def load(path: str, dtype=jnp.float32) -> tuple[pipelines.Pipeline, dict, dict]:
-  """(pipeline, params, provenance) of a diffusers folder or a diffjax workdir (``config.json`` + checkpoints)."""
+def load(path: str, dtype=jnp.float32, tokenizer: str = "", prediction_type: str = ""
+         ) -> tuple[pipelines.Pipeline, dict, dict]:
+  """(pipeline, params, provenance) of a diffusers folder, a diffjax workdir (``config.json`` + checkpoints) or
+  a single-file checkpoint (``tokenizer``: its tokenizer folder; ``prediction_type``: "" = the default)."""
+  if os.path.isfile(path):
+    try:
+      pipe, params = pipelines.from_single_file(path, tokenizer=tokenizer, prediction_type=prediction_type or None,
+                                                dtype=dtype)
+    except FileNotFoundError as e:
+      raise ConfigError(f"config.tokenizer: {e}") from None
+    return pipe, params, {"kind": "single_file", "weights_sha256": {os.path.basename(path): _sha256(path)}}
   if os.path.isfile(os.path.join(path, "model_index.json")):
     pipe, params = pipelines.from_pretrained(path, dtype=dtype)
     return pipe, params, {"kind": "diffusers", "weights_sha256": weights_fingerprint(path)}
@@ -104,32 +125,47 @@ def load(path: str, dtype=jnp.float32) -> tuple[pipelines.Pipeline, dict, dict]:
                     f"diffjax training workdir ({trainer.CONFIG_FILE} and checkpoints/)")
 
 
-def _init_image(config) -> tuple[np.ndarray, int, int]:
-  """The img2img image (H, W, 3) in [0, 1] and the output size (the image's where config says 0)."""
+def _image_file(config, field: str, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+  """The image of ``config.<field>`` (H, W, channels) in [0, 1], checked to be ``size`` (H, W) if given."""
   try:
-    image = images.load_image(config.init_image, channels=3)
+    image = images.load_image(config[field], channels=channels)
   except ValueError as e:
-    raise ConfigError(f"config.init_image: {e}") from None
-  h, w = config.height or image.shape[0], config.width or image.shape[1]
-  if image.shape[:2] != (h, w):
-    raise ConfigError(f"config.init_image {config.init_image} is {image.shape[1]}x{image.shape[0]} (W x H), the "
-                      f"output {w}x{h}: resize it, or set config.height = config.width = 0 to take its size")
-  return image, h, w
+    raise ConfigError(f"config.{field}: {e}") from None
+  if size is not None and image.shape[:2] != size:
+    hint = ("make the mask the init image's size" if field == "mask_image" else
+            "resize it, or set config.height = config.width = 0 to take its size")
+    raise ConfigError(f"config.{field} {config[field]} is {image.shape[1]}x{image.shape[0]} (W x H), the output "
+                      f"{size[1]}x{size[0]}: {hint}")
+  return image
+
+
+def _inputs(config) -> tuple[np.ndarray | None, np.ndarray | None, int, int]:
+  """(init image, mask, height, width): the image's size where the config says 0."""
+  if config.task == "txt2img":
+    return None, None, config.height, config.width
+  image = _image_file(config, "init_image", 3)
+  size = (config.height or image.shape[0], config.width or image.shape[1])
+  image = _image_file(config, "init_image", 3, size) if image.shape[:2] != size else image
+  mask = _image_file(config, "mask_image", 1, size) if config.task == "inpaint" else None
+  return image, mask, *size
 
 
 def generate(config, output_dir: str) -> dict:
   """Runs the generation ``config`` describes into ``output_dir``; returns what ``generation.json`` holds."""
   validate(config)
   started = time.time()
-  pipe, params, provenance = load(config.pretrained, DTYPES[config.dtype])
+  pipe, params, provenance = load(config.pretrained, DTYPES[config.dtype], config.tokenizer, config.prediction_type)
   s = config.sampler
   try:
     plan = pipelines.plan_for(pipe, s.steps, s.name or None, s.grid, **s.get("options", {}))
   except (ValueError, NotImplementedError) as e:
     raise ConfigError(f"config.sampler: {e}") from None
-  image, height, width = (None, config.height, config.width)
-  if config.task == "img2img":
-    image, height, width = _init_image(config)
+  image, mask, height, width = _inputs(config)
+  strength = float(config.strength or DEFAULT_STRENGTH.get(config.task, 1.0))
+  r = config.repaint
+  repaint = pipelines.RePaint(r.jump_length, r.jump_n_sample) if r.jump_length else None
+  if repaint is not None and (config.task != "inpaint" or isinstance(pipe, pipelines.InpaintingPipeline)):
+    raise ConfigError("config.repaint is an option of inpainting with a model not trained for it")
   prompts = [p for p in config.prompts for _ in range(config.num_per_prompt)]
   seeds = [config.seed + i for i in range(len(prompts))]
   os.makedirs(output_dir, exist_ok=True)
@@ -138,9 +174,12 @@ def generate(config, output_dir: str) -> dict:
   with tqdm.tqdm(total=len(prompts), unit="image", desc="generating", dynamic_ncols=True) as bar:
     for start in range(0, len(prompts), config.batch_size):
       batch = slice(start, start + config.batch_size)
-      out = pipelines.generate(pipe, params, prompts[batch], negative_prompts=[config.negative_prompt],
-                               height=height, width=width, plan=plan, guidance_scale=float(s.guidance_scale),
-                               guidance=guidance, seed=seeds[batch], image=image, strength=float(config.strength))
+      kw = dict(negative_prompts=[config.negative_prompt], height=height, width=width, plan=plan,
+                guidance_scale=float(s.guidance_scale), guidance=guidance, seed=seeds[batch], strength=strength)
+      if config.task == "inpaint":
+        out = pipelines.inpaint(pipe, params, prompts[batch], image, mask, repaint=repaint, **kw)
+      else:
+        out = pipelines.generate(pipe, params, prompts[batch], image=image, **kw)
       for i, img in enumerate(images.to_uint8(out.images, 0.0, 1.0), start):
         name = f"{i:04d}.png"
         images.save_png(img, os.path.join(output_dir, name))

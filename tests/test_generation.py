@@ -70,7 +70,30 @@ def test_img2img_from_an_image_file(folder, tmp_path):
   assert np.load(tmp_path / "out" / "samples.npz")["images"].shape == (2, SIZE, SIZE, 3)
 
 
+def test_inpaint_from_image_and_mask_files(folder, tmp_path):
+  """A 4-channel folder inpaints by blending (RePaint on request); the record says how; sizes are checked."""
+  rgb = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), np.uint8)
+  Image.fromarray(rgb).save(tmp_path / "init.png")
+  mask = np.zeros((SIZE, SIZE), np.uint8)
+  mask[:, SIZE // 2:] = 255
+  Image.fromarray(mask).save(tmp_path / "mask.png")
+  Image.fromarray(mask[:, :-2]).save(tmp_path / "narrow.png")
+  files = dict(task="inpaint", init_image=str(tmp_path / "init.png"), mask_image=str(tmp_path / "mask.png"))
+  record = generation.generate(_config(folder, **files, repaint=dict(jump_length=1, jump_n_sample=2)),
+                               str(tmp_path / "out"))
+  assert (record["task"], record["mode"], record["strength"]) == ("inpaint", "blended", 1.0)
+  assert record["repaint"] == {"jump_length": 1, "jump_n_sample": 2}
+  assert np.load(tmp_path / "out" / "samples.npz")["images"].shape == (2, SIZE, SIZE, 3)
+  with pytest.raises(ConfigError, match="config.mask_image .* make the mask the init image's size"):
+    generation.generate(_config(folder, **(files | dict(mask_image=str(tmp_path / "narrow.png")))), str(tmp_path))
+  with pytest.raises(ConfigError, match="config.mask_image: .* image mode RGB, expected L"):
+    generation.generate(_config(folder, **(files | dict(mask_image=str(tmp_path / "init.png")))), str(tmp_path))
+
+
 @pytest.mark.parametrize("fields, message", [
+    (dict(task="inpaint", init_image="x.png"), "config.mask_image is empty"),
+    (dict(repaint=dict(jump_length=3, jump_n_sample=0)), "config.repaint"),
+    (dict(repaint=dict(jump_length=3, jump_n_sample=3)), "config.repaint is an option of inpainting"),
     (dict(task="inpaint2"), "config.task"),
     (dict(strength=1.5, task="img2img", init_image="x.png"), "config.strength"),
     (dict(task="img2img"), "config.init_image is empty"),
@@ -87,6 +110,9 @@ def test_bad_settings_name_the_field(folder, tmp_path, fields, message):
 def test_bad_files_name_the_file(folder, tmp_path):
   with pytest.raises(ConfigError, match="neither a diffusers pipeline folder"):
     generation.generate(_config(folder, pretrained=str(tmp_path)), str(tmp_path / "out"))
+  (tmp_path / "sd.safetensors").write_bytes(b"")
+  with pytest.raises(ConfigError, match="config.tokenizer is empty: the single file"):
+    generation.generate(_config(folder, pretrained=str(tmp_path / "sd.safetensors")), str(tmp_path / "out"))
   Image.fromarray(np.zeros((SIZE, SIZE, 4), np.uint8)).save(tmp_path / "rgba.png")
   Image.fromarray(np.zeros((SIZE, 2 * SIZE, 3), np.uint8)).save(tmp_path / "wide.png")
   (tmp_path / "junk.png").write_bytes(b"not an image")
@@ -112,4 +138,4 @@ def test_command_line(folder, tmp_path):
   out = subprocess.run(base + ["--config.strength=2.0", "--config.task=img2img", "--config.init_image=x.png"],
                        capture_output=True, text=True, timeout=600)
   assert out.returncode != 0
-  assert out.stderr.strip().splitlines()[-1] == "FATAL config error: config.strength = 2.0 must be in (0, 1]"
+  assert out.stderr.strip().splitlines()[-1] == "FATAL config error: config.strength = 2.0 must be in (0, 1] (0: the task's default)"

@@ -112,3 +112,17 @@ def test_bad_single_files(checkpoint, tmp_path):
     pipelines.from_single_file(tmp_path / "missing.safetensors", tokenizer=folder / "tokenizer")
   with pytest.raises(ValueError, match="prediction_type"):
     pipelines.from_single_file(file, tokenizer=folder / "tokenizer", prediction_type="x0")
+
+
+def test_generation_job_reads_a_single_file(checkpoint, tmp_path):
+  from configs import generate as generate_config
+  from diffjax import generation
+  folder, file, _ = checkpoint
+  config = generate_config.get_config("tiny")
+  config.update(pretrained=str(file), tokenizer=str(folder / "tokenizer"), height=SIZE, width=SIZE,
+                prompts=(PROMPTS[0],))
+  config.sampler.steps = 2
+  record = generation.generate(config, str(tmp_path))
+  assert record["kind"] == "single_file" and record["plan"]["solver"] == "pndm"
+  assert record["weights_sha256"] == {"sd.safetensors": generation._sha256(str(file))}
+  assert (tmp_path / "0000.png").exists()
