@@ -138,4 +138,5 @@ def test_command_line(folder, tmp_path):
   out = subprocess.run(base + ["--config.strength=2.0", "--config.task=img2img", "--config.init_image=x.png"],
                        capture_output=True, text=True, timeout=600)
   assert out.returncode != 0
-  assert out.stderr.strip().splitlines()[-1] == "FATAL config error: config.strength = 2.0 must be in (0, 1] (0: the task's default)"
+  assert out.stderr.strip().splitlines()[-1] == ("FATAL config error: config.strength = 2.0 must be in (0, 1] "
+                                                 "(0: the task's default)")

@@ -11,11 +11,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from diffjax import parameterization
 from diffjax.processes import Process
 
 
 def classifier_free(denoise, cond, uncond, scale, *, process: Process | None = None,
-                    interval: tuple | None = None, rescale: float = 0.0):
+                    interval: tuple | None = None, rescale: float = 0.0, rescale_target: str = "eps"):
   """Classifier-free guidance (Ho & Salimans 2022): D = D_u + scale (D_c - D_u).
 
   Both predictions come from one network call on the batch [x; x] with [cond; uncond].
@@ -28,8 +29,12 @@ def classifier_free(denoise, cond, uncond, scale, *, process: Process | None = N
     process: needed for ``interval`` and ``rescale``.
     interval: (sigma_lo, sigma_hi) in EDM noise level sigma/alpha: guide only where
       sigma_lo < sigma/alpha <= sigma_hi, else return D_c (Kynkaanniemi et al. 2024).
-    rescale: phi of Lin et al. (2024, eq. 15-16): the guided noise prediction is
-      rescaled to the per-example std of the conditional one, mixed with weight phi.
+    rescale: phi of Lin et al. (2024, eq. 15-16): the guided prediction of
+      ``rescale_target`` is rescaled to the per-example std of the conditional one,
+      mixed with weight phi.
+    rescale_target: the prediction whose std is matched (``parameterization.TARGETS``).
+      Pass the network's target to match diffusers, which rescales the raw network
+      output: for a v-prediction model v, not eps (the paper's models predict v).
   """
   if (interval is not None or rescale) and process is None:
     raise ValueError("classifier_free: interval and rescale need the process")
@@ -40,14 +45,12 @@ def classifier_free(denoise, cond, uncond, scale, *, process: Process | None = N
     d_c, d_u = jnp.split(denoise(jnp.concatenate([x, x]), t, both), 2)
     d = d_u + scale * (d_c - d_u)
     if rescale:
-      alpha, sigma = process.alpha(t), process.sigma(t)
-      eps = lambda d0: (x - alpha * d0) / sigma
+      pred = lambda d0: parameterization.from_x0(rescale_target, d0, x, t, process)
       axes = tuple(range(1, x.ndim))
       std = lambda e: jnp.std(e, axis=axes, keepdims=True)
-      eps_g = eps(d)
-      eps_r = eps_g * std(eps(d_c)) / std(eps_g)
-      eps_mix = rescale * eps_r + (1.0 - rescale) * eps_g
-      d = (x - sigma * eps_mix) / alpha
+      p_g = pred(d)
+      p_r = p_g * std(pred(d_c)) / std(p_g)
+      d = parameterization.to_x0(rescale_target, rescale * p_r + (1.0 - rescale) * p_g, x, t, process)
     if interval is not None:
       s = process.edm_sigma(t)
       d = jnp.where((s > interval[0]) & (s <= interval[1]), d, d_c)
