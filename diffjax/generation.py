@@ -21,6 +21,7 @@ import os
 import time
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -39,7 +40,7 @@ FIELDS = {
     "job": str, "pretrained": str, "tokenizer": str, "prediction_type": str, "task": str, "prompts": (tuple, list),
     "negative_prompt": str, "num_per_prompt": int, "height": int, "width": int, "init_image": str, "mask_image": str,
     "strength": _NUMBER, "repaint": dict(jump_length=int, jump_n_sample=int), "seed": int, "batch_size": int,
-    "dtype": str,
+    "dtype": str, "compilation_cache": str,
     "sampler": dict(name=str, grid=str, steps=int, options=Mapping, guidance_scale=_NUMBER, guidance_rescale=_NUMBER),
 }
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".msgpack")
@@ -78,6 +79,15 @@ def validate(config) -> None:
   for side in ("height", "width"):
     if config[side] < 0 or (config[side] == 0 and config.task == "txt2img"):
       raise ConfigError(f"config.{side} = {config[side]} must be positive (0 only with an init image: its size)")
+
+
+def use_compilation_cache(folder: str) -> None:
+  """Turns on JAX's persistent compilation cache in ``folder`` (every program, however fast it compiled)."""
+  if not folder:
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(folder))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _sha256(path: str) -> str:
@@ -154,6 +164,7 @@ def generate(config, output_dir: str) -> dict:
   """Runs the generation ``config`` describes into ``output_dir``; returns what ``generation.json`` holds."""
   validate(config)
   started = time.time()
+  use_compilation_cache(config.compilation_cache)
   pipe, params, provenance = load(config.pretrained, DTYPES[config.dtype], config.tokenizer, config.prediction_type)
   s = config.sampler
   try:

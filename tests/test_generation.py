@@ -32,6 +32,7 @@ def _config(folder, **fields):
   config.height = config.width = SIZE
   config.prompts = ("a photo of a cat", "a painting of a mountain lake at sunset")
   config.sampler.steps = 3
+  config.compilation_cache = ""  # the cache is process-wide: not in the test process (the CLI test checks it)
   config.update(fields)
   return config
 
@@ -130,10 +131,12 @@ def test_command_line(folder, tmp_path):
   """``--mode=generate`` runs the job; a bad override ends with one line naming the field."""
   base = [sys.executable, "-m", "diffjax.main", "--config=configs/generate.py:tiny", f"--workdir={tmp_path}",
           f"--config.pretrained={folder}", f"--config.height={SIZE}", f"--config.width={SIZE}",
-          "--config.sampler.steps=2", "--config.prompts=('a photo of a cat',)"]
+          "--config.sampler.steps=2", "--config.prompts=('a photo of a cat',)",
+          f"--config.compilation_cache={tmp_path / 'cache'}"]
   out = subprocess.run(base + ["--mode=generate"], capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
   assert (tmp_path / "0000.png").exists() and "done: NNNN.png, samples.npz, generation.json" in out.stderr
+  assert any((tmp_path / "cache").iterdir())  # the compiled programs, for the next run
   assert "Creating a new" not in out.stderr and "oneDNN custom operations" not in out.stderr  # third-party INFO
   out = subprocess.run(base + ["--config.strength=2.0", "--config.task=img2img", "--config.init_image=x.png"],
                        capture_output=True, text=True, timeout=600)

@@ -120,7 +120,7 @@ def test_generation_job_reads_a_single_file(checkpoint, tmp_path):
   folder, file, _ = checkpoint
   config = generate_config.get_config("tiny")
   config.update(pretrained=str(file), tokenizer=str(folder / "tokenizer"), height=SIZE, width=SIZE,
-                prompts=(PROMPTS[0],))
+                prompts=(PROMPTS[0],), compilation_cache="")
   config.sampler.steps = 2
   record = generation.generate(config, str(tmp_path))
   assert record["kind"] == "single_file" and record["plan"]["solver"] == "pndm"

@@ -1,0 +1,195 @@
+"""txt2img end to end, diffjax vs diffusers, on the real SD 1.5 architecture with random weights (no download).
+
+One call = text encoding (CLIP ViT-L/14 shapes), ``--steps`` sampler steps with classifier-free
+guidance (the U-Net on a batch of 2B), VAE decoding, images back on the host. Both sides load
+the same saved diffusers folder (random weights at SD 1.5's shapes; scheduler: SD 1.5's PNDM
+config) and run the same scheduler and steps in float32 on this machine's cores.
+
+Every measurement runs in a fresh child process, so that peak host memory (``ru_maxrss``) and
+start-up costs are each framework's own; for each point the order is diffusers, diffjax with an
+empty persistent compilation cache ("cold"), diffjax again with the cache that run filled
+("warm"). Reported per point: seconds per image and images/s (median of ``--reps`` calls after
+the first), the diffjax/diffusers throughput ratio, diffjax's first-call overhead (first call minus
+a steady call: compilation when cold, cache loading when warm), and peak RSS of each process.
+
+  python benchmarks/generation.py                                  # 256 and 512 px, batch 1 and 4, 10 steps
+  python benchmarks/generation.py --sizes 256 --batches 1 --steps 4 --reps 1   # a quick look
+
+The tokenizer is a small BPE vocabulary made here in CLIP's format: token ids differ from the real
+CLIP vocabulary, which changes no shape and no cost (the sequence is always padded to 77).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout, uninstalled
+
+PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, dramatic light"
+NEGATIVE = "blurry, low quality"
+SD15_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1}
+
+
+def _peak_rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def make_folder(folder: str) -> None:
+  """A diffusers StableDiffusionPipeline folder with random weights at SD 1.5's shapes."""
+  import diffusers
+  import torch
+  import transformers
+
+  sys.path.insert(0, os.path.join(ROOT, "tests"))
+  from test_tokenizers import CORPUS, _train_bpe
+
+  from diffjax.convert.configs import unet_config_to_diffusers, vae_config_to_diffusers
+  from diffjax.models.unet import UNET_CONFIGS
+  from diffjax.models.vae import VAE_CONFIGS
+
+  torch.manual_seed(0)
+  tok = os.path.join(folder, "_tokenizer_files")
+  os.makedirs(tok, exist_ok=True)
+  vocab, merges = _train_bpe(CORPUS + [PROMPT, NEGATIVE], 200)
+  with open(os.path.join(tok, "vocab.json"), "w", encoding="utf-8") as f:
+    json.dump(vocab, f)
+  with open(os.path.join(tok, "merges.txt"), "w", encoding="utf-8") as f:
+    f.write("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+  tokenizer = transformers.CLIPTokenizer(os.path.join(tok, "vocab.json"), os.path.join(tok, "merges.txt"),
+                                         model_max_length=77)
+  text = transformers.CLIPTextModel(transformers.CLIPTextConfig(  # CLIP ViT-L/14's text tower
+      vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+      max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=vocab["<|startoftext|>"],
+      eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]))
+  unet = diffusers.UNet2DConditionModel.from_config(unet_config_to_diffusers(UNET_CONFIGS["sd15"]))
+  vae = diffusers.AutoencoderKL.from_config(vae_config_to_diffusers(VAE_CONFIGS["sd"]))
+  pipe = diffusers.StableDiffusionPipeline(
+      vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=diffusers.PNDMScheduler(**SD15_SCHEDULER),
+      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  pipe.save_pretrained(folder)
+
+
+def _time_calls(call, reps: int) -> tuple[float, list[float]]:
+  t0 = time.perf_counter()
+  call()
+  first = time.perf_counter() - t0
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    call()
+    times.append(time.perf_counter() - t0)
+  return first, times
+
+
+def child_diffusers(args) -> dict:
+  import diffusers
+  import torch
+
+  torch.set_num_threads(os.cpu_count())
+  t0 = time.perf_counter()
+  pipe = diffusers.StableDiffusionPipeline.from_pretrained(args.folder, safety_checker=None)
+  pipe.set_progress_bar_config(disable=True)
+  load = time.perf_counter() - t0
+
+  def call():
+    with torch.no_grad():
+      return pipe([PROMPT] * args.batch, negative_prompt=[NEGATIVE] * args.batch, height=args.size, width=args.size,
+                  num_inference_steps=args.steps, guidance_scale=7.5, output_type="np").images
+
+  first, times = _time_calls(call, args.reps)
+  return {"load_s": load, "first_s": first, "times": times}
+
+
+def child_diffjax(args) -> dict:
+  import jax
+
+  jax.config.update("jax_compilation_cache_dir", args.cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  from diffjax import pipelines
+
+  t0 = time.perf_counter()
+  pipe, params = pipelines.from_pretrained(args.folder)
+  plan = pipelines.plan_for(pipe, args.steps)
+  load = time.perf_counter() - t0
+
+  def call():
+    return pipelines.generate(pipe, params, [PROMPT] * args.batch, negative_prompts=[NEGATIVE] * args.batch,
+                              height=args.size, width=args.size, plan=plan, guidance_scale=7.5).images
+
+  first, times = _time_calls(call, args.reps)
+  return {"load_s": load, "first_s": first, "times": times}
+
+
+def _run_child(args, framework: str, size: int, batch: int, reps: int, cache: str) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), "--child", framework, "--folder", args.folder, "--size", str(size),
+         "--batch", str(batch), "--steps", str(args.steps), "--reps", str(reps), "--cache", cache]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if out.returncode != 0:
+    raise RuntimeError(f"{framework} {size}px batch {batch} failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", default="256,512")
+  parser.add_argument("--batches", default="1,4")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--reps", type=int, default=2, help="timed calls after the first")
+  parser.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "diffjax_bench_sd15"),
+                      help="the random-weight SD 1.5 folder (made on first use)")
+  parser.add_argument("--json", default="", help="also write the results here")
+  parser.add_argument("--child", choices=("diffusers", "diffjax"), help=argparse.SUPPRESS)
+  parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--cache", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.child:
+    result = (child_diffusers if args.child == "diffusers" else child_diffjax)(args)
+    print(json.dumps(result | {"peak_rss_gib": _peak_rss_gib()}))
+    return
+  if not os.path.isfile(os.path.join(args.folder, "model_index.json")):
+    print(f"making the random-weight SD 1.5 folder {args.folder} ...", flush=True)
+    make_folder(args.folder)
+  print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; {args.steps} PNDM steps, CFG 7.5, "
+        f"float32; median of {args.reps} calls after the first\n")
+  header = (f"{'size':>5} {'batch':>5} | {'diffusers s/img':>15} {'diffjax s/img':>13} | {'img/s ratio':>11} | "
+            f"{'cold compile s':>14} {'warm start s':>12} | {'RSS GiB torch':>13} {'jax':>5}")
+  print(header + "\n" + "-" * len(header), flush=True)
+  rows = []
+  for size in (int(s) for s in args.sizes.split(",")):
+    for batch in (int(b) for b in args.batches.split(",")):
+      ref = _run_child(args, "diffusers", size, batch, args.reps, "")
+      with tempfile.TemporaryDirectory() as cache:
+        cold = _run_child(args, "diffjax", size, batch, 1, cache)
+        warm = _run_child(args, "diffjax", size, batch, args.reps, cache)
+      t_ref, t_jax = statistics.median(ref["times"]), statistics.median(warm["times"])
+      row = {"size": size, "batch": batch, "diffusers_s_per_image": t_ref / batch,
+             "diffjax_s_per_image": t_jax / batch, "throughput_ratio": t_ref / t_jax,
+             "cold_compile_s": cold["first_s"] - statistics.median(cold["times"]),
+             "warm_start_s": warm["first_s"] - t_jax, "diffjax_load_s": warm["load_s"],
+             "diffusers_load_s": ref["load_s"], "peak_rss_gib": {"diffusers": ref["peak_rss_gib"],
+                                                                  "diffjax": warm["peak_rss_gib"]},
+             "raw": {"diffusers": ref, "diffjax_cold": cold, "diffjax_warm": warm}}
+      rows.append(row)
+      print(f"{size:>5} {batch:>5} | {row['diffusers_s_per_image']:>15.2f} {row['diffjax_s_per_image']:>13.2f} | "
+            f"{row['throughput_ratio']:>10.2f}x | {row['cold_compile_s']:>14.1f} {row['warm_start_s']:>12.1f} | "
+            f"{ref['peak_rss_gib']:>13.1f} {warm['peak_rss_gib']:>5.1f}", flush=True)
+  print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"steps": args.steps, "reps": args.reps, "cores": os.cpu_count(), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
