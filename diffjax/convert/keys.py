@@ -65,14 +65,17 @@ def to_torch_array(path: tuple[str, ...], w: np.ndarray) -> np.ndarray:
 
 
 def flax_from_state_dict(state: Mapping[str, np.ndarray], target: Mapping, *, key_fn: Callable[[str], str] = str,
-                         ignore: Iterable[re.Pattern] = IGNORED_KEYS, dtype=np.float32, what: str = 'checkpoint'
-                         ) -> dict:
+                         ignore: Iterable[re.Pattern] = IGNORED_KEYS, dtype=np.float32, what: str = 'checkpoint',
+                         convert: Callable = np.array, consume: bool = False) -> dict:
   """Builds the Flax parameter tree ``target`` (nested dict of arrays or ShapeDtypeStructs) from ``state``.
 
   ``key_fn`` maps the default PyTorch key of a parameter (``torch_key``) to the key in
   ``state`` (e.g. adds a prefix). Keys of ``state`` that no parameter uses (other than
   buffers matching ``ignore``), parameters without a key, and tensors whose shape does
   not fit are all collected and raised together as a ``WeightMismatchError``.
+  Each leaf is ``convert`` of the rearranged tensor in ``dtype`` (e.g. ``jnp.asarray``: one
+  device copy per tensor, no second host copy of the whole tree). ``consume`` removes each
+  tensor from ``state`` (a dict) once converted, so a large checkpoint is not held twice.
   """
   flat = traverse_util.flatten_dict(dict(target))
   out, missing, bad, used = {}, [], [], set()
@@ -82,12 +85,13 @@ def flax_from_state_dict(state: Mapping[str, np.ndarray], target: Mapping, *, ke
       missing.append(f'{key} (model {tuple(leaf.shape)})')
       continue
     used.add(key)
-    w = np.asarray(state[key])
+    w = np.asarray(state.pop(key) if consume else state[key])
     arr = w if path[-1] == 'embedding' else to_flax_array(w, tuple(leaf.shape))
     if arr is None or arr.shape != tuple(leaf.shape):
       bad.append(f'{key}: checkpoint {tuple(w.shape)}, model {tuple(leaf.shape)} ({"/".join(path)})')
       continue
-    out[path] = arr.astype(dtype)
+    out[path] = convert(arr.astype(dtype, copy=False))
+    del w, arr
   unexpected = [k for k in state if k not in used and not any(p.search(k) for p in ignore)]
   if missing or unexpected or bad:
     raise WeightMismatchError(mismatch_message(what, missing, unexpected, bad))

@@ -38,10 +38,9 @@ def _target_shapes(module: nn.Module) -> dict:
 
 
 def _params_from_state(module: nn.Module, state: Mapping[str, np.ndarray], param_dtype, what: str,
-                       key_fn: Callable[[str], str] = str, ignore=IGNORED_KEYS) -> dict:
-  params = flax_from_state_dict(state, _target_shapes(module), key_fn=key_fn, ignore=ignore,
-                                dtype=np.dtype(param_dtype), what=what)
-  return jax.tree.map(jnp.asarray, params)
+                       key_fn: Callable[[str], str] = str, ignore=IGNORED_KEYS, consume: bool = False) -> dict:
+  return flax_from_state_dict(state, _target_shapes(module), key_fn=key_fn, ignore=ignore,
+                              dtype=np.dtype(param_dtype), what=what, convert=jnp.asarray, consume=consume)
 
 
 def _clip_prefix_fn(state: Mapping) -> Callable[[str], str]:
@@ -57,23 +56,27 @@ def _bert_prefix(state: Mapping) -> str:
 
 
 def build(kind: str, config: Any, state: Mapping[str, np.ndarray], *, dtype=jnp.float32, param_dtype=jnp.float32,
-          what: str = 'checkpoint') -> Loaded:
-  """(module, params) for ``kind`` in {'unet', 'vae', 'clip', 'bert'} from a state dict with reference key names."""
+          what: str = 'checkpoint', consume: bool = False) -> Loaded:
+  """(module, params) for ``kind`` in {'unet', 'vae', 'clip', 'bert'} from a state dict with reference key names.
+
+  ``consume``: empty ``state`` (a dict) tensor by tensor while converting, so the checkpoint
+  and the parameters are not both held in host memory.
+  """
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   if kind == 'unet':
     m = UNet(config, **kw)
-    return m, _params_from_state(m, state, param_dtype, what)
+    return m, _params_from_state(m, state, param_dtype, what, consume=consume)
   if kind == 'vae':
     m = AutoencoderKL(config, **kw)
-    return m, _params_from_state(m, state, param_dtype, what)
+    return m, _params_from_state(m, state, param_dtype, what, consume=consume)
   if kind == 'clip':
     m = CLIPTextTransformer(config, **kw)
-    return m, _params_from_state(m, state, param_dtype, what, _clip_prefix_fn(state), _CLIP_IGNORE)
+    return m, _params_from_state(m, state, param_dtype, what, _clip_prefix_fn(state), _CLIP_IGNORE, consume)
   if kind == 'bert':
     prefix = _bert_prefix(state)
     ignore = IGNORED_KEYS + ((re.compile(r'^(?!bert\.)'),) if prefix else ())  # task heads (cls., ...) dropped
     m = BertEncoder(config, **kw)
-    return m, _params_from_state(m, state, param_dtype, what, lambda k: prefix + k, ignore)
+    return m, _params_from_state(m, state, param_dtype, what, lambda k: prefix + k, ignore, consume)
   raise ValueError(f'unknown model kind {kind!r}')
 
 
@@ -98,7 +101,7 @@ def _load_folder(folder: str, allow_pickle: bool, **kw) -> Loaded:
   state = find_weights(folder, (stem,), allow_pickle)
   if kind == 'bert':
     config = dataclasses.replace(config, add_pooler=any(k.endswith('pooler.dense.weight') for k in state))
-  return build(kind, config, state, what=folder, **kw)
+  return build(kind, config, state, what=folder, consume=True, **kw)  # the state is ours alone
 
 
 def _load_single_file(path: str, allow_pickle: bool, **kw) -> dict[str, Loaded]:
