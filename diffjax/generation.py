@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -28,57 +27,26 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from diffjax import images, pipelines
+from diffjax import images, pipelines, schema
+from diffjax.schema import ConfigError
 from diffjax.train import trainer
-from diffjax.train.schema import ConfigError, check_fields
 
-TASKS = ("txt2img", "img2img", "inpaint")
 DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_NUMBER = (int, float)
-FIELDS = {
-    "job": str, "pretrained": str, "tokenizer": str, "prediction_type": str, "task": str, "prompts": (tuple, list),
-    "negative_prompt": str, "num_per_prompt": int, "height": int, "width": int, "init_image": str, "mask_image": str,
-    "strength": _NUMBER, "repaint": dict(jump_length=int, jump_n_sample=int), "seed": int, "batch_size": int,
-    "dtype": str, "compilation_cache": str,
-    "sampler": dict(name=str, grid=str, steps=int, options=Mapping, guidance_scale=_NUMBER, guidance_rescale=_NUMBER),
-}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".msgpack")
 CHUNK = 1 << 22
 
 
 def validate(config) -> None:
-  """``ConfigError`` naming the field for an unknown, missing, mistyped or impossible setting."""
-  check_fields(config, FIELDS, optional=frozenset({"sampler.options"}))
+  """``ConfigError`` naming the field for an unknown, missing, mistyped or impossible setting (``diffjax.schema``'s
+  generate family) or a pretrained path that cannot be one."""
+  schema.validate(config, "generate")
   if not config.pretrained or not os.path.exists(config.pretrained):
     raise ConfigError(f"config.pretrained = {config.pretrained!r} does not exist: give a diffusers pipeline "
                       f"folder, a diffjax training workdir or a single-file SD checkpoint")
   if os.path.isfile(config.pretrained) and not config.tokenizer:
     raise ConfigError(f"config.tokenizer is empty: the single file {config.pretrained} holds no tokenizer; "
                       f"give a CLIP tokenizer folder (vocab.json + merges.txt)")
-  if config.task not in TASKS:
-    raise ConfigError(f"config.task = {config.task!r}: expected one of {TASKS}")
-  if not config.prompts or not all(isinstance(p, str) for p in config.prompts):
-    raise ConfigError(f"config.prompts = {config.prompts!r}: expected a non-empty tuple of strings")
-  for name, value in (("num_per_prompt", config.num_per_prompt), ("batch_size", config.batch_size),
-                      ("sampler.steps", config.sampler.steps)):
-    if value < 1:
-      raise ConfigError(f"config.{name} = {value} must be >= 1")
-  if config.dtype not in DTYPES:
-    raise ConfigError(f"config.dtype = {config.dtype!r}: expected one of {sorted(DTYPES)}")
-  if config.task != "txt2img":
-    if not 0.0 <= config.strength <= 1.0:
-      raise ConfigError(f"config.strength = {config.strength} must be in (0, 1] (0: the task's default)")
-    if not config.init_image:
-      raise ConfigError(f"config.init_image is empty: {config.task} needs an RGB image file")
-  if config.task == "inpaint" and not config.mask_image:
-    raise ConfigError("config.mask_image is empty: inpaint needs a grey mask file (white = regenerate)")
-  r = config.repaint
-  if (r.jump_length > 0) != (r.jump_n_sample > 0) or r.jump_length < 0 or r.jump_n_sample < 0:
-    raise ConfigError(f"config.repaint = {r.to_dict()}: set both jump_length and jump_n_sample >= 1, or both 0 (off)")
-  for side in ("height", "width"):
-    if config[side] < 0 or (config[side] == 0 and config.task == "txt2img"):
-      raise ConfigError(f"config.{side} = {config[side]} must be positive (0 only with an init image: its size)")
 
 
 def use_compilation_cache(folder: str) -> None:

@@ -2,7 +2,10 @@
 
 python -m diffjax.main --config=configs/<name>.py[:arg] --workdir=DIR [--config.field=value ...]
 
-The config is read here and nowhere deeper: jobs receive typed arguments.
+The config is read here and nowhere deeper: jobs receive typed arguments. It is checked
+against its family's declaration (``diffjax.schema``) before any job starts; a bad config
+ends with one line naming the field and exit status 2 (usage), a traceback only with
+``--verbosity=1``.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import difflib
 import importlib.util
 import logging as logging_lib
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffjax import generation, sampler_demo
+from diffjax import generation, sampler_demo, schema
 from diffjax.train import trainer, vae_trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
@@ -84,7 +88,16 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except (flags.Error, KeyError, AttributeError) as e:
-    sys.exit(f"FATAL config error: {_unknown_override(argv) or e}")
+    fail(f"FATAL config error: {_unknown_override(argv) or e}")
+
+
+USAGE_EXIT = 2  # a config or input that cannot be right (not a crash)
+
+
+def fail(line: str) -> None:
+  """Ends the program with one line on stderr and exit status 2."""
+  print(line, file=sys.stderr)
+  sys.exit(USAGE_EXIT)
 
 
 JOBS = {"sampler_demo": _sampler_demo, "train": lambda config, workdir: trainer.train_and_evaluate(config, workdir),
@@ -117,6 +130,7 @@ def main(argv):
   config = _CONFIG.value
   if config.job not in JOBS:
     raise app.UsageError(f"config.job={config.job!r} is not one of {sorted(JOBS)}")
+  schema.validate(config)  # every family, before anything is built or written
   quiet_third_party_logs()
   os.makedirs(_WORKDIR.value, exist_ok=True)
   if _MODE.value == "generate" and config.job != "generate":
@@ -138,8 +152,14 @@ def main(argv):
   logging.info("done: %s in %s", OUTPUTS[config.job], os.path.abspath(_WORKDIR.value))
 
 
-if __name__ == "__main__":
+def run() -> None:
   try:
     app.run(main, flags_parser=parse_flags)
-  except trainer.ConfigError as e:  # one line naming the field, no traceback
-    sys.exit(f"FATAL config error: {e}")
+  except (schema.ConfigError, FileNotFoundError) as e:  # one line naming the field or file, no traceback
+    if flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1:
+      traceback.print_exc()
+    fail(f"FATAL {'config error' if isinstance(e, schema.ConfigError) else 'error'}: {e}")
+
+
+if __name__ == "__main__":
+  run()

@@ -14,7 +14,7 @@ from test_pipelines_parity import SIZE, _tiny_pipeline
 
 from configs import generate as generate_config
 from diffjax import generation
-from diffjax.train.schema import ConfigError
+from diffjax.schema import ConfigError
 
 pytest.importorskip("diffusers")
 pytestmark = [pytest.mark.reference, pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -92,12 +92,12 @@ def test_inpaint_from_image_and_mask_files(folder, tmp_path):
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(task="inpaint", init_image="x.png"), "config.mask_image is empty"),
+    (dict(task="inpaint", init_image="x.png"), "config.mask_image = '' is invalid"),
     (dict(repaint=dict(jump_length=3, jump_n_sample=0)), "config.repaint"),
     (dict(repaint=dict(jump_length=3, jump_n_sample=3)), "config.repaint is an option of inpainting"),
     (dict(task="inpaint2"), "config.task"),
     (dict(strength=1.5, task="img2img", init_image="x.png"), "config.strength"),
-    (dict(task="img2img"), "config.init_image is empty"),
+    (dict(task="img2img"), "config.init_image = '' is invalid"),
     (dict(num_per_prompt=0), "config.num_per_prompt"),
     (dict(prompts=()), "config.prompts"),
     (dict(dtype="int8"), "config.dtype"),
@@ -122,7 +122,7 @@ def test_bad_files_name_the_file(folder, tmp_path):
     config = _config(folder, task="img2img", init_image=str(tmp_path / name))
     with pytest.raises(ConfigError, match=message):
       generation.generate(config, str(tmp_path / "out"))
-  with pytest.raises(ConfigError, match="config.sampler: unknown grid"):
+  with pytest.raises(ConfigError, match="config.sampler.grid = .nope. is invalid"):
     generation.generate(_config(folder, sampler=dict(name="euler", grid="nope", steps=3, guidance_scale=7.5,
                                                      guidance_rescale=0.0)), str(tmp_path / "out"))
 
@@ -141,5 +141,5 @@ def test_command_line(folder, tmp_path):
   out = subprocess.run(base + ["--config.strength=2.0", "--config.task=img2img", "--config.init_image=x.png"],
                        capture_output=True, text=True, timeout=600)
   assert out.returncode != 0
-  assert out.stderr.strip().splitlines()[-1] == ("FATAL config error: config.strength = 2.0 must be in (0, 1] "
-                                                 "(0: the task's default)")
+  assert out.stderr.strip().splitlines()[-1] == ("FATAL config error: config.strength = 2.0 is invalid: "
+                                                 "expected a finite float in [0, 1] (0: the task's default)")

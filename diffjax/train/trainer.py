@@ -22,7 +22,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from diffjax import images, pipelines, processes
+from diffjax import images, pipelines, processes, schema
 from diffjax.data import pipeline
 from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
 from diffjax.models.text import CLIPTextConfig
@@ -31,9 +31,9 @@ from diffjax.models.tokenizers import ByteTokenizer
 from diffjax.models.unet import UNetConfig
 from diffjax.pipelines import Pipeline, text_to_image
 from diffjax.samplers import grids, make_solver, points_for_budget
+from diffjax.schema import ConfigError
 from diffjax.train import latent, loop, sharding, steps
 from diffjax.train.checkpoint import Checkpointer
-from diffjax.train.schema import ConfigError, check_fields
 
 # ----------------------------------------------------------------------------------
 # Config -> typed objects (the config stops here).
@@ -134,55 +134,14 @@ def tokenize_fn(max_length: int, tokenizer=None):
 
 def validate(config) -> None:
   """Raises ``ConfigError`` (a ValueError) naming the field for unknown, missing, mistyped or impossible
-  settings, before any work starts. Needs no devices (``validate_topology`` checks the mesh against them)."""
-  from diffjax import losses, parameterization
-  from diffjax.samplers import SOLVERS
-
-  check_fields(config)
-  dist = config.get("distributed")
-  checks = [
-      ("diffusion.target", config.diffusion.target in parameterization.TARGETS, parameterization.TARGETS),
-      ("diffusion.weighting", config.diffusion.weighting in losses.WEIGHTINGS, losses.WEIGHTINGS),
-      ("diffusion.time_sampler", config.diffusion.time_sampler in losses.TIME_SAMPLERS, sorted(losses.TIME_SAMPLERS)),
-      ("sampler.name", config.sampler.name in SOLVERS, sorted(SOLVERS)),
-      ("sampler.grid", config.sampler.grid in grids.GRIDS, sorted(grids.GRIDS)),
-      ("train.num_steps", config.train.num_steps >= 1, ">= 1"),
-      ("optim.warmup_steps", 0 <= config.optim.warmup_steps < config.train.num_steps,
-       f"0 <= warmup_steps < train.num_steps={config.train.num_steps}"),
-      ("optim.grad_accum_steps", config.optim.grad_accum_steps >= 1, ">= 1 (1: no accumulation)"),
-      ("data.batch_size", config.data.batch_size >= 1, ">= 1"),
-      ("data.image_size", config.data.image_size % 2 ** (len(config.model.channels) - 1) == 0,
-       f"a multiple of 2**(levels - 1) = {2 ** (len(config.model.channels) - 1)}"),
-      ("model.attention_levels", len(config.model.attention_levels) == len(config.model.channels),
-       f"one entry per level of model.channels ({len(config.model.channels)})"),
-      ("train.cond_dropout", 0.0 <= config.train.cond_dropout < 1.0, "a probability in [0, 1)"),
-      ("train.compute_dtype", config.train.compute_dtype in ("float32", "bfloat16", "float16"),
-       "float32, bfloat16 or float16"),
-      ("train.log_every", config.train.log_every >= 1, ">= 1"),
-      ("train.checkpoint_every", config.train.checkpoint_every >= 1, ">= 1"),
-      ("sampler.nfe", config.sampler.nfe >= 1, ">= 1"),
-      ("mesh.fsdp", config.mesh.fsdp >= 1, ">= 1"),
-      ("mesh.data", config.mesh.data == -1 or config.mesh.data >= 1, ">= 1, or -1 for all devices fsdp leaves"),
-      ("mesh.rules", sharding.check_rules(config.mesh.get("rules", DEFAULT_RULES), MESH_AXES) is None,
-       sharding.check_rules(config.mesh.get("rules", DEFAULT_RULES), MESH_AXES)),
-  ]
-  if dist is not None:
-    checks += [
-        ("distributed.num_processes", dist.num_processes >= 1, ">= 1"),
-        ("distributed.process_id", 0 <= dist.process_id < dist.num_processes,
-         f"0 <= process_id < distributed.num_processes={dist.num_processes}"),
-        ("distributed.coordinator_address", dist.num_processes == 1 or ":" in dist.coordinator_address,
-         "host:port of process 0 when num_processes > 1"),
-    ]
-  for field, ok, expected in checks:
-    if not ok:
-      _invalid(config, field, expected)
-  try:
-    processes.make_process(config.diffusion.process, **config.diffusion.get("process_options", {}))
-  except (ValueError, TypeError, KeyError) as e:
-    raise ConfigError(f"config.diffusion.process / process_options: {e}") from e
+  settings, before any work starts (``diffjax.schema``'s train family, then the latent files). Needs no
+  devices (``validate_topology`` checks the mesh against them)."""
+  schema.validate(config, "train")
   if config.get("vae"):
-    latent.validate(config)
+    try:
+      latent.validate(config)
+    except (ValueError, FileNotFoundError) as e:
+      raise ConfigError(str(e)) from e
 
 
 def _invalid(config, field: str, expected):

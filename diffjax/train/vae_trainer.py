@@ -39,7 +39,7 @@ from clu import metrics as clu_metrics
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from diffjax import images
+from diffjax import images, schema
 from diffjax.convert import save_pretrained
 from diffjax.data import pipeline
 from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
@@ -109,12 +109,8 @@ class VAEComponents(NamedTuple):
 
 def build_components(config) -> VAEComponents:
   """Autoencoder, optional discriminator, loss settings, optimizer and state initializer from the config."""
+  schema.validate(config, "train_vae")
   v = config.vae
-  if v.reconstruction not in ("l1", "l2"):
-    raise ValueError(f"config.vae.reconstruction = {v.reconstruction!r} is invalid: expected 'l1' or 'l2'")
-  if config.data.image_size % 2 ** (len(v.channels) - 1):
-    raise ValueError(f"config.data.image_size={config.data.image_size} is not a multiple of the downsampling "
-                     f"factor 2**(len(config.vae.channels) - 1) = {2 ** (len(v.channels) - 1)}")
   vae = vae_lib.AutoencoderKL(vae_lib.VAEConfig(
       in_channels=config.data.channels, out_channels=config.data.channels, latent_channels=v.latent_channels,
       block_out_channels=tuple(v.channels), layers_per_block=v.layers_per_block, norm_num_groups=v.norm_groups,
