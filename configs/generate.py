@@ -6,6 +6,8 @@ img2img: --config.task=img2img --config.init_image=photo.png --config.strength=0
 inpainting: --config.task=inpaint --config.init_image=photo.png --config.mask_image=mask.png
   (white = regenerate; an SD inpainting folder conditions on the mask, any other model blends,
   with RePaint resampling when --config.repaint.jump_length=10 --config.repaint.jump_n_sample=10)
+x4 upscaling (an SD x4 upscaler folder): --config.task=upscale --config.init_image=small.png
+  --config.noise_level=20 (the output is 4x the image; height and width are ignored)
 A single-file SD 1.x/2.x checkpoint: --config.pretrained=sd.safetensors --config.tokenizer=DIR
   (a CLIP tokenizer folder; --config.prediction_type=v_prediction overrides the family's default).
 Sampler: the folder's scheduler (``sampler.name = ""``) with ``sampler.steps`` steps, or any
@@ -25,7 +27,7 @@ def get_config(arg: str = ""):
   config.pretrained = ""  # a diffusers folder (model_index.json), a diffjax workdir (config.json) or an SD file
   config.tokenizer = ""  # single-file checkpoints only: the CLIP tokenizer folder
   config.prediction_type = ""  # single-file checkpoints only: "" = the family's default (SD 1 epsilon, SD 2 v)
-  config.task = "txt2img"  # txt2img | img2img | inpaint
+  config.task = "txt2img"  # txt2img | img2img | inpaint | upscale
   config.prompts = ("a photograph of an astronaut riding a horse",)
   config.negative_prompt = ""  # one for all prompts ("" = unconditional)
   config.num_per_prompt = 1
@@ -37,6 +39,7 @@ def get_config(arg: str = ""):
   config.repaint = ml_collections.ConfigDict()  # inpaint with a model not trained for it: RePaint resampling
   config.repaint.jump_length = 0  # grid intervals per jump back up (0 = no resampling; 10 in the paper)
   config.repaint.jump_n_sample = 0  # passes over each jump (10 in the paper)
+  config.noise_level = 20  # upscale: the noise the low-res image gets, in [0, the folder's max_noise_level]
   config.seed = 0  # image i gets seed + i
   config.batch_size = 4  # images per compiled call
   config.dtype = "float32"  # computation dtype of the networks (bfloat16 on accelerators)

@@ -3,7 +3,7 @@
 The pretrained model is a diffusers Stable Diffusion folder (``model_index.json``), a
 diffjax training workdir (``config.json`` and ``checkpoints/``, its latest EMA weights) or
 an original single-file SD 1.x/2.x checkpoint (with ``config.tokenizer``). Tasks: txt2img,
-img2img, inpaint (``pipelines.inpaint``).
+img2img, inpaint (``pipelines.inpaint``), upscale (``pipelines.upscale``: 4x the image).
 The config (``configs/generate.py``) is read and checked here, then turned into calls of
 ``diffjax.pipelines.generate``, ``config.batch_size`` images at a time with a progress bar.
 
@@ -122,6 +122,8 @@ def _inputs(config) -> tuple[np.ndarray | None, np.ndarray | None, int, int]:
   if config.task == "txt2img":
     return None, None, config.height, config.width
   image = _image_file(config, "init_image", 3)
+  if config.task == "upscale":  # the output size follows from the image
+    return image, None, image.shape[0], image.shape[1]
   size = (config.height or image.shape[0], config.width or image.shape[1])
   image = _image_file(config, "init_image", 3, size) if image.shape[:2] != size else image
   mask = _image_file(config, "mask_image", 1, size) if config.task == "inpaint" else None
@@ -145,6 +147,12 @@ def generate(config, output_dir: str) -> dict:
   repaint = pipelines.RePaint(r.jump_length, r.jump_n_sample) if r.jump_length else None
   if repaint is not None and (config.task != "inpaint" or isinstance(pipe, pipelines.InpaintingPipeline)):
     raise ConfigError("config.repaint is an option of inpainting with a model not trained for it")
+  if (config.task == "upscale") != isinstance(pipe, pipelines.UpscalePipeline):
+    raise ConfigError(f"config.task = {config.task!r} with {config.pretrained}: an x4 upscaler folder "
+                      f"(StableDiffusionUpscalePipeline) does task 'upscale' and only that")
+  if config.task in ("txt2img", "img2img") and isinstance(pipe, pipelines.InpaintingPipeline):
+    raise ConfigError(f"config.task = {config.task!r}: {config.pretrained} is an inpainting model (9-channel "
+                      f"U-Net); use task 'inpaint'")
   prompts = [p for p in config.prompts for _ in range(config.num_per_prompt)]
   seeds = [config.seed + i for i in range(len(prompts))]
   os.makedirs(output_dir, exist_ok=True)
@@ -157,6 +165,12 @@ def generate(config, output_dir: str) -> dict:
                 guidance_scale=float(s.guidance_scale), guidance=guidance, seed=seeds[batch], strength=strength)
       if config.task == "inpaint":
         out = pipelines.inpaint(pipe, params, prompts[batch], image, mask, repaint=repaint, **kw)
+      elif config.task == "upscale":
+        kw = {k: v for k, v in kw.items() if k not in ("height", "width", "strength")}
+        try:
+          out = pipelines.upscale(pipe, params, prompts[batch], image, noise_level=config.noise_level, **kw)
+        except ValueError as e:
+          raise ConfigError(f"config.noise_level / config.init_image: {e}") from None
       else:
         out = pipelines.generate(pipe, params, prompts[batch], image=image, **kw)
       for i, img in enumerate(images.to_uint8(out.images, 0.0, 1.0), start):
@@ -174,5 +188,5 @@ def generate(config, output_dir: str) -> dict:
   with open(os.path.join(output_dir, "generation.json"), "w") as f:
     json.dump(result, f, indent=2)
   logging.info("wrote %d images (%dx%d, %s, %d steps) to %s: NNNN.png, samples.npz, generation.json", len(prompts),
-               width, height, plan.name, len(plan.ts), output_dir)
+               out.images.shape[2], out.images.shape[1], plan.name, len(plan.ts), output_dir)
   return result

@@ -333,10 +333,10 @@ TRAIN_VAE_RULES = (
 
 GENERATE = dict(
     job=text(("generate",)), pretrained=text(), tokenizer=text(), prediction_type=text(
-        ("", "epsilon", "v_prediction", "sample")), task=text(("txt2img", "img2img", "inpaint")),
+        ("", "epsilon", "v_prediction", "sample")), task=text(("txt2img", "img2img", "inpaint", "upscale")),
     prompts=sequence(text(), min_len=1), negative_prompt=text(), num_per_prompt=COUNT, height=NONNEG, width=NONNEG,
     init_image=text(), mask_image=text(), strength=real(0.0, 1.0, note="0: the task's default"),
-    repaint=dict(jump_length=NONNEG, jump_n_sample=NONNEG),
+    repaint=dict(jump_length=NONNEG, jump_n_sample=NONNEG), noise_level=NONNEG,
     seed=integer(0, 2**32 - 1), batch_size=COUNT, dtype=text(DTYPES), compilation_cache=text(),
     sampler=dict(name=text(), grid=text(_grids), steps=COUNT, options=Field((Mapping,), optional=True),
                  guidance_scale=real(0.0), guidance_rescale=real(0.0, 1.0)),
@@ -351,7 +351,7 @@ GENERATE_RULES = (
          when=lambda c: c.task == "txt2img"),
     Rule("width", lambda c: c.width > 0, lambda c: "positive (0 only with an init image: its size)",
          when=lambda c: c.task == "txt2img"),
-    Rule("init_image", lambda c: bool(c.init_image), lambda c: "an RGB image file (img2img and inpaint need one)",
+    Rule("init_image", lambda c: bool(c.init_image), lambda c: "an RGB image file (img2img, inpaint, upscale)",
          when=lambda c: c.task != "txt2img"),
     Rule("mask_image", lambda c: bool(c.mask_image), lambda c: "a grey mask file (white = regenerate)",
          when=lambda c: c.task == "inpaint"),

@@ -116,10 +116,29 @@ def test_unsupported_config_is_refused(tmp_path):
   net = UNet(UNET_CONFIGS['tiny'])
   save_pretrained(net, _random_params(net), tmp_path)
   cfg = json.loads((tmp_path / 'config.json').read_text())
-  cfg['addition_embed_type'] = 'text_time'
+  cfg['addition_embed_type'] = 'text_image'  # Kandinsky's; SDXL's 'text_time' is supported
   (tmp_path / 'config.json').write_text(json.dumps(cfg))
   with pytest.raises(ValueError, match='addition_embed_type'):
     load_pretrained(tmp_path)
+
+
+def test_only_cross_attention_config_roundtrip():
+  """The x4 upscaler's per-level ``only_cross_attention`` is read, written back, and checked per level."""
+  from diffjax.convert.configs import unet_config_to_diffusers
+  from diffjax.convert.files import WeightFileError
+
+  cfg = {'down_block_types': ['DownBlock2D'] + ['CrossAttnDownBlock2D'] * 3,
+         'up_block_types': ['CrossAttnUpBlock2D'] * 3 + ['UpBlock2D'], 'in_channels': 7, 'num_class_embeds': 1000,
+         'only_cross_attention': [True, True, True, False], 'use_linear_projection': True}
+  c = unet_config_from_diffusers(cfg)
+  assert c.only_cross() == (True, True, True, False) and c.in_channels == 7 and c.num_classes == 1000
+  d = unet_config_to_diffusers(c)
+  assert d['only_cross_attention'] == [True, True, True, False] and unet_config_from_diffusers(d) == c
+  assert unet_config_from_diffusers(dict(cfg, only_cross_attention=True)).only_cross() == (True,) * 4
+  with pytest.raises(ValueError, match='only_cross_attention has 2 entries for 4 down blocks'):
+    unet_config_from_diffusers(dict(cfg, only_cross_attention=[True, False]), where='unet/config.json')
+  with pytest.raises(WeightFileError, match="'only_cross_attention' must be true, false or a list of them"):
+    unet_config_from_diffusers(dict(cfg, only_cross_attention='yes'), where='unet/config.json')
 
 
 # -- reference: PyTorch pickles and original single-file checkpoints ---------------------------------------------------

@@ -24,8 +24,8 @@ TRANSFORMERS_VERSION = '5.23.0'
 # diffusers UNet2DConditionModel options and the only values diffjax implements.
 _UNET_FIXED = {
     'act_fn': 'silu', 'center_input_sample': False, 'conv_in_kernel': 3, 'conv_out_kernel': 3,
-    'downsample_padding': 1, 'dual_cross_attention': False, 'only_cross_attention': False,
-    'time_embedding_type': 'positional', 'addition_embed_type': None, 'encoder_hid_dim': None,
+    'downsample_padding': 1, 'dual_cross_attention': False,
+    'time_embedding_type': 'positional', 'encoder_hid_dim': None,
     'encoder_hid_dim_type': None, 'time_cond_proj_dim': None, 'timestep_post_act': None,
     'time_embedding_dim': None, 'time_embedding_act_fn': None, 'class_embeddings_concat': False,
     'mid_block_only_cross_attention': None, 'resnet_skip_time_act': False, 'resnet_out_scale_factor': 1.0,
@@ -56,6 +56,8 @@ _KINDS = {  # kind: (check, what is expected)
     'ints': (_seq_of(_is_int), 'a list of integers'),
     'strs': (_seq_of(lambda x: isinstance(x, str)), 'a list of strings'),
     'int|ints': (lambda x: _is_int(x) or _seq_of(_is_int)(x), 'an integer or a list of integers'),
+    'bool|bools': (lambda x: isinstance(x, bool) or _seq_of(lambda e: isinstance(e, bool))(x),
+                   'true, false or a list of them'),
 }
 
 
@@ -123,9 +125,9 @@ def unet_config_from_diffusers(cfg: Mapping, where: str = 'config') -> UNetConfi
     raise ValueError(f'{where}: mid_block_type {mid!r} is not supported (only UNetMidBlock2DCrossAttn)')
   n = len(down)
   heads = _per_level(f('attention_head_dim', 'int|ints', 8), n)
-  depth = set(_per_level(f('transformer_layers_per_block', 'int|ints', 1), n))
-  if len(depth) != 1:
-    raise ValueError(f'{where}: transformer_layers_per_block must be the same on every level, got {depth}')
+  depth = _per_level(f('transformer_layers_per_block', 'int|ints', 1), n)  # nested (per-layer) lists are refused
+  if len(depth) != n:
+    raise ValueError(f'{where}: transformer_layers_per_block {depth} needs one entry per level ({n})')
   shift = f('resnet_time_scale_shift', 'str', 'default')
   if shift not in ('default', 'scale_shift'):
     raise ValueError(f'{where}: resnet_time_scale_shift {shift!r} is not supported')
@@ -137,17 +139,27 @@ def unet_config_from_diffusers(cfg: Mapping, where: str = 'config') -> UNetConfi
     pooled = f('projection_class_embeddings_input_dim', 'int')
   else:
     raise ValueError(f'{where}: class_embed_type {cet!r} is not supported (None or "projection")')
+  time_dim = added = None
+  aet = f('addition_embed_type', 'str', None, nullable=True)
+  if aet == 'text_time':  # SDXL: pooled text + time ids, the MLP's input width in projection_class_...
+    time_dim, added = f('addition_time_embed_dim', 'int'), f('projection_class_embeddings_input_dim', 'int')
+  elif aet is not None:
+    raise ValueError(f'{where}: addition_embed_type {aet!r} is not supported (None or "text_time")')
+  only_cross = f('only_cross_attention', 'bool|bools', False, nullable=True) or False
+  if not isinstance(only_cross, bool) and len(only_cross) != n:
+    raise ValueError(f'{where}: only_cross_attention has {len(only_cross)} entries for {n} down blocks')
   return UNetConfig(
       in_channels=f('in_channels', 'int', 4), out_channels=f('out_channels', 'int', 4),
       block_out_channels=f('block_out_channels', 'ints', (320, 640, 1280, 1280)),
       layers_per_block=f('layers_per_block', 'int', 2), attention_levels=levels,
-      num_heads=heads[0] if len(set(heads)) == 1 else heads, transformer_depth=depth.pop(),
+      num_heads=heads[0] if len(set(heads)) == 1 else heads,
+      transformer_depth=depth[0] if len(set(depth)) == 1 else depth,
       cross_attention_dim=f('cross_attention_dim', 'int', 1280, nullable=True),
       use_linear_projection=f('use_linear_projection', 'bool', False),
       norm_num_groups=f('norm_num_groups', 'int', 32), norm_eps=f('norm_eps', 'float', 1e-5),
       flip_sin_to_cos=f('flip_sin_to_cos', 'bool', True), freq_shift=f('freq_shift', 'float', 0),
       resnet_scale_shift=shift == 'scale_shift', dropout=f('dropout', 'float', 0.0), num_classes=num_classes,
-      pooled_dim=pooled)
+      pooled_dim=pooled, only_cross_attention=only_cross, addition_time_embed_dim=time_dim, addition_embed_dim=added)
 
 
 def unet_config_to_diffusers(c: UNetConfig, sample_size: int = 64) -> dict:
@@ -168,13 +180,23 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int = 64) -> dict:
       'flip_sin_to_cos': c.flip_sin_to_cos, 'freq_shift': c.freq_shift, 'in_channels': c.in_channels,
       'out_channels': c.out_channels, 'layers_per_block': c.layers_per_block, 'norm_eps': c.norm_eps,
       'norm_num_groups': c.norm_num_groups, 'sample_size': sample_size,
-      'transformer_layers_per_block': c.transformer_depth, 'use_linear_projection': c.use_linear_projection,
+      'transformer_layers_per_block': c.transformer_depth if isinstance(c.transformer_depth, int)
+                                      else list(c.transformer_depth),
+      'use_linear_projection': c.use_linear_projection,
       'resnet_time_scale_shift': 'scale_shift' if c.resnet_scale_shift else 'default',
+      'only_cross_attention': c.only_cross_attention if isinstance(c.only_cross_attention, bool)
+                              else list(c.only_cross_attention),
   }
   if c.num_classes is not None:
     d['num_class_embeds'] = c.num_classes
   if c.pooled_dim is not None:
     d.update(class_embed_type='projection', projection_class_embeddings_input_dim=c.pooled_dim)
+  if c.addition_time_embed_dim is not None:
+    if c.pooled_dim not in (None, c.addition_embed_dim):  # diffusers sizes both MLPs' inputs with one field
+      raise ValueError(f'diffusers cannot express pooled_dim {c.pooled_dim} != addition_embed_dim '
+                       f'{c.addition_embed_dim}')
+    d.update(addition_embed_type='text_time', addition_time_embed_dim=c.addition_time_embed_dim,
+             projection_class_embeddings_input_dim=c.addition_embed_dim)
   return d
 
 

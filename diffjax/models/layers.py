@@ -426,6 +426,8 @@ class TransformerBlock(nn.Module):
   """Pre-LN transformer block: self-attention, cross-attention (if ``cross_attention``), GEGLU MLP.
 
   x (B, T, C), context (B, S, D) -> (B, T, C). Names: ``norm1/attn1``, ``norm2/attn2``, ``norm3/ff``.
+  With ``only_cross_attention`` the first attention also attends to the context instead of x
+  (diffusers' option of that name; the x4 upscaler's U-Net), so the block has no self-attention.
   """
 
   heads: int
@@ -434,6 +436,7 @@ class TransformerBlock(nn.Module):
   dropout: float = 0.0
   eps: float = 1e-5
   implementation: str | None = None
+  only_cross_attention: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -441,10 +444,12 @@ class TransformerBlock(nn.Module):
   def __call__(self, x: Array, context: Array | None = None, deterministic: bool = True) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     akw = dict(implementation=self.implementation, **kw)
-    x = x + Attention(self.heads, self.head_dim, name='attn1', **akw)(layer_norm(self.eps, name='norm1', **kw)(x))
+    if (self.cross_attention or self.only_cross_attention) and context is None:
+      raise ValueError('this transformer block has cross-attention: pass context (B, L, D)')
+    first = context.astype(self.dtype) if self.only_cross_attention else None
+    h = layer_norm(self.eps, name='norm1', **kw)(x)
+    x = x + Attention(self.heads, self.head_dim, name='attn1', **akw)(h, first)
     if self.cross_attention:
-      if context is None:
-        raise ValueError('this transformer block has cross-attention: pass context (B, L, D)')
       h = layer_norm(self.eps, name='norm2', **kw)(x)
       x = x + Attention(self.heads, self.head_dim, name='attn2', **akw)(h, context.astype(self.dtype))
     h = layer_norm(self.eps, name='norm3', **kw)(x)
@@ -457,7 +462,7 @@ class SpatialTransformer(nn.Module):
   x (B, H, W, C), context (B, L, D) or None -> (B, H, W, C). ``GroupNorm(eps=1e-6)``,
   ``proj_in`` (1x1 conv, or a linear layer with ``linear_projection``) to ``heads *
   head_dim`` channels, ``depth`` ``TransformerBlock``s, ``proj_out`` back to C.
-  ``remat`` checkpoints each transformer block.
+  ``remat`` checkpoints each transformer block; ``only_cross_attention``: see ``TransformerBlock``.
   """
 
   heads: int
@@ -469,6 +474,7 @@ class SpatialTransformer(nn.Module):
   dropout: float = 0.0
   remat: bool = False
   implementation: str | None = None
+  only_cross_attention: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -484,7 +490,8 @@ class SpatialTransformer(nn.Module):
       h = conv(inner, 1, name='proj_in', **kw)(h).reshape(B, H * W, inner)
     block = nn.remat(TransformerBlock, static_argnums=(3,)) if self.remat else TransformerBlock
     for i in range(self.depth):
-      h = block(self.heads, self.head_dim, cross_attention=self.cross_attention, dropout=self.dropout,
+      h = block(self.heads, self.head_dim, cross_attention=self.cross_attention,
+                only_cross_attention=self.only_cross_attention, dropout=self.dropout,
                 implementation=self.implementation, name=f'transformer_blocks_{i}', **kw)(h, context, deterministic)
     if self.linear_projection:
       h = dense(C, name='proj_out', **kw)(h).reshape(B, H, W, C)

@@ -52,7 +52,8 @@ class UNetConfig:
     num_heads: attention heads per level (int: the same everywhere). Note that the
       diffusers config key ``attention_head_dim`` of SD 1.x/2.x holds this number.
     head_dim: if set, heads = channels // head_dim (overrides ``num_heads``).
-    transformer_depth: transformer blocks per spatial transformer.
+    transformer_depth: transformer blocks per spatial transformer, per level (int: the same
+      everywhere; SDXL: (1, 2, 10)); the middle block has the last level's.
     cross_attention_dim: width D of the context; None for self-attention only.
     use_linear_projection: linear (SD 2.x) instead of 1x1-conv (SD 1.x) proj_in/out.
     mid_block_attention: a transformer between the two middle ResNet blocks.
@@ -62,6 +63,15 @@ class UNetConfig:
     dropout: dropout rate in the ResNet blocks.
     num_classes: class-conditional model (labels (B,) int added via an embedding table).
     pooled_dim: condition on a pooled vector (B, pooled_dim) through a 2-layer MLP.
+    only_cross_attention: per level (bool: the same everywhere), the transformer blocks' first
+      attention attends to the context instead of the pixels (``layers.TransformerBlock``; the
+      x4 upscaler: (True, True, True, False)); the decoder mirrors it, the middle block never has it
+      (diffusers' ``UNetMidBlock2DCrossAttn`` ignores the option).
+    addition_time_embed_dim, addition_embed_dim: SDXL's "text_time" conditioning (both set or
+      both None): each of the n time ids (B, n) gets a sinusoidal embedding of
+      ``addition_time_embed_dim`` (the timestep's convention); concatenated after the pooled
+      text embedding (B, P) they give (B, addition_embed_dim = P + n * addition_time_embed_dim),
+      which a 2-layer MLP ('add_embedding') maps onto the timestep embedding, added.
   """
 
   in_channels: int = 4
@@ -71,7 +81,7 @@ class UNetConfig:
   attention_levels: tuple[bool, ...] = (True, True, True, False)
   num_heads: int | tuple[int, ...] = 8
   head_dim: int | None = None
-  transformer_depth: int = 1
+  transformer_depth: int | tuple[int, ...] = 1
   cross_attention_dim: int | None = 768
   use_linear_projection: bool = False
   mid_block_attention: bool = True
@@ -83,6 +93,9 @@ class UNetConfig:
   dropout: float = 0.0
   num_classes: int | None = None
   pooled_dim: int | None = None
+  only_cross_attention: bool | tuple[bool, ...] = False
+  addition_time_embed_dim: int | None = None
+  addition_embed_dim: int | None = None
 
   def __post_init__(self):
     n = len(self.block_out_channels)
@@ -92,6 +105,12 @@ class UNetConfig:
       raise ValueError(f'num_heads has {len(self.num_heads)} entries, block_out_channels {n}')
     if self.num_classes is not None and self.pooled_dim is not None:
       raise ValueError('num_classes and pooled_dim are exclusive')
+    if not isinstance(self.transformer_depth, int) and len(self.transformer_depth) != n:
+      raise ValueError(f'transformer_depth has {len(self.transformer_depth)} entries, block_out_channels {n}')
+    if not isinstance(self.only_cross_attention, bool) and len(self.only_cross_attention) != n:
+      raise ValueError(f'only_cross_attention has {len(self.only_cross_attention)} entries, block_out_channels {n}')
+    if (self.addition_time_embed_dim is None) != (self.addition_embed_dim is None):
+      raise ValueError('addition_time_embed_dim and addition_embed_dim are set together (text_time conditioning)')
 
   def heads(self) -> tuple[int, ...]:
     """Attention heads per level."""
@@ -100,6 +119,16 @@ class UNetConfig:
     if isinstance(self.num_heads, int):
       return (self.num_heads,) * len(self.block_out_channels)
     return tuple(self.num_heads)
+
+  def depths(self) -> tuple[int, ...]:
+    """Transformer blocks per spatial transformer, per level."""
+    d = self.transformer_depth
+    return (d,) * len(self.block_out_channels) if isinstance(d, int) else tuple(d)
+
+  def only_cross(self) -> tuple[bool, ...]:
+    """Per level: whether the transformers attend to the context alone (``only_cross_attention``)."""
+    o = self.only_cross_attention
+    return (o,) * len(self.block_out_channels) if isinstance(o, bool) else tuple(o)
 
   @property
   def time_embed_dim(self) -> int:
@@ -128,6 +157,8 @@ class _Common(nn.Module):
   channels: int
   attention: bool
   heads: int
+  depth: int = 1  # transformer blocks per spatial transformer
+  only_cross: bool = False  # the transformers' first attention attends to the context
   remat: bool = False
   attention_impl: str | None = None
   dtype: Dtype = jnp.float32
@@ -141,9 +172,9 @@ class _Common(nn.Module):
   def _attn(self, name: str):
     c = self.cfg
     return SpatialTransformer(
-        self.heads, self.channels // self.heads, c.transformer_depth, c.use_linear_projection,
-        c.cross_attention_dim is not None, c.norm_num_groups, remat=self.remat, implementation=self.attention_impl,
-        dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        self.heads, self.channels // self.heads, self.depth, c.use_linear_projection,
+        c.cross_attention_dim is not None, c.norm_num_groups, only_cross_attention=self.only_cross, remat=self.remat,
+        implementation=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
 
 class DownBlock(_Common):
@@ -219,7 +250,7 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, t: Array, context: Array | None = None, class_labels: Array | None = None, *,
-               deterministic: bool = True) -> Array:
+               text_embeds: Array | None = None, time_ids: Array | None = None, deterministic: bool = True) -> Array:
     """Predicts the network target (eps, v, ...) for noisy inputs.
 
     Args:
@@ -231,6 +262,10 @@ class UNet(nn.Module):
         ``cross_attention_dim`` is set.
       class_labels: (B,) int labels with ``num_classes``, or (B, pooled_dim) pooled
         vectors with ``pooled_dim``.
+      text_embeds, time_ids: with ``addition_time_embed_dim`` (SDXL), the pooled text embedding
+        (B, P) and the micro-conditioning ids (B, n) or (n,) (SDXL: original size (h, w), crop
+        top-left (y, x), target size (h, w) in pixels, n = 6); P + n * addition_time_embed_dim
+        must equal ``addition_embed_dim``.
       deterministic: disables dropout; else an rng named 'dropout' is needed.
 
     Returns:
@@ -240,7 +275,7 @@ class UNet(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     B = x.shape[0]
     levels = len(c.block_out_channels)
-    heads = c.heads()
+    heads, depths, only_cross = c.heads(), c.depths(), c.only_cross()
     if context is not None:
       context = context.astype(self.dtype)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (B,))
@@ -254,24 +289,44 @@ class UNet(nn.Module):
         temb = temb + embed(c.num_classes, c.time_embed_dim, name='class_embedding', **kw)(class_labels)
       else:
         temb = temb + TimestepMLP(c.time_embed_dim, name='class_embedding', **kw)(class_labels.astype(self.dtype))
+    if c.addition_time_embed_dim is not None:
+      temb = temb + self._text_time(text_embeds, time_ids, B)
 
     common = dict(remat=self.remat, attention_impl=self.attention_impl, **kw)
     h = conv(c.block_out_channels[0], 3, name='conv_in', **kw)(x.astype(self.dtype))
     skips = [h]
     for i, ch in enumerate(c.block_out_channels):
-      h, s = DownBlock(c, ch, c.attention_levels[i], heads[i], add_downsample=i < levels - 1,
-                       name=f'down_blocks_{i}', **common)(h, temb, context, deterministic)
+      h, s = DownBlock(c, ch, c.attention_levels[i], heads[i], depths[i], only_cross=only_cross[i],
+                       add_downsample=i < levels - 1, name=f'down_blocks_{i}', **common)(
+          h, temb, context, deterministic)
       skips += s
-    h = MidBlock(c, c.block_out_channels[-1], c.mid_block_attention, heads[-1], name='mid_block', **common)(
-        h, temb, context, deterministic)
+    h = MidBlock(c, c.block_out_channels[-1], c.mid_block_attention, heads[-1], depths[-1], name='mid_block',
+                 **common)(h, temb, context, deterministic)
     for i in range(levels):
       k = levels - 1 - i
       n = c.layers_per_block + 1
       skips, level_skips = skips[:-n], tuple(skips[-n:])
-      h = UpBlock(c, c.block_out_channels[k], c.attention_levels[k], heads[k], add_upsample=i < levels - 1,
-                  name=f'up_blocks_{i}', **common)(h, level_skips, temb, context, deterministic)
+      h = UpBlock(c, c.block_out_channels[k], c.attention_levels[k], heads[k], depths[k], only_cross=only_cross[k],
+                  add_upsample=i < levels - 1, name=f'up_blocks_{i}', **common)(
+          h, level_skips, temb, context, deterministic)
     h = nn.silu(group_norm(c.norm_num_groups, c.norm_eps, name='conv_norm_out', **kw)(h))
     return conv(c.out_channels, 3, name='conv_out', **kw)(h)
+
+  def _text_time(self, text_embeds, time_ids, batch: int) -> Array:
+    """SDXL's added embedding: MLP(concat(text_embeds (B, P), sinusoids of time_ids (B, n))) -> (B, time_embed_dim)."""
+    c = self.config
+    if text_embeds is None or time_ids is None:
+      raise ValueError('this U-Net has text_time conditioning (SDXL): pass text_embeds (B, P) and time_ids (B, n)')
+    ids = jnp.asarray(time_ids, jnp.float32)
+    ids = jnp.broadcast_to(ids, (batch, ids.shape[-1]))
+    if text_embeds.shape[-1] + ids.shape[-1] * c.addition_time_embed_dim != c.addition_embed_dim:
+      raise ValueError(f'text_embeds {text_embeds.shape} and time_ids {ids.shape} embed to '
+                       f'{text_embeds.shape[-1]} + {ids.shape[-1]} x {c.addition_time_embed_dim} features; this U-Net '
+                       f'expects addition_embed_dim = {c.addition_embed_dim}')
+    sin = timestep_embedding(ids.reshape(-1), c.addition_time_embed_dim, flip_sin_to_cos=c.flip_sin_to_cos,
+                             downscale_freq_shift=c.freq_shift).reshape(batch, -1)
+    add = jnp.concatenate([text_embeds.astype(self.dtype), sin.astype(self.dtype)], axis=-1)
+    return TimestepMLP(c.time_embed_dim, name='add_embedding', dtype=self.dtype, param_dtype=self.param_dtype)(add)
 
 
 def init_unet(net: UNet, key: Array, size: int = 8, context_len: int = 8) -> dict:
@@ -284,4 +339,9 @@ def init_unet(net: UNet, key: Array, size: int = 8, context_len: int = 8) -> dic
     labels = jnp.zeros((1,), jnp.int32)
   elif c.pooled_dim is not None:
     labels = jnp.zeros((1, c.pooled_dim))
-  return jax.jit(net.init)(key, x, jnp.zeros((1,)), ctx, labels)['params']
+  added = {}
+  if c.addition_time_embed_dim is not None:  # 6 time ids as SDXL (the MLP's input width is what matters)
+    n = min(6, c.addition_embed_dim // c.addition_time_embed_dim)
+    added = dict(text_embeds=jnp.zeros((1, c.addition_embed_dim - n * c.addition_time_embed_dim)),
+                 time_ids=jnp.zeros((1, n)))
+  return jax.jit(net.init)(key, x, jnp.zeros((1,)), ctx, labels, **added)['params']

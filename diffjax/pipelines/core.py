@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +35,9 @@ class Guidance:
   """Classifier-free guidance options (``samplers.guidance.classifier_free``).
 
   Attributes:
-    rescale: phi of Lin et al. (2024): the guided noise prediction is rescaled to the
-      conditional one's standard deviation, mixed with weight phi (0: off).
+    rescale: phi of Lin et al. (2024): the guided prediction of the network's target (eps
+      or v, as diffusers' ``guidance_rescale``) is rescaled to the conditional one's
+      standard deviation, mixed with weight phi (0: off).
     interval: (sigma_lo, sigma_hi) in EDM sigma: guide only inside (None: everywhere).
   """
 
@@ -49,9 +50,10 @@ class Pipeline:
   """Tokenizer, text encoder, network, process and optional VAE, without parameters.
 
   Attributes:
-    tokenize: prompts (list of str) -> (ids, mask), int32 numpy (B, L); over-long
-      prompts are truncated (``tokenize_checked`` logs it).
-    encode_text: ``(params, ids, mask) -> context`` (B, L, D), the cross-attention input.
+    tokenize: prompts (list of str) -> (ids, mask), int32 numpy (B, L) (SDXL: (B, 2, L), one row
+      per tokenizer); over-long prompts are truncated (``tokenize_checked`` logs it).
+    encode_text: ``(params, ids, mask) -> context`` (B, L, D), the cross-attention input, or a
+      pytree of such (B, ...) arrays that ``predict`` reads (SDXL: (context, pooled)).
     predict: ``(params, x (B, h, w, c), t_net (B,), context) -> prediction of target``.
     process: the noise process; the network sees time ``time_scale * t``.
     target: what the network predicts (``parameterization.TARGETS``: eps, v, x0 ...).
@@ -63,6 +65,9 @@ class Pipeline:
     scheduler: the scheduler a pretrained folder names (``schedulers.DiffusersScheduler``).
     max_length: the tokenizer's sequence length.
     count_tokens: prompt -> number of ids before truncation (None: unknown).
+    default_negative: ``conditioning -> negative conditioning`` (same structure and batch) used
+      when no negative prompt is given: the tasks get ``negative_ids=None`` (SDXL's
+      ``force_zeros_for_empty_prompt``: zeros). None: no negative prompt means the empty one.
   """
 
   tokenize: Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
@@ -78,6 +83,8 @@ class Pipeline:
   scheduler: Any = None
   max_length: int = 77
   count_tokens: Callable[[str], int] | None = None
+  entry: ClassVar[str] = "generate"  # the host function that runs this kind (subclasses' networks take more)
+  default_negative: Callable[[Any], Any] | None = None
 
   def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
     """(h, w, c) of the denoised space for images of height x width pixels (checked)."""
@@ -113,14 +120,20 @@ def denoiser(pipe: Pipeline, params, context, negative_context, guidance_scale, 
     return parameterization.to_x0(pipe.target, out, x, t_b, pipe.process)
 
   return guidance.classifier_free(denoise, context, negative_context, guidance_scale, process=pipe.process,
-                                  interval=options.interval, rescale=options.rescale)
+                                  interval=options.interval, rescale=options.rescale,
+                                  rescale_target=pipe.target)
 
 
 def _sample_from(pipe: Pipeline, params, ids, mask, negative_ids, negative_mask, x, ts, guidance_scale, key, *,
                  solver: Solver, denoise_final: bool, options: Guidance, decode: bool):
   """The shared body of the tasks: encode both prompts, sample from x at ts[0] with guidance, decode."""
   context = pipe.encode_text(params, ids, mask)
-  negative = pipe.encode_text(params, negative_ids, negative_mask)
+  if negative_ids is None:  # no negative prompt: the pipeline's own default
+    if pipe.default_negative is None:
+      raise ValueError("negative_ids=None needs a pipeline with a default_negative; tokenize the empty prompt")
+    negative = pipe.default_negative(context)
+  else:
+    negative = pipe.encode_text(params, negative_ids, negative_mask)
   d = denoiser(pipe, params, context, negative, guidance_scale, options)
   x = sample(solver, d, x, ts, key=key, denoise_final=denoise_final)
   return pipe.decode(params, x) if decode and pipe.decode is not None else x
@@ -132,7 +145,8 @@ def txt2img(pipe: Pipeline, params, ids, mask, negative_ids, negative_mask, nois
   """Images (B, H, W, C) in [-1, 1] (or latents with ``decode=False``) for tokenized prompts.
 
   Args:
-    ids, mask: (B, L) prompt tokens; negative_ids, negative_mask: (B or 1, L).
+    ids, mask: (B, L) prompt tokens; negative_ids, negative_mask: (B or 1, L), or None for the
+      pipeline's ``default_negative``.
     noise: (B, h, w, c) standard normal; the initial state is ``init_scale * noise`` at ts[0].
     ts: (N,) process times; guidance_scale: scalar (traced: sweeping it does not recompile).
     key: PRNG key of stochastic solvers.

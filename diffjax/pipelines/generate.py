@@ -117,7 +117,7 @@ class Request:
   """The checked, task-independent part of a generation call (``request``)."""
 
   prompts: list[str]
-  negative: list[str]
+  negative: list[str] | None  # None: the pipeline's default_negative
   seeds: list[int]
   shape: tuple  # (B, h, w, c) latents
   draws: tuple  # draw_noise's three noises
@@ -131,17 +131,23 @@ class Request:
 
 
 def request(pipe: core.Pipeline, prompts, negative_prompts, seed, height: int, width: int) -> Request:
-  """Prompts and negatives checked (one or B negatives), seeds per image, noises drawn, prompts tokenized."""
+  """Prompts and negatives checked (one or B negatives), seeds per image, noises drawn, prompts tokenized.
+
+  No negative prompt means the empty one, or, for a pipeline with a ``default_negative``, None
+  tokens (and ``negative`` None): the tasks then use that default (SDXL's zeros).
+  """
   prompts = _as_list(prompts, "prompts")
   b = len(prompts)
+  own_default = negative_prompts is None and pipe.default_negative is not None
   negative = [""] if negative_prompts is None else _as_list(negative_prompts, "negative_prompts")
   if len(negative) not in (1, b):
     raise ValueError(f"{len(negative)} negative prompts for {b} prompts: give one or {b}")
   shape = (b,) + pipe.latent_shape(height, width)
   seeds = image_seeds(seed, b)
   draws, key = draw_noise(seeds, shape[1:])
-  return Request(prompts, negative, seeds, shape, draws, key,
-                 pipe.tokenize_checked(prompts) + pipe.tokenize_checked(negative))
+  negative_tokens = (None, None) if own_default else pipe.tokenize_checked(negative)
+  return Request(prompts, None if own_default else negative, seeds, shape, draws, key,
+                 pipe.tokenize_checked(prompts) + negative_tokens)
 
 
 def batched(a: np.ndarray, b: int, what: str) -> np.ndarray:
@@ -165,7 +171,8 @@ def generate(pipe: core.Pipeline, params, prompts: str | Sequence[str], *, negat
   """txt2img, or img2img with ``image``, for one image per prompt.
 
   Args:
-    prompts: B prompts; negative_prompts: B (or one) negative prompts; None: the empty prompt.
+    prompts: B prompts; negative_prompts: B (or one) negative prompts; None: the empty prompt
+      (or the pipeline's ``default_negative``: SDXL's zeros).
     height, width: output size in pixels (multiples of the VAE's downsampling).
     plan: the sampling plan (``plan_for``; default the folder's scheduler with 50 steps).
     guidance_scale: classifier-free guidance scale (1: the conditional prediction alone).
@@ -176,6 +183,9 @@ def generate(pipe: core.Pipeline, params, prompts: str | Sequence[str], *, negat
     image: (B, H, W, C) float in [0, 1] for img2img; strength in (0, 1] as in diffusers.
     image_noise: (B, h, w, c) standard normal for the VAE posterior sample of ``image``.
   """
+  if pipe.entry != "generate":
+    raise ValueError(f"a {type(pipe).__name__}'s network takes more inputs than a prompt: use "
+                     f"pipelines.{pipe.entry}")
   guidance = guidance or core.Guidance()
   plan = plan or plan_for(pipe)
   req = request(pipe, prompts, negative_prompts, seed, height, width)

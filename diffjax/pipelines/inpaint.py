@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +62,8 @@ class InpaintingPipeline(core.Pipeline):
   latents (c)]) in that channel order; ``latent_channels`` is c, that of the VAE. Other
   fields as in ``Pipeline``.
   """
+
+  entry: ClassVar[str] = "inpaint"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,6 +67,14 @@ class Plan:
     return cls(solver, ts, True, float(process.prior_std), name, tuple(sorted(options.items())))
 
 
+def discrete_process(config: Mapping) -> DiscreteVP:
+  """The ``DiscreteVP`` of a diffusers scheduler config's betas (``trained_betas``, else ``beta_schedule``)."""
+  if config.get("trained_betas") is not None:
+    return DiscreteVP.from_betas(config["trained_betas"])
+  return DiscreteVP.from_schedule(config.get("beta_schedule", "linear"), int(config.get("num_train_timesteps", 1000)),
+                                  float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02)))
+
+
 @dataclasses.dataclass(frozen=True)
 class DiffusersScheduler:
   """A diffusers scheduler config, read once (``from_config``); ``plan(num_steps)`` per run."""
@@ -90,12 +98,7 @@ class DiffusersScheduler:
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
       raise ValueError(f"{where}: prediction_type {prediction!r} is not one of {sorted(PREDICTION_TYPES)}")
-    if config.get("trained_betas") is not None:
-      process = DiscreteVP.from_betas(config["trained_betas"])
-    else:
-      process = DiscreteVP.from_schedule(config.get("beta_schedule", "linear"),
-                                         int(config.get("num_train_timesteps", 1000)),
-                                         float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02)))
+    process = discrete_process(config)
     unsupported = {
         "clip_sample": bool(config.get("clip_sample", False)) and name == "DDIMScheduler",
         "thresholding": bool(config.get("thresholding", False)),
@@ -137,11 +140,14 @@ class DiffusersScheduler:
             f"not its next timestep (the network would see other times than the noise levels): use 'leading' "
             f"spacing, or a number of steps that divides {t_total}")
       name = "ddim" if self.class_name == "DDIMScheduler" else "pndm"
+      # diffusers' PLMS combines the network's raw outputs: v itself under v-prediction (ode.pndm's combine="v").
+      options = (("combine", "v"),) if name == "pndm" and self.target == "v" else ()
+      solver = make_solver(name, p, **dict(options))
       if self.set_alpha_to_one:  # the last step lands on alpha_bar = 1: DDIM's is the jump D(x, t_last)
-        return Plan(make_solver(name, p), ts, True, 1.0, name)
+        return Plan(solver, ts, True, 1.0, name, options)
       # The last step lands on alpha_bar_0 (t = 0), without the jump to sigma = 0.
       ts = ts if ts[-1] == 0 else np.concatenate([ts, [0.0]])
-      return Plan(make_solver(name, p), ts, False, 1.0, name)
+      return Plan(solver, ts, False, 1.0, name, options)
     if self.class_name == "EulerDiscreteScheduler":
       ts = self._sigma_grid(num_steps, num_steps)
       # init_noise_sigma (in x / alpha; its largest sigma, interpolated linearly) times alpha(t0)

@@ -8,7 +8,8 @@ files included), ``tokenizer/`` (CLIP ``vocab.json`` + ``merges.txt``) and
 ``steps_offset=1`` and ``clip_sample=False``, the text encoder sees no attention mask
 (the CLIP configs of SD set no ``use_attention_mask``), the context is its last hidden
 state, and latents are decoded as ``vae.decode(z / scaling_factor)``. A folder whose U-Net takes
-2c + 1 channels (SD inpainting, c the VAE's latent channels) gives an ``inpaint.InpaintingPipeline``.
+2c + 1 channels (SD inpainting, c the VAE's latent channels) gives an ``inpaint.InpaintingPipeline``,
+an x4 upscaler folder (``StableDiffusionUpscalePipeline``) an ``upscale.UpscalePipeline``.
 """
 
 from __future__ import annotations
@@ -26,21 +27,31 @@ from diffjax.pipelines.inpaint import InpaintingPipeline
 from diffjax.pipelines.schedulers import DiffusersScheduler
 
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+UPSCALER = "StableDiffusionUpscalePipeline"  # its folder also has a low_res_scheduler (upscale.py)
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")  # what an SDXL folder has besides REQUIRED (sdxl.py)
 
 
-def _check_folder(folder: str) -> None:
+def _is_sdxl(index: dict) -> bool:
+  """Whether a model_index names a second text encoder or an SDXL pipeline class."""
+  named = isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None
+  return named or str(index.get("_class_name", "")).startswith("StableDiffusionXL")
+
+
+def _check_folder(folder: str) -> dict:
+  """The folder's model_index (checked: every component it needs is named and present)."""
   index_path = os.path.join(folder, "model_index.json")
   if not os.path.isdir(folder):
     raise FileNotFoundError(f"{folder} does not exist")
   if not os.path.isfile(index_path):
     raise ValueError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
   index = read_json_config(index_path)
-  missing = [c for c in REQUIRED if not (isinstance(index.get(c), list) and index[c][0] is not None)
+  required = REQUIRED + (("low_res_scheduler",) if index.get("_class_name") == UPSCALER else ())
+  required += SDXL_PARTS if _is_sdxl(index) else ()
+  missing = [c for c in required if not (isinstance(index.get(c), list) and index[c][0] is not None)
              or not os.path.isdir(os.path.join(folder, c))]
   if missing:
-    raise ValueError(f"{index_path}: the pipeline lacks {', '.join(missing)} (need {', '.join(REQUIRED)})")
-  if isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None:
-    raise NotImplementedError(f"{folder}: SDXL pipelines (text_encoder_2) are not supported yet")
+    raise ValueError(f"{index_path}: the pipeline lacks {', '.join(missing)} (need {', '.join(required)})")
+  return index
 
 
 def _tokenizer_json(path: str) -> tuple[dict, list]:
@@ -73,42 +84,55 @@ def load_tokenizer(folder: str) -> CLIPTokenizer:
   raise FileNotFoundError(f"{folder}: no CLIP tokenizer (need vocab.json and merges.txt, or tokenizer.json)")
 
 
-def load_scheduler(folder: str) -> DiffusersScheduler:
+def load_scheduler(folder: str, *, sd_rewrite: bool = True) -> DiffusersScheduler:
+  """``scheduler_config.json`` of ``folder``; ``sd_rewrite``: with StableDiffusionPipeline's fixes of outdated
+  configs (``steps_offset=1``, ``clip_sample=False``; SDXL's pipelines read the config as it is)."""
   path = os.path.join(folder, "scheduler_config.json")
   config = dict(read_json_config(path))
-  if config.get("steps_offset", 1) != 1:  # StableDiffusionPipeline's rewrite of outdated configs
+  if sd_rewrite and config.get("steps_offset", 1) != 1:  # StableDiffusionPipeline's rewrite of outdated configs
     config["steps_offset"] = 1
-  if config.get("clip_sample", False) is True:
+  if sd_rewrite and config.get("clip_sample", False) is True:
     config["clip_sample"] = False
   return DiffusersScheduler.from_config(config, where=path)
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32) -> tuple[Pipeline, dict]:
-  """(pipeline, params) of a Stable Diffusion 1.x/2.x diffusers folder.
+  """(pipeline, params) of a Stable Diffusion 1.x/2.x diffusers folder (SDXL: ``sdxl.sdxl_from_pretrained``'s).
 
   ``params`` is {"unet", "vae", "text_encoder"}; ``dtype`` is the computation dtype of the
   networks (e.g. ``jnp.bfloat16``; the VAE decodes in float32 as diffusers' ``force_upcast``
   does), ``param_dtype`` that of the parameters.
   """
   folder = os.fspath(path)
-  _check_folder(folder)
+  if _is_sdxl(_check_folder(folder)):  # two text encoders (sdxl.py builds on this module, hence the late import)
+    from diffjax.pipelines.sdxl import sdxl_from_pretrained
+
+    return sdxl_from_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
   loaded = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
   (unet, p_unet), (vae, p_vae), (text, p_text) = (loaded[k] for k in ("unet", "vae", "text_encoder"))
   tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
   scheduler = load_scheduler(os.path.join(folder, "scheduler"))
-  pipe = assemble(unet, vae, text, tokenizer, scheduler, where=folder)
+  if read_json_config(os.path.join(folder, "model_index.json")).get("_class_name") == UPSCALER:
+    from diffjax.pipelines.upscale import assemble_upscaler  # (upscale.py builds on this module's assemble)
+
+    pipe = assemble_upscaler(unet, vae, text, tokenizer, scheduler, folder=folder)
+  else:
+    pipe = assemble(unet, vae, text, tokenizer, scheduler, where=folder)
   return pipe, {"unet": p_unet, "vae": p_vae, "text_encoder": p_text}
 
 
-def assemble(unet, vae, text, tokenizer: CLIPTokenizer, scheduler: DiffusersScheduler, *, where: str) -> Pipeline:
+def assemble(unet, vae, text, tokenizer: CLIPTokenizer, scheduler: DiffusersScheduler, *, where: str,
+             image_channels: int = 0) -> Pipeline:
   """The SD 1.x/2.x ``Pipeline`` of loaded modules (params {"unet", "vae", "text_encoder"}); ``where`` names
-  the source in errors. A U-Net of 2c + 1 input channels (c the VAE's) gives an ``InpaintingPipeline``."""
+  the source in errors. A U-Net of 2c + 1 input channels (c the VAE's) gives an ``InpaintingPipeline``;
+  ``image_channels``: pixel channels the U-Net takes after the latents (the x4 upscaler's 3, ``upscale.py``).
+  ``predict`` passes optional class labels (B,) on to the U-Net."""
   if vae.dtype != jnp.float32:  # decode in float32 (SD's VAE overflows in half precision)
     vae = vae.clone(dtype=jnp.float32)
   cfg = vae.config
   # An inpainting U-Net takes [latents, mask, masked-image latents]: an InpaintingPipeline (c = the VAE's channels).
-  inpainting = unet.config.in_channels == 2 * cfg.latent_channels + 1
-  if unet.config.in_channels != cfg.latent_channels and not inpainting:
+  inpainting = not image_channels and unet.config.in_channels == 2 * cfg.latent_channels + 1
+  if unet.config.in_channels != cfg.latent_channels + image_channels and not inpainting:
     raise NotImplementedError(f"{where}: a U-Net with {unet.config.in_channels} input channels for "
                               f"{cfg.latent_channels}-channel latents is not supported")
 
@@ -119,8 +143,8 @@ def assemble(unet, vae, text, tokenizer: CLIPTokenizer, scheduler: DiffusersSche
   def encode_text(params, ids, mask):
     return text.apply({"params": params["text_encoder"]}, ids, None).last_hidden_state
 
-  def predict(params, x, t, context):
-    return unet.apply({"params": params["unet"]}, x, t, context).astype(jnp.float32)
+  def predict(params, x, t, context, class_labels=None):
+    return unet.apply({"params": params["unet"]}, x, t, context, class_labels).astype(jnp.float32)
 
   def decode(params, z):
     z = z.astype(jnp.float32) / cfg.scaling_factor + cfg.shift_factor

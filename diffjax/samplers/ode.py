@@ -417,7 +417,7 @@ def lms(process: Process, order: int = 4) -> Solver:
   return _sigma_multistep(process, order, _lms_weights)
 
 
-def pndm(process: Process) -> Solver:
+def pndm(process: Process, combine: str = "eps") -> Solver:
   """PNDM as Stable Diffusion runs it (Liu et al. 2022, "PLMS"; diffusers' PNDMScheduler, skip_prk_steps).
 
   The first step is Heun's method (the eps prediction averaged between x and the Euler
@@ -428,27 +428,40 @@ def pndm(process: Process) -> Solver:
   = 1) and diffusers' N-step PLMS is this solver on its N + 1 distinct timesteps, the
   last step going to alpha_bar_0 (``set_alpha_to_one=False``). Global order 2 on grids
   not uniform in s (fixed coefficients). Needs alpha > 0.
+
+  ``combine="v"`` averages and combines v = alpha eps - sigma x0 instead and turns the
+  combination into eps with the step's own x and time, eps = alpha(t) v + sigma(t) x
+  (what diffusers' PNDMScheduler does with ``prediction_type="v_prediction"``: it combines
+  the network's raw outputs). Only the weighting of the history differs from "eps".
   """
+  if combine not in ("eps", "v"):
+    raise ValueError(f"pndm: combine must be 'eps' or 'v', got {combine!r}")
   table = jnp.asarray(_IPNDM)
 
   def init(x, ts):
     return _history_init(3, x, ts)
 
   def step(denoise, x, t, t_next, state, key):
-    alpha, _, lam = _schedule(process, t, t_next, state["t"])
+    alpha, sigma, lam = _schedule(process, t, t_next, state["t"])
     s = jnp.exp(-lam)
     h, xs = s[1] - s[0], x / alpha[0]
-    d = (xs - denoise(x, t)) / s[0]
+    x0 = denoise(x, t)
+    d = (xs - x0) / s[0]
+    # What the history combines (q), and eps of a combination of q at (x, t).
+    as_q = (lambda e, x0, k: alpha[k] * e - sigma[k] * x0) if combine == "v" else (lambda e, x0, k: e)
+    to_eps = (lambda q: alpha[0] * q + sigma[0] * x) if combine == "v" else (lambda q: q)
+    q = as_q(d, x0, 0)
 
     def heun():
       xs_euler = xs + h * d
-      return xs + h * 0.5 * (d + (xs_euler - denoise(alpha[1] * xs_euler, t_next)) / s[1])
+      x0_euler = denoise(alpha[1] * xs_euler, t_next)
+      return xs + h * to_eps(0.5 * (q + as_q((xs_euler - x0_euler) / s[1], x0_euler, 1)))
 
     def adams_bashforth():
-      return xs + h * _combine(table[jnp.minimum(state["i"], 3)], d, state["hist"])
+      return xs + h * to_eps(_combine(table[jnp.minimum(state["i"], 3)], q, state["hist"]))
 
     xs_next = jax.lax.cond(state["i"] == 0, heun, adams_bashforth)
-    return (alpha[1] * xs_next).astype(x.dtype), _push(state, d, t)
+    return (alpha[1] * xs_next).astype(x.dtype), _push(state, q, t)
 
   return Solver(init=init, step=step, order=2, nfe_per_step=1, warmup_nfe=1)
 
