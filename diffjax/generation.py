@@ -103,6 +103,32 @@ def load(path: str, dtype=jnp.float32, tokenizer: str = "", prediction_type: str
                     f"diffjax training workdir ({trainer.CONFIG_FILE} and checkpoints/)")
 
 
+_LOADED: dict = {}  # the last pipeline loaded, by its files' state: a next job on the same files reuses its programs
+
+
+def _files_state(path: str) -> tuple:
+  """(relative path, size, mtime) of every file at or below ``path``: changes when any weight file does."""
+  if os.path.isfile(path):
+    st = os.stat(path)
+    return ((os.path.basename(path), st.st_size, st.st_mtime_ns),)
+  out = []
+  for folder, _, names in sorted(os.walk(path)):
+    for name in sorted(names):
+      st = os.stat(os.path.join(folder, name))
+      out.append((os.path.relpath(os.path.join(folder, name), path), st.st_size, st.st_mtime_ns))
+  return tuple(out)
+
+
+def load_cached(path: str, dtype=jnp.float32, tokenizer: str = "", prediction_type: str = ""):
+  """``load``, or the same objects as the last call when the files are unchanged (so nothing recompiles)."""
+  key = (os.path.abspath(path), jnp.dtype(dtype).name, tokenizer, prediction_type, _files_state(path),
+         _files_state(tokenizer) if tokenizer and os.path.exists(tokenizer) else ())
+  if key not in _LOADED:
+    _LOADED.clear()  # one model at a time in memory
+    _LOADED[key] = load(path, dtype, tokenizer, prediction_type)
+  return _LOADED[key]
+
+
 def _image_file(config, field: str, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
   """The image of ``config.<field>`` (H, W, channels) in [0, 1], checked to be ``size`` (H, W) if given."""
   try:
@@ -135,7 +161,8 @@ def generate(config, output_dir: str) -> dict:
   validate(config)
   started = time.time()
   use_compilation_cache(config.compilation_cache)
-  pipe, params, provenance = load(config.pretrained, DTYPES[config.dtype], config.tokenizer, config.prediction_type)
+  pipe, params, provenance = load_cached(config.pretrained, DTYPES[config.dtype], config.tokenizer,
+                                         config.prediction_type)
   s = config.sampler
   try:
     plan = pipelines.plan_for(pipe, s.steps, s.name or None, s.grid, **s.get("options", {}))

@@ -1,7 +1,23 @@
-"""Shared fixtures. Float64 is opt-in per test through the ``x64`` fixture."""
+"""Shared fixtures. Float64 is opt-in per test through the ``x64`` fixture.
+
+The session shares one persistent XLA compilation cache (a temporary folder, removed at exit):
+tests that build the same program again (the tiny pipelines of the parity, generation and
+job tests) load it instead of compiling. ``DIFFJAX_TEST_XLA_CACHE=0`` turns it off.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
 
 import jax
 import pytest
+
+if os.environ.get("DIFFJAX_TEST_XLA_CACHE", "1") != "0":
+  _CACHE = tempfile.mkdtemp(prefix="diffjax-tests-xla-")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  jax.config.update("jax_compilation_cache_dir", _CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # programs worth the disk write
 
 
 @pytest.fixture

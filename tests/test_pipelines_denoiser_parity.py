@@ -54,7 +54,8 @@ def _recorded_run(ref_pipe, latents):
   return images, calls
 
 
-@pytest.mark.parametrize("scheduler,prediction", [("ddim", "epsilon"), ("dpmpp_2m", "v_prediction")])
+@pytest.mark.parametrize("scheduler,prediction", [pytest.param("ddim", "epsilon", marks=pytest.mark.slow),
+                                                  ("dpmpp_2m", "v_prediction")])
 def test_every_step_and_the_images_match_diffusers(tmp_path, scheduler, prediction):
   ref_pipe, folder = _tiny_pipeline(tmp_path, scheduler, prediction_type=prediction)
   latents = np.random.default_rng(0).standard_normal((len(PROMPTS), 4, SIZE // 2, SIZE // 2)).astype(np.float32)

@@ -86,7 +86,10 @@ def _max_diff(a, b) -> float:
 
 # euler: the folder's own scheduler and no negative prompt (force_zeros_for_empty_prompt's zeros);
 # the others with negative prompts.
-@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m", "pndm"])
+# DDIM and DPM-Solver++ 2M map through the same scheduler code as for SD (test_pipelines_parity.py runs all four):
+# here in the slow set, to keep the default suite's time.
+@pytest.mark.parametrize("scheduler", ["euler", "pndm", pytest.param("ddim", marks=pytest.mark.slow),
+                                       pytest.param("dpmpp_2m", marks=pytest.mark.slow)])
 def test_sdxl_txt2img_matches_diffusers(sdxl, latents, scheduler):
   ref_pipe, pipe, params = sdxl
   negative = None if scheduler == "euler" else NEGATIVE

@@ -71,7 +71,10 @@ def low_res():
   return np.random.default_rng(3).uniform(0, 1, (len(PROMPTS), LOW, LOW, 3)).astype(np.float32)
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+# Euler and DPM-Solver++ 2M map through the same scheduler code as for SD (test_pipelines_parity.py runs all four):
+# here in the slow set, to keep the default suite's time.
+@pytest.mark.parametrize("scheduler", [s if s in ("pndm", "ddim") else pytest.param(s, marks=pytest.mark.slow)
+                                       for s in SCHEDULERS])
 def test_upscale_matches_diffusers(models, low_res, scheduler):
   """StableDiffusionUpscalePipeline, v-prediction, CFG 9 with negative prompts, 5 steps: the same 4x images."""
   (ref_pipe, pipe, params), _ = models

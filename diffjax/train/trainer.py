@@ -139,8 +139,8 @@ def validate(config) -> None:
   schema.validate(config, "train")
   if config.get("vae"):
     try:
-      latent.validate(config)
-    except (ValueError, FileNotFoundError) as e:
+      latent.validate(config)  # FileNotFoundError (a missing first stage) passes as it is: main reports it in a line
+    except ValueError as e:
       raise ConfigError(str(e)) from e
 
 
