@@ -230,8 +230,7 @@ def _levels(channels) -> int:
 
 def _mesh_rules_problem(config):
   from diffjax.train import sharding
-  from diffjax.train.trainer import DEFAULT_RULES, MESH_AXES
-  return sharding.check_rules(config.mesh.get("rules", DEFAULT_RULES), MESH_AXES)
+  return sharding.check_rules(config.mesh.get("rules", sharding.DEFAULT_RULES), sharding.MESH_AXES)
 
 
 def _process_problem(config) -> str | None:

@@ -33,6 +33,11 @@ LOGICAL_AXES = frozenset(layers.DENSE_KERNEL_AXES + layers.CONV_KERNEL_AXES + la
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
+MESH_AXES = ("data", "fsdp")
+# Logical parameter axis -> mesh axis; tried in order. Kernels are sharded over their input features
+# ('embed'), or their output features ('mlp') where 'embed' does not divide.
+DEFAULT_RULES = (("embed", "fsdp"), ("mlp", "fsdp"), ("vocab", "fsdp"))
+
 
 def _mesh_axes(rule_target) -> tuple[str, ...]:
   if rule_target is None:

@@ -87,10 +87,7 @@ def build_optimizer(config) -> optax.GradientTransformation:
   return optax.MultiSteps(tx, o.grad_accum_steps) if o.grad_accum_steps > 1 else tx
 
 
-MESH_AXES = ("data", "fsdp")
-# Logical parameter axis -> mesh axis; tried in order (see diffjax.train.sharding). Kernels are sharded
-# over their input features ('embed'), or their output features ('mlp') where 'embed' does not divide.
-DEFAULT_RULES = (("embed", "fsdp"), ("mlp", "fsdp"), ("vocab", "fsdp"))
+MESH_AXES, DEFAULT_RULES = sharding.MESH_AXES, sharding.DEFAULT_RULES  # (declared with the sharding rules)
 
 
 def mesh_shape(config, num_devices: int) -> tuple[int, int]:
