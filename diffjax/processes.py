@@ -224,6 +224,9 @@ class SubVP(Process):
 # ----------------------------------------------------------------------------------
 # Discrete N-step VP (DDPM / Stable Diffusion), t in [0, N - 1] (timestep index).
 # ----------------------------------------------------------------------------------
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")  # DiscreteVP.from_schedule's names (process discrete_<name>)
+
+
 def _betas(schedule: str, n: int, beta_start: float, beta_end: float) -> np.ndarray:
   if schedule == "linear":
     return np.linspace(beta_start, beta_end, n, dtype=np.float64)
@@ -233,7 +236,7 @@ def _betas(schedule: str, n: int, beta_start: float, beta_end: float) -> np.ndar
     f = lambda u: np.cos((u + 0.008) / 1.008 * np.pi / 2) ** 2
     u = np.arange(n + 1, dtype=np.float64) / n
     return np.minimum(1.0 - f(u[1:]) / f(u[:-1]), 0.999)
-  raise ValueError(f"unknown beta schedule {schedule!r}: use 'linear', 'scaled_linear' or 'cosine'")
+  raise ValueError(f"unknown beta schedule {schedule!r}: use one of {BETA_SCHEDULES}")
 
 
 @struct.dataclass

@@ -164,7 +164,7 @@ def _grids():
 
 def _processes():
   from diffjax import processes
-  return list(processes.PROCESSES) + ["sd"] + [f"discrete_{s}" for s in ("linear", "scaled_linear", "cosine")]
+  return list(processes.PROCESSES) + ["sd"] + [f"discrete_{s}" for s in processes.BETA_SCHEDULES]
 
 
 def _targets():

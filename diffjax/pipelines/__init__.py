@@ -1,6 +1,6 @@
 """Generation pipelines: text (and an image) -> images with any network, process, solver and VAE.
 
-``Pipeline`` (core) is the model side without parameters; ``stable_diffusion.from_pretrained``
+``Pipeline`` (core) is the model side without parameters; ``from_pretrained`` (``folders``)
 builds one from a diffusers folder and the trainer from a diffjax run; ``generate`` runs
 txt2img and img2img on the host, ``inpaint`` inpainting (``inpaint.py``: mask-conditioned networks,
 blending and RePaint for any network), ``upscale`` the x4 upscaler (``upscale.py``), ``sdxl`` SDXL base
@@ -9,13 +9,13 @@ maps diffusers scheduler configs to diffjax's process, solver and grid.
 """
 
 from diffjax.pipelines.core import Guidance, Pipeline, denoiser, img2img, strength_start, txt2img
+from diffjax.pipelines.folders import from_pretrained
 from diffjax.pipelines.generate import Output, generate, plan_for
 from diffjax.pipelines.inpaint import InpaintingPipeline, RePaint, inpaint, inpaint_blended, inpaint_conditioned
 from diffjax.pipelines.inversion import Inverted, invert_images
 from diffjax.pipelines.schedulers import DiffusersScheduler, Plan
 from diffjax.pipelines.sdxl import assemble_sdxl, sdxl_from_pretrained
 from diffjax.pipelines.single_file import from_single_file
-from diffjax.pipelines.stable_diffusion import from_pretrained
 from diffjax.pipelines.upscale import UpscalePipeline, upscale, upscale_image
 
 __all__ = ["DiffusersScheduler", "Guidance", "InpaintingPipeline", "Inverted", "Output", "Pipeline", "Plan", "RePaint",

@@ -4,7 +4,7 @@ A ``Pipeline`` is the model side of generation without its parameters: tokenizer
 text encoder, the denoiser network with its prediction target, the noise process and
 an optional VAE, each as a pure function of a parameter pytree. It is built from a
 diffjax training run (``diffjax.train.trainer``) or from a Stable Diffusion folder
-(``diffjax.pipelines.stable_diffusion``). The task functions below are pure and
+(``diffjax.pipelines.folders``). The task functions below are pure and
 jit-compatible (``jax.jit`` them with shardings to run on a mesh); ``generate`` is the
 host-side entry point that tokenizes, jits once per task and solver, and returns images.
 
@@ -53,7 +53,9 @@ class Pipeline:
     tokenize: prompts (list of str) -> (ids, mask), int32 numpy (B, L) (SDXL: (B, 2, L), one row
       per tokenizer); over-long prompts are truncated (``tokenize_checked`` logs it).
     encode_text: ``(params, ids, mask) -> context`` (B, L, D), the cross-attention input, or a
-      pytree of such (B, ...) arrays that ``predict`` reads (SDXL: (context, pooled)).
+      pytree of such (B, ...) arrays that ``predict`` reads (SDXL: (context, pooled)). The tasks
+      encode prompts and negative prompts in one call; a leaf whose batch is not the ids' is a
+      per-image input that both guidance branches share (inpainting's mask channels).
     predict: ``(params, x (B, h, w, c), t_net (B,), context) -> prediction of target``.
     process: the noise process; the network sees time ``time_scale * t``.
     target: what the network predicts (``parameterization.TARGETS``: eps, v, x0 ...).
@@ -127,13 +129,17 @@ def denoiser(pipe: Pipeline, params, context, negative_context, guidance_scale, 
 def _sample_from(pipe: Pipeline, params, ids, mask, negative_ids, negative_mask, x, ts, guidance_scale, key, *,
                  solver: Solver, denoise_final: bool, options: Guidance, decode: bool):
   """The shared body of the tasks: encode both prompts, sample from x at ts[0] with guidance, decode."""
-  context = pipe.encode_text(params, ids, mask)
   if negative_ids is None:  # no negative prompt: the pipeline's own default
     if pipe.default_negative is None:
       raise ValueError("negative_ids=None needs a pipeline with a default_negative; tokenize the empty prompt")
+    context = pipe.encode_text(params, ids, mask)
     negative = pipe.default_negative(context)
-  else:
-    negative = pipe.encode_text(params, negative_ids, negative_mask)
+  else:  # one text-encoder call for both prompts: one copy of the encoder in the compiled program
+    b, n = ids.shape[0], ids.shape[0] + negative_ids.shape[0]
+    both = pipe.encode_text(params, jnp.concatenate([ids, negative_ids]), jnp.concatenate([mask, negative_mask]))
+    # Leaves of the joint batch n split; others are per-image inputs (B,) both branches share (inpaint.py).
+    context = jax.tree.map(lambda a: a[:b] if a.shape[0] == n else a, both)
+    negative = jax.tree.map(lambda a: a[b:] if a.shape[0] == n else a, both)
   d = denoiser(pipe, params, context, negative, guidance_scale, options)
   x = sample(solver, d, x, ts, key=key, denoise_final=denoise_final)
   return pipe.decode(params, x) if decode and pipe.decode is not None else x

@@ -38,7 +38,7 @@ from diffjax.models.tokenizers import CLIPTokenizer
 from diffjax.pipelines import vae as vae_codec
 from diffjax.pipelines.core import Pipeline
 from diffjax.pipelines.schedulers import DiffusersScheduler
-from diffjax.pipelines.stable_diffusion import _check_folder, load_scheduler, load_tokenizer
+from diffjax.pipelines.stable_diffusion import check_folder, load_scheduler, load_tokenizer
 
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the parameter tree's keys
 NUM_TIME_IDS = 6
@@ -56,15 +56,15 @@ def time_ids(height: int, width: int, crop_top_left: tuple[int, int] = (0, 0),
 
 def sdxl_from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32,
                          clip_skip: int | None = None) -> tuple[Pipeline, dict]:
-  """(pipeline, params) of an SDXL base diffusers folder (what ``stable_diffusion.from_pretrained`` returns for it).
+  """(pipeline, params) of an SDXL base diffusers folder (what ``folders.from_pretrained`` returns for it).
 
   ``params`` is {"unet", "vae", "text_encoder", "text_encoder_2"}; ``dtype`` / ``param_dtype`` as in
-  ``stable_diffusion.from_pretrained``. ``clip_skip``: the context is ``hidden_states[-(clip_skip + 2)]``
+  ``folders.from_pretrained``. ``clip_skip``: the context is ``hidden_states[-(clip_skip + 2)]``
   of both encoders (None: the penultimate); diffusers applies it to the prompt but not to a negative
   prompt, here both.
   """
   folder = os.fspath(path)
-  index = _check_folder(folder)
+  index = check_folder(folder)
   if index.get("requires_aesthetics_score"):
     raise NotImplementedError(f"{folder}: the SDXL refiner (requires_aesthetics_score) is not supported")
   loaded = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)

@@ -8,8 +8,9 @@ files included), ``tokenizer/`` (CLIP ``vocab.json`` + ``merges.txt``) and
 ``steps_offset=1`` and ``clip_sample=False``, the text encoder sees no attention mask
 (the CLIP configs of SD set no ``use_attention_mask``), the context is its last hidden
 state, and latents are decoded as ``vae.decode(z / scaling_factor)``. A folder whose U-Net takes
-2c + 1 channels (SD inpainting, c the VAE's latent channels) gives an ``inpaint.InpaintingPipeline``,
-an x4 upscaler folder (``StableDiffusionUpscalePipeline``) an ``upscale.UpscalePipeline``.
+2c + 1 channels (SD inpainting, c the VAE's latent channels) gives an ``inpaint.InpaintingPipeline``.
+The SDXL and x4 upscaler loaders (``sdxl.py``, ``upscale.py``) build on this module's parts;
+``folders.from_pretrained`` picks the loader a folder needs.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ UPSCALER = "StableDiffusionUpscalePipeline"  # its folder also has a low_res_sch
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")  # what an SDXL folder has besides REQUIRED (sdxl.py)
 
 
-def _is_sdxl(index: dict) -> bool:
+def is_sdxl(index: dict) -> bool:
   """Whether a model_index names a second text encoder or an SDXL pipeline class."""
   named = isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None
   return named or str(index.get("_class_name", "")).startswith("StableDiffusionXL")
 
 
-def _check_folder(folder: str) -> dict:
+def check_folder(folder: str) -> dict:
   """The folder's model_index (checked: every component it needs is named and present)."""
   index_path = os.path.join(folder, "model_index.json")
   if not os.path.isdir(folder):
@@ -46,7 +47,7 @@ def _check_folder(folder: str) -> dict:
     raise ValueError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
   index = read_json_config(index_path)
   required = REQUIRED + (("low_res_scheduler",) if index.get("_class_name") == UPSCALER else ())
-  required += SDXL_PARTS if _is_sdxl(index) else ()
+  required += SDXL_PARTS if is_sdxl(index) else ()
   missing = [c for c in required if not (isinstance(index.get(c), list) and index[c][0] is not None)
              or not os.path.isdir(os.path.join(folder, c))]
   if missing:
@@ -96,29 +97,28 @@ def load_scheduler(folder: str, *, sd_rewrite: bool = True) -> DiffusersSchedule
   return DiffusersScheduler.from_config(config, where=path)
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32) -> tuple[Pipeline, dict]:
-  """(pipeline, params) of a Stable Diffusion 1.x/2.x diffusers folder (SDXL: ``sdxl.sdxl_from_pretrained``'s).
-
-  ``params`` is {"unet", "vae", "text_encoder"}; ``dtype`` is the computation dtype of the
-  networks (e.g. ``jnp.bfloat16``; the VAE decodes in float32 as diffusers' ``force_upcast``
-  does), ``param_dtype`` that of the parameters.
-  """
-  folder = os.fspath(path)
-  if _is_sdxl(_check_folder(folder)):  # two text encoders (sdxl.py builds on this module, hence the late import)
-    from diffjax.pipelines.sdxl import sdxl_from_pretrained
-
-    return sdxl_from_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
+def load_parts(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32) -> tuple[tuple, dict]:
+  """((unet, vae, text encoder, tokenizer, scheduler), params) of a one-encoder folder (SD 1.x/2.x, inpainting,
+  the x4 upscaler); params {"unet", "vae", "text_encoder"}; ``dtype`` / ``param_dtype`` as in ``sd_from_pretrained``."""
   loaded = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
   (unet, p_unet), (vae, p_vae), (text, p_text) = (loaded[k] for k in ("unet", "vae", "text_encoder"))
   tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
   scheduler = load_scheduler(os.path.join(folder, "scheduler"))
-  if read_json_config(os.path.join(folder, "model_index.json")).get("_class_name") == UPSCALER:
-    from diffjax.pipelines.upscale import assemble_upscaler  # (upscale.py builds on this module's assemble)
+  return (unet, vae, text, tokenizer, scheduler), {"unet": p_unet, "vae": p_vae, "text_encoder": p_text}
 
-    pipe = assemble_upscaler(unet, vae, text, tokenizer, scheduler, folder=folder)
-  else:
-    pipe = assemble(unet, vae, text, tokenizer, scheduler, where=folder)
-  return pipe, {"unet": p_unet, "vae": p_vae, "text_encoder": p_text}
+
+def sd_from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32) -> tuple[Pipeline, dict]:
+  """(pipeline, params) of a Stable Diffusion 1.x/2.x (or SD inpainting) diffusers folder.
+
+  ``params`` is {"unet", "vae", "text_encoder"}; ``dtype`` is the computation dtype of the
+  networks (e.g. ``jnp.bfloat16``; the VAE decodes in float32 as diffusers' ``force_upcast``
+  does), ``param_dtype`` that of the parameters. ``folders.from_pretrained`` picks this, SDXL's
+  or the upscaler's loader by the folder's model_index.
+  """
+  folder = os.fspath(path)
+  check_folder(folder)
+  parts, params = load_parts(folder, dtype=dtype, param_dtype=param_dtype)
+  return assemble(*parts, where=folder), params
 
 
 def assemble(unet, vae, text, tokenizer: CLIPTokenizer, scheduler: DiffusersScheduler, *, where: str,

@@ -12,9 +12,8 @@ says (diffusers' pipeline forces it).
 ``upscale_image`` is the pure jit-compatible task function (``core.txt2img``'s counterpart); the
 image and its labels ride in the conditioning pytree, so classifier-free guidance batches them
 with the prompts. ``upscale`` is the host entry (``generate.generate``'s counterpart).
-``assemble_upscaler`` builds the ``UpscalePipeline`` of a diffusers upscaler folder
-(``stable_diffusion.from_pretrained`` calls it for model_index ``_class_name``
-``StableDiffusionUpscalePipeline``).
+``upscaler_from_pretrained`` loads a diffusers upscaler folder (``folders.from_pretrained`` calls it
+for model_index ``_class_name`` ``StableDiffusionUpscalePipeline``).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from diffjax.convert.files import read_json_config
 from diffjax.pipelines import core
 from diffjax.pipelines.generate import Output, _check_image, batched, draw_noise, finish, given_or, plan_for, request
 from diffjax.pipelines.schedulers import DiffusersScheduler, Plan, discrete_process
-from diffjax.pipelines.stable_diffusion import assemble
+from diffjax.pipelines.stable_diffusion import assemble, check_folder, load_parts
 from diffjax.processes import DiscreteVP
 from diffjax.samplers import Solver, make_solver
 
@@ -194,6 +193,15 @@ def load_low_res_process(folder: str) -> DiscreteVP:
   if config.get("rescale_betas_zero_snr", False):
     raise NotImplementedError(f"{path}: rescale_betas_zero_snr is not mapped to diffjax")
   return discrete_process(config)
+
+
+def upscaler_from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32,
+                             param_dtype=jnp.float32) -> tuple[UpscalePipeline, dict]:
+  """(pipeline, params) of an x4 upscaler diffusers folder; params {"unet", "vae", "text_encoder"}."""
+  folder = os.fspath(path)
+  check_folder(folder)
+  parts, params = load_parts(folder, dtype=dtype, param_dtype=param_dtype)
+  return assemble_upscaler(*parts, folder=folder), params
 
 
 def assemble_upscaler(unet, vae, text, tokenizer, scheduler: DiffusersScheduler, *, folder: str) -> UpscalePipeline:

@@ -445,7 +445,18 @@ def pndm(process: Process, combine: str = "eps") -> Solver:
     alpha, sigma, lam = _schedule(process, t, t_next, state["t"])
     s = jnp.exp(-lam)
     h, xs = s[1] - s[0], x / alpha[0]
-    x0 = denoise(x, t)
+    euler = lambda x0: xs + h * (xs - x0) / s[0]  # the Euler predictor (scaled) from x0 at (x, t)
+
+    # Both evaluations of the first step go through one call site (a scan of two, the second
+    # skipped after the first step), so a network is traced and compiled once per program.
+    def evaluate(x0s, j):
+      def call():
+        x_in = jnp.where(j == 0, x, alpha[1] * euler(x0s[0]).astype(x.dtype))
+        return x0s.at[j].set(denoise(x_in, jnp.where(j == 0, t, t_next)).astype(x0s.dtype))
+      return jax.lax.cond((j == 0) | (state["i"] == 0), call, lambda: x0s), None
+
+    (x0, x0_euler), _ = jax.lax.scan(evaluate, jnp.zeros((2,) + x.shape, jnp.promote_types(x.dtype, jnp.float32)),
+                                     jnp.arange(2))
     d = (xs - x0) / s[0]
     # What the history combines (q), and eps of a combination of q at (x, t).
     as_q = (lambda e, x0, k: alpha[k] * e - sigma[k] * x0) if combine == "v" else (lambda e, x0, k: e)
@@ -453,8 +464,7 @@ def pndm(process: Process, combine: str = "eps") -> Solver:
     q = as_q(d, x0, 0)
 
     def heun():
-      xs_euler = xs + h * d
-      x0_euler = denoise(alpha[1] * xs_euler, t_next)
+      xs_euler = euler(x0)
       return xs + h * to_eps(0.5 * (q + as_q((xs_euler - x0_euler) / s[1], x0_euler, 1)))
 
     def adams_bashforth():
