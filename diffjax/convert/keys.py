@@ -21,7 +21,8 @@ LIST_NAMES = frozenset({
     'down_blocks', 'up_blocks', 'resnets', 'attentions', 'downsamplers', 'upsamplers', 'transformer_blocks',
     'to_out', 'net', 'layers', 'layer',
 })
-_LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight', 'bias': 'bias'}
+_LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight', 'bias': 'bias',
+                  'mean': 'running_mean', 'var': 'running_var'}  # (the last two: inference BatchNorm statistics)
 # Buffers that PyTorch modules save but that are not parameters.
 IGNORED_KEYS = (re.compile(r'(^|\.)position_ids$'), re.compile(r'(^|\.)num_batches_tracked$'))
 
