@@ -22,7 +22,8 @@ LIST_NAMES = frozenset({
     'to_out', 'net', 'layers', 'layer',
 })
 _LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight', 'bias': 'bias',
-                  'mean': 'running_mean', 'var': 'running_var'}  # (the last two: inference BatchNorm statistics)
+                  'mean': 'running_mean', 'var': 'running_var',  # inference BatchNorm statistics
+                  'class_embedding': 'class_embedding', 'logit_scale': 'logit_scale'}  # CLIP's raw parameters
 # Buffers that PyTorch modules save but that are not parameters.
 IGNORED_KEYS = (re.compile(r'(^|\.)position_ids$'), re.compile(r'(^|\.)num_batches_tracked$'))
 

@@ -9,6 +9,7 @@ renaming (``diffjax.convert``).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -84,28 +85,30 @@ class _CLIPAttention(nn.Module):
   implementation: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  causal: bool = True  # the text tower's; CLIP's image tower attends both ways
 
   @nn.compact
   def __call__(self, x, mask):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d = x.shape[-1]
     q, k, v = (split_heads(dense(d, name=n, **kw)(x), self.heads) for n in ('q_proj', 'k_proj', 'v_proj'))
-    o = dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=self.implementation)
+    o = dot_product_attention(q, k, v, mask=mask, is_causal=self.causal, implementation=self.implementation)
     return dense(d, name='out_proj', **kw)(o.reshape(x.shape))
 
 
 class _CLIPLayer(nn.Module):
-  config: CLIPTextConfig
+  config: Any  # CLIPTextConfig or models.clip.CLIPVisionConfig (the fields the layer reads are common)
   implementation: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x, mask):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layer_norm(c.layer_norm_eps, name='layer_norm1', **kw)(x)
-    x = x + _CLIPAttention(c.num_heads, self.implementation, name='self_attn', **kw)(h, mask)
+    x = x + _CLIPAttention(c.num_heads, self.implementation, name='self_attn', causal=self.causal, **kw)(h, mask)
     h = layer_norm(c.layer_norm_eps, name='layer_norm2', **kw)(x)
     h = _MLP(c.intermediate_size, c.hidden_act, name='mlp', **kw)(h)
     return x + h
