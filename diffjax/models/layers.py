@@ -136,8 +136,51 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation='cudnn')
       except (ValueError, NotImplementedError, RuntimeError):
         pass
+    if (jax.default_backend() == 'cpu' and mask is None and not is_causal and k.shape[1] >= BLOCKED_MIN_KEYS
+        and q.shape[1] % ATTENTION_BLOCK == 0 and k.shape[1] % ATTENTION_BLOCK == 0):
+      return blocked_attention(q, k, v)
     impl = 'xla'
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
+
+
+# On XLA:CPU the (B, N, T, S) logits of long self-attention make several passes over memory
+# (4096 tokens at batch 2, 8 heads: 1 GB): blocking with an online softmax keeps each block in
+# cache. Measured for (2, 4096, 8, 40) on a 2-core CPU: 1.60 s (jax.nn.dot_product_attention, XLA)
+# -> 0.31 s, torch's scaled_dot_product_attention 0.30 s.
+ATTENTION_BLOCK = 512
+BLOCKED_MIN_KEYS = 1024  # also 3x faster at 1024 keys (0.082 -> 0.026 s at batch 2, 8 heads)
+
+
+def blocked_attention(q: Array, k: Array, v: Array, block: int = ATTENTION_BLOCK) -> Array:
+  """Softmax attention (B, T, N, H) x (B, S, N, H) -> (B, T, N, H) in (block x block) tiles, no mask.
+
+  Per query block, a scan over key blocks keeps the running maximum m, normaliser l and
+  unnormalised output of the online softmax (Milakov & Gimelshein 2018): with a new block's
+  logits s, m' = max(m, max s), l' = l e^(m - m') + sum e^(s - m'), and the output likewise.
+  Exact up to rounding (float32 accumulation); differentiable (the scan is).
+  """
+  dtype = q.dtype
+  scale = q.shape[-1] ** -0.5
+  qt, kt, vt = (jnp.swapaxes(a, 1, 2).astype(jnp.float32) for a in (q, k, v))  # (B, N, L, H)
+  n_keys = kt.shape[2] // block
+
+  def one_query_block(qc):
+    qc = qc * scale
+
+    def step(carry, i):
+      m, l, acc = carry
+      kc, vc = (jax.lax.dynamic_slice_in_dim(a, i * block, block, axis=2) for a in (kt, vt))
+      s = jnp.einsum('bnth,bnsh->bnts', qc, kc)
+      m_new = jnp.maximum(m, s.max(-1))
+      p, decay = jnp.exp(s - m_new[..., None]), jnp.exp(m - m_new)
+      return (m_new, l * decay + p.sum(-1), acc * decay[..., None] + jnp.einsum('bnts,bnsh->bnth', p, vc)), None
+
+    init = (jnp.full(qc.shape[:3], -jnp.inf), jnp.zeros(qc.shape[:3]), jnp.zeros(qc.shape))
+    (_, l, acc), _ = jax.lax.scan(step, init, jnp.arange(n_keys))
+    return acc / l[..., None]
+
+  out = jnp.concatenate([one_query_block(qt[:, :, i:i + block]) for i in range(0, qt.shape[2], block)], axis=2)
+  return jnp.swapaxes(out, 1, 2).astype(dtype)
 
 
 def split_heads(x: Array, heads: int) -> Array:
