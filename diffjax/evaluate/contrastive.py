@@ -24,6 +24,8 @@ import optax
 from absl import logging
 from flax import traverse_util
 
+from diffjax.evaluate.batching import apply_in_batches
+
 FEATURES = 128
 TAU = 0.2
 MAX_SHIFT = 2
@@ -108,11 +110,7 @@ def _apply(params, images):
 
 def features(params, images) -> np.ndarray:
   """(N, FEATURES) float64 encoder features of images (N, H, W, C) in [-1, 1], in fixed-size batches."""
-  images = np.asarray(images, np.float32)
-  n = len(images)
-  padded = np.concatenate([images, np.zeros((-n % _BATCH,) + images.shape[1:], np.float32)])
-  out = [np.asarray(_apply(params, padded[i:i + _BATCH]), np.float64) for i in range(0, len(padded), _BATCH)]
-  return np.concatenate(out)[:n]
+  return apply_in_batches(lambda x: _apply(params, x), np.asarray(images, np.float32), _BATCH).astype(np.float64)
 
 
 def save(path: str, params, shape: tuple) -> None:

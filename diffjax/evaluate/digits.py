@@ -26,6 +26,7 @@ from absl import logging
 from flax import traverse_util
 
 from diffjax.data import pipeline
+from diffjax.evaluate.batching import apply_in_batches
 from diffjax.evaluate.frechet import feature_frechet_distance
 
 INTERNAL_SIZE = 16
@@ -61,12 +62,8 @@ def _apply(params, images):
 
 
 def _batched(params, images) -> tuple[np.ndarray, np.ndarray]:
-  """DigitCNN outputs in batches of one fixed size (the last one padded): one compilation per resolution."""
-  images = _check_images(images)
-  n = len(images)
-  padded = jnp.concatenate([images, jnp.zeros((-n % _EVAL_BATCH, *images.shape[1:]), images.dtype)])
-  outs = [_apply(params, padded[i:i + _EVAL_BATCH]) for i in range(0, len(padded), _EVAL_BATCH)]
-  return tuple(np.concatenate([np.asarray(o[k]) for o in outs])[:n] for k in range(2))
+  """DigitCNN outputs (logits, features) in batches of one fixed size: one compilation per resolution."""
+  return apply_in_batches(lambda x: _apply(params, x), _check_images(images), _EVAL_BATCH)
 
 
 def logits(classifier, images) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 
 from diffjax.convert.files import read_weights
 from diffjax.convert.keys import IGNORED_KEYS, flax_from_state_dict
+from diffjax.evaluate.batching import apply_in_batches
 from diffjax.evaluate.frechet import feature_statistics, frechet_distance
 from diffjax.models.inception import FEATURES, FIDInception
 
@@ -61,11 +62,7 @@ def inception_features(params, images, batch_size: int = _BATCH) -> np.ndarray:
     raise ValueError(f"need RGB images (N >= 1, H, W, 3) in [0, 1], got shape {images.shape}")
   if not np.issubdtype(images.dtype, np.floating) or images.min() < 0.0 or images.max() > 1.0:
     raise ValueError("images must be float in [0, 1] (divide uint8 images by 255)")
-  n = len(images)
-  padded = np.concatenate([images, np.zeros((-n % batch_size,) + images.shape[1:], images.dtype)])
-  out = [np.asarray(_features(params, jnp.asarray(padded[i:i + batch_size], jnp.float32)), np.float64)
-         for i in range(0, len(padded), batch_size)]
-  return np.concatenate(out)[:n]
+  return apply_in_batches(lambda x: _features(params, x.astype(np.float32)), images, batch_size).astype(np.float64)
 
 
 def save_statistics(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
