@@ -1,7 +1,7 @@
 """The metric sanity suite (``diffjax.evaluate.sanity``) on the embedded digits, per feature space.
 
-Reference: the digits test split (360 images); floor: 360 training images; degradations start
-from those 360 and the diversity ones draw from the other training images. Prints, per feature
+Reference: the digits test split (300 images); floor: 300 training images; degradations start
+from those 300 and the diversity ones draw from the other 1,197 training images. Prints, per feature
 space, what each metric got wrong and (``--tables``) the full markdown tables.
 
   python benchmarks/metric_sanity.py                      # classifier and contrastive features, raw pixels

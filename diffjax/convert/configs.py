@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from diffjax.convert.files import WeightFileError
+from diffjax.models.clip import CLIPConfig, CLIPVisionConfig
 from diffjax.models.text import BertConfig, CLIPTextConfig
 from diffjax.models.unet import UNetConfig
 from diffjax.models.vae import VAEConfig
@@ -245,6 +246,21 @@ def clip_text_config_from_transformers(cfg: Mapping, where: str = 'config') -> C
       hidden_act=f('hidden_act', 'str', 'quick_gelu'), layer_norm_eps=f('layer_norm_eps', 'float', 1e-5),
       eos_token_id=f('eos_token_id', 'int', 2),
       projection_dim=f('projection_dim', 'int', 512) if with_proj else None)
+
+
+def clip_config_from_transformers(cfg: Mapping, where: str = 'config') -> CLIPConfig:
+  """A transformers ``CLIPConfig`` dict (a ``CLIPModel``'s: text and vision towers) -> ``CLIPConfig``."""
+  f = _Fields(cfg, where)
+  if f('model_type', 'str', None, nullable=True) != 'clip':
+    raise WeightFileError(f"{where}: not a transformers CLIPModel config (model_type 'clip')")
+  v = f.sub('vision_config')
+  vision = CLIPVisionConfig(
+      hidden_size=v('hidden_size', 'int', 768), intermediate_size=v('intermediate_size', 'int', 3072),
+      num_layers=v('num_hidden_layers', 'int', 12), num_heads=v('num_attention_heads', 'int', 12),
+      image_size=v('image_size', 'int', 224), patch_size=v('patch_size', 'int', 32),
+      hidden_act=v('hidden_act', 'str', 'quick_gelu'), layer_norm_eps=float(v('layer_norm_eps', 'float', 1e-5)))
+  return CLIPConfig(text=clip_text_config_from_transformers(cfg, where), vision=vision,
+                    projection_dim=f('projection_dim', 'int', 512))
 
 
 def clip_text_config_to_transformers(c: CLIPTextConfig) -> dict:

@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from diffjax.convert.configs import clip_text_config_from_transformers
+from diffjax.convert.configs import clip_config_from_transformers
 from diffjax.convert.files import find_weights, read_json_config
 from diffjax.convert.keys import IGNORED_KEYS, flax_from_state_dict
-from diffjax.models.clip import CLIPConfig, CLIPModel, CLIPVisionConfig
+from diffjax.evaluate.batching import apply_in_batches
+from diffjax.models.clip import CLIPModel
 from diffjax.models.tokenizers import CLIPTokenizer
 from diffjax.pipelines.stable_diffusion import load_tokenizer
 
@@ -55,30 +56,6 @@ def preprocess(images, size: int = 224) -> np.ndarray:
     crop = resized[top:top + size, left:left + size].astype(np.float32) / 255.0
     out.append(((crop - MEAN) / STD).astype(np.float32))
   return np.stack(out)
-
-
-def clip_config_from_transformers(cfg: dict, where: str) -> CLIPConfig:
-  """A transformers ``CLIPConfig`` dict -> ``CLIPConfig`` (checked field by field where it matters)."""
-  if cfg.get("model_type") != "clip" or not isinstance(cfg.get("vision_config"), dict):
-    raise ValueError(f"{where}: not a transformers CLIPModel config (model_type 'clip' with a vision_config)")
-  v = cfg["vision_config"]
-  get = lambda key, default, kind: _typed(v, key, default, kind, where)
-  vision = CLIPVisionConfig(
-      hidden_size=get("hidden_size", 768, int), intermediate_size=get("intermediate_size", 3072, int),
-      num_layers=get("num_hidden_layers", 12, int), num_heads=get("num_attention_heads", 12, int),
-      image_size=get("image_size", 224, int), patch_size=get("patch_size", 32, int),
-      hidden_act=get("hidden_act", "quick_gelu", str), layer_norm_eps=get("layer_norm_eps", 1e-5, float))
-  return CLIPConfig(text=clip_text_config_from_transformers(cfg, where), vision=vision,
-                    projection_dim=_typed(cfg, "projection_dim", 512, int, where))
-
-
-def _typed(d: dict, key: str, default, kind, where: str):
-  value = d.get(key, default)
-  if kind is float and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
-  if not isinstance(value, kind) or isinstance(value, bool):
-    raise ValueError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
-  return value
 
 
 def params_from_state_dict(model: CLIPModel, state, what: str = "checkpoint") -> dict:
@@ -114,9 +91,9 @@ def clip_scores(model: CLIPModel, params, tokenizer: CLIPTokenizer, images, prom
   if len(prompts) != len(pixels):
     raise ValueError(f"need one prompt per image: {len(pixels)} images, {len(prompts)} prompts")
   ids = np.asarray(tokenizer(prompts).input_ids, np.int32)
-  out = [np.asarray(_cosines(model, params, pixels[i:i + batch_size], ids[i:i + batch_size]))
-         for i in range(0, len(pixels), batch_size)]
-  return 100.0 * np.maximum(np.concatenate(out), 0.0)
+  cosines = apply_in_batches(lambda rows: _cosines(model, params, pixels[rows], ids[rows]), np.arange(len(pixels)),
+                             batch_size)
+  return 100.0 * np.maximum(cosines, 0.0)
 
 
 def clip_score(model: CLIPModel, params, tokenizer: CLIPTokenizer, images, prompts) -> float:

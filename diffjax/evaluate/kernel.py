@@ -16,14 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-
-def _features(a, what: str) -> np.ndarray:
-  a = np.asarray(a, np.float64)
-  if a.ndim != 2 or a.shape[0] < 3:
-    raise ValueError(f"{what} features must be (n >= 3, d), got shape {a.shape}")
-  if not np.all(np.isfinite(a)):
-    raise ValueError(f"{what} features hold NaN or infinity")
-  return a
+from diffjax.evaluate.manifold import check_features
 
 
 def cubic_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -36,10 +29,10 @@ def kid(real, generated) -> tuple[float, float]:
 
   The estimate is unbiased, so it can be negative when the two distributions agree.
   """
-  x, y = _features(real, "real"), _features(generated, "generated")
-  if x.shape[1] != y.shape[1]:
-    raise ValueError(f"real and generated features differ in dimension: {x.shape[1]} vs {y.shape[1]}")
+  x, y = check_features(real, generated)
   m, n = len(x), len(y)
+  if min(m, n) < 3:  # the leave-one-out terms divide by (m - 1)(m - 2)
+    raise ValueError(f"KID's jackknife needs at least 3 features per set, got {m} real and {n} generated")
   kxx, kyy, kxy = cubic_kernel(x, x), cubic_kernel(y, y), cubic_kernel(x, y)
   rx = kxx.sum(1) - np.diag(kxx)  # sum over i' != i of k(x_i, x_i')
   ry = kyy.sum(1) - np.diag(kyy)

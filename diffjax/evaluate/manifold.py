@@ -26,6 +26,7 @@ _BLOCK = 1024
 
 
 def check_features(real, generated) -> tuple[np.ndarray, np.ndarray]:
+  """Both feature sets as float64 (n >= 2, d) of one d, finite; ValueError naming the set otherwise."""
   x, y = np.asarray(real, np.float64), np.asarray(generated, np.float64)
   for a, what in ((x, "real"), (y, "generated")):
     if a.ndim != 2 or a.shape[0] < 2:
