@@ -1,11 +1,13 @@
 """The metric sanity suite (``diffjax.evaluate.sanity``) on the embedded digits, per feature space.
 
-Reference: the digits test split (300 images); floor: 300 training images; degradations start
-from those 300 and the diversity ones draw from the other 1,197 training images. Prints, per feature
-space, what each metric got wrong and (``--tables``) the full markdown tables.
+Reference: the digits test split (300 images); floor: 300 training images, drawn anew in each of
+``--repeats`` draws, and the diversity degradations draw from the other 1,197. Prints, per feature
+space, what each metric got wrong, a summary table and (``--tables``) the full markdown tables;
+writes ``degradations.png`` (a row per degradation: the floor image, then every level) to
+``--workdir``.
 
-  python benchmarks/metric_sanity.py                      # classifier and contrastive features, raw pixels
-  python benchmarks/metric_sanity.py --spaces classifier --tables
+  python benchmarks/metric_sanity.py                 # the joined space (evaluate.features), its towers, pixels
+  python benchmarks/metric_sanity.py --spaces joined --tables --seed 1
 """
 
 from __future__ import annotations
@@ -23,31 +25,40 @@ sys.path.insert(0, ROOT)
 
 
 def feature_spaces(names, data_dir: str, image_size: int, workdir: str) -> dict:
-  from diffjax.evaluate import digits
+  """name -> images -> features: the joined digits space of ``evaluate.features``, each of its towers, pixels."""
+  from diffjax.evaluate import features
 
-  spaces = {}
-  for name in names:
-    if name == "pixels":
-      spaces[name] = lambda x: np.asarray(x, np.float64).reshape(len(x), -1)
-    elif name == "classifier":
-      params, _ = digits.cached_digit_classifier(os.path.join(workdir, f"digit_classifier_{image_size}.npz"),
-                                                 data_dir, image_size=image_size, seed=0)
-      spaces[name] = lambda x, p=params: digits.features(p, x)
-    elif name == "contrastive":
-      from diffjax.evaluate import contrastive
+  networks = features.digit_networks(os.path.join(workdir, f"{image_size}px"), data_dir, image_size=image_size,
+                                     seed=0)
+  joined = features.digit_feature_space(*networks, data_dir, image_size=image_size)
+  choices = {"joined": joined, "classifier": joined.towers[0], "contrastive": joined.towers[1],
+             "pixels": lambda x: np.asarray(x, np.float64).reshape(len(x), -1)}
+  unknown = sorted(set(names) - set(choices))
+  if unknown:
+    raise ValueError(f"unknown feature spaces {unknown}: use some of {sorted(choices)}")
+  return {name: choices[name] for name in names}
 
-      train, _ = digits.real_digits(data_dir, "train", image_size)
-      params = contrastive.cached_encoder(os.path.join(workdir, f"contrastive_{image_size}.npz"), train, seed=0)
-      spaces[name] = lambda x, p=params: contrastive.features(p, x)
-    else:
-      raise ValueError(f"unknown feature space {name!r}")
-  return spaces
+
+def draw_degradations(images, labels, pool, path: str) -> None:
+  """A PNG: one row per degradation, the first image at the floor and at every level."""
+  from diffjax import images as image_io
+  from diffjax.evaluate import sanity
+
+  rng = np.random.default_rng(0)
+  rows, names = [], []
+  for kind in sanity.FIDELITY + sanity.DIVERSITY:
+    cells = [images[:1]] + [sanity.degrade(kind, level, images, labels, pool, rng)[:1] for level in sanity.LEVELS[kind]]
+    rows.append(np.concatenate(cells))
+    names.append(kind)
+  image_io.save_labeled_grid(image_io.to_uint8(np.concatenate(rows)), names, path, min_width=320)
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--spaces", default="classifier,contrastive,pixels")
-  parser.add_argument("--image-size", type=int, default=16)
+  parser.add_argument("--spaces", default="joined,classifier,contrastive,pixels")
+  parser.add_argument("--image-size", type=int, default=8)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--seed", type=int, default=0, help="of the draws (the networks always train with seed 0)")
   parser.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "diffjax_data"))
   parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "diffjax_metric_sanity"))
   parser.add_argument("--tables", action="store_true")
@@ -58,16 +69,19 @@ def main(argv=None):
   train, train_labels = digits.real_digits(args.data_dir, "train", args.image_size)
   test, _ = digits.real_digits(args.data_dir, "test", args.image_size)
   n = len(test)
-  real, pool = (train[:n], train_labels[:n]), (train[n:], train_labels[n:])
+  draw_degradations(train[:n], train_labels[:n], (train[n:], train_labels[n:]),
+                    os.path.join(args.workdir, "degradations.png"))
+  tables = {}
   for name, features in feature_spaces(args.spaces.split(","), args.data_dir, args.image_size, args.workdir).items():
     start = time.time()
-    table = sanity.run(features, test, real, pool)
-    print(f"\n## {name} features ({time.time() - start:.0f} s)")
+    tables[name] = table = sanity.run(features, test, (train, train_labels), n, repeats=args.repeats, seed=args.seed)
+    print(f"\n## {name} features ({time.time() - start:.0f} s, {args.repeats} draws)")
     for metric, bad in sanity.failures(table).items():
       print(f"  {metric:>16}: {'passes' if not bad else 'FAILS at ' + ', '.join(bad)}")
     if args.tables:
       for metric in sanity.SEES:
         print("\n" + sanity.markdown(table, metric))
+  print("\n" + sanity.summary(tables))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,10 @@ def get_config(arg: str = ""):
   c.mesh = dict(data=-1, fsdp=1, rules=(("embed", "fsdp"), ("mlp", "fsdp"), ("vocab", "fsdp")))
   # Several processes (hosts): all run the same command with their own process_id (see README).
   c.distributed = dict(coordinator_address="", num_processes=1, process_id=0)
-  c.eval = dict(samples_per_prompt=10, digits_per_prompt=50)  # grid; samples judged per digit (0: no evaluation)
+  # A grid of samples_per_prompt per prompt; digits_per_prompt samples per digit judged (0: no evaluation) by prompt
+  # accuracy and the sample metrics (diffjax.evaluate.features), each reported if it passes the metric sanity suite
+  # (sanity_repeats draws).
+  c.eval = dict(samples_per_prompt=10, digits_per_prompt=50, sanity_repeats=5)
   c.prompts = tuple(prompt_for(d) for d in range(10))
 
   if arg == "tiny":
@@ -46,6 +49,7 @@ def get_config(arg: str = ""):
     c.sampler.nfe = 3
     c.eval.samples_per_prompt = 1
     c.eval.digits_per_prompt = 1  # same batch as the grid: one sampler compilation
+    c.eval.sanity_repeats = 1
   elif arg:
     raise ValueError(f"unknown variant {arg!r}: use '' or 'tiny'")
   return c

@@ -271,6 +271,7 @@ TRAIN = dict(
                  guidance_scale=real(0.0)),
     mesh=MESH | dict(rules=Field((tuple, list), optional=True)),
     eval=dict(samples_per_prompt=NONNEG, digits_per_prompt=integer(0, optional=True),
+              sanity_repeats=integer(1, optional=True),
               shapes_prompts=integer(0, optional=True), shapes_samples_per_prompt=integer(0, optional=True),
               shapes_splits=sequence(text(), optional=True)),
     vae=dict(workdir=text(), optional=True),

@@ -17,7 +17,7 @@ commas inside brackets or quotes do not split (``--grid=model.channels=(32,64),(
 point whose ``eval.json`` exists is skipped, so a sweep that stopped resumes where it was. A
 failed point is reported in the table and the sweep goes on. Writes ``ROOT/results.csv``
 (one row per point: the overrides, the status, every number of its eval.json, nested keys
-joined by "/") and prints it.
+joined by "/", each sample metric with its 95% interval) and prints it.
 """
 
 from __future__ import annotations
@@ -96,12 +96,17 @@ def command(config: str, point: dict[str, str], fixed: dict[str, str], out_dir: 
   return argv + [f"--config.{field}={value}" for field, value in {**fixed, **point}.items()]
 
 
-def flatten(scores: dict, prefix: str = "") -> dict[str, float]:
-  """The numbers of a nested eval.json, keys joined by '/'."""
+def flatten(scores: dict, prefix: str = "") -> dict[str, float | str]:
+  """The numbers of a nested eval.json, keys joined by '/'; a metric with an interval (an
+  ``intervals.Estimate`` record) gives its value and a "<name> 95%" column "low..high"."""
   flat = {}
   for key, value in scores.items():
     name = f"{prefix}{key}"
-    if isinstance(value, dict):
+    if isinstance(value, dict) and "value" in value and "ci95" in value:
+      low, high = value["ci95"]
+      flat[name] = float(value["value"])
+      flat[f"{name} 95%"] = f"{low:.4g}..{high:.4g}"
+    elif isinstance(value, dict):
       flat |= flatten(value, name + "/")
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
       flat[name] = float(value)

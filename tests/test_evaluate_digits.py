@@ -1,9 +1,10 @@
-"""The digit classifier and the metrics it gives: prompt accuracy and Frechet distance."""
+"""The digit classifier: prompt accuracy, and Frechet distance in its embedding."""
 
 import numpy as np
 import pytest
 
 from diffjax.evaluate import digits
+from diffjax.evaluate.frechet import feature_frechet_distance
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +48,14 @@ def test_accepts_16x16_images(trained, data_dir):
 
 def test_frechet_distance_separates_real_from_noise_and_wrong_class(trained, real):
   params = trained[0]
+  fd = lambda x, y: feature_frechet_distance(digits.features(params, x), digits.features(params, y))
   (train, train_labels), (test, _) = real["train"], real["test"]
-  same = digits.digit_frechet_distance(params, train[:300], test)
+  same = fd(train[:300], test)
   noise = np.random.default_rng(0).uniform(-1, 1, test.shape).astype(np.float32)
-  to_noise = digits.digit_frechet_distance(params, noise, test)
-  only_zeros = digits.digit_frechet_distance(params, train[train_labels == 0], test)
+  to_noise = fd(noise, test)
+  only_zeros = fd(train[train_labels == 0], test)
   assert 0 < same < to_noise / 10 and same < only_zeros / 10, (same, to_noise, only_zeros)
-  assert digits.digit_frechet_distance(params, test, test) == pytest.approx(0.0, abs=1e-6)
+  assert fd(test, test) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_save_load_and_cache(trained, real, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from PIL import Image
 from configs import default
 from configs import generate as generate_config
 from diffjax import generation
+from diffjax.evaluate import features, metrics
 from diffjax.train import trainer
 
 
@@ -23,7 +24,13 @@ def test_tiny_run_trains_checkpoints_and_samples(tmp_path):
   assert os.listdir(tmp_path / "tensorboard" / "plugins" / "profile")  # clu Profile action (train.profile_steps)
   scores = json.loads((tmp_path / "eval.json").read_text())
   assert scores["num_samples"] == 10 and 0.0 <= scores["prompt_accuracy"] <= 1.0
-  assert scores["classifier_test_accuracy"] > 0.95 and scores["frechet_distance"] > 0
+  assert scores["classifier_test_accuracy"] > 0.95
+  # Every sample metric is reported (with its interval, in the shipped feature space) or named as not passing the
+  # sanity suite (one draw at ten samples here).
+  assert sorted(scores["metrics"]) + sorted(scores["not_reported"]) == sorted(metrics.BETTER)
+  assert scores["features"]["files"].keys() == {os.path.basename(p) for p in features.SHIPPED}
+  for record in scores["metrics"].values():
+    assert record["features"] == features.VERSION and record["ci95"][0] <= record["value"] <= record["ci95"][1]
 
   # --mode=evaluate: the same config re-evaluates the checkpoint exactly; a sampler override changes the samples
   again = trainer.evaluate_checkpoint(config, str(tmp_path), str(tmp_path / "again"))

@@ -1,4 +1,4 @@
-"""A small CNN classifier for the 8x8 digits, and the metrics it gives generated digits.
+"""A small CNN classifier for the 8x8 digits: prompt accuracy of generated digits, and an embedding.
 
 The classifier is the params pytree of ``DigitCNN`` (the architecture is fixed), from
 ``train_digit_classifier`` (a few seconds on a CPU) or ``load_digit_classifier``.
@@ -9,7 +9,7 @@ architecture serves every resolution, but train it at the resolution it will jud
 
   params, accuracy = train_digit_classifier(data_dir, image_size=16, seed=0)
   prompt_accuracy(params, samples, labels)       # fraction drawn as the prompted digit
-  digit_frechet_distance(params, samples, real)  # Frechet distance of DigitCNN features
+  features(params, samples)                      # (N, FEATURES) embedding (evaluate.features)
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ from flax import traverse_util
 
 from diffjax.data import pipeline
 from diffjax.evaluate.batching import apply_in_batches
-from diffjax.evaluate.frechet import feature_frechet_distance
 
 INTERNAL_SIZE = 16
 NUM_CLASSES = 10
@@ -82,15 +81,6 @@ def prompt_accuracy(classifier, images, labels) -> float:
   if labels.shape != (len(images),):
     raise ValueError(f"need one label per image: {len(images)} images, labels of shape {labels.shape}")
   return float(np.mean(logits(classifier, images).argmax(-1) == labels))
-
-
-def digit_frechet_distance(classifier, generated, real) -> float:
-  """Frechet distance between the classifier features of ``generated`` and ``real`` images (N_i, S, S, 1) in [-1, 1].
-
-  Like FID, it is biased upwards for small sets (the bias falls as 1/N): compare values
-  computed with the same set sizes.
-  """
-  return feature_frechet_distance(features(classifier, generated), features(classifier, real))
 
 
 def real_digits(data_dir: str | None, split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:

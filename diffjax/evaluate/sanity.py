@@ -2,17 +2,26 @@
 
 Against a fixed reference set of real images, a metric is computed for
 
-* the floor: real images the reference does not hold (another split);
-* those real images degraded step by step, by fidelity degradations (``FIDELITY``: Gaussian
+* the floor: n real images the reference does not hold (another split);
+* those n images degraded step by step, by fidelity degradations (``FIDELITY``: Gaussian
   noise, Gaussian blur, pixel shuffling, saturation) and diversity ones (``DIVERSITY``:
   dropping classes, collapsing each class to a few images repeated: the clean-but-collapsed
-  look of strong guidance), each at ``LEVELS[kind]``, mildest first.
+  look of strong guidance), each at ``LEVELS[kind]``, mildest first. Every level is a
+  visible change (``benchmarks/metric_sanity.py`` draws them); the degradations keep the set's
+  size and its class proportions, and the diversity ones keep real images untouched.
 
-A metric passes when, for every degradation it is meant to see, its value worsens at every
-step from the floor on (``BETTER`` gives the direction): the Frechet distance and KID must see
-all six, precision and density the fidelity ones, recall and coverage the diversity ones
-(outliers inflate the generated radii of recall, so noise can raise it: that is what
-precision is for). ``run`` returns the table; ``failures`` lists what a metric got wrong.
+Every set is built ``repeats`` times, each from another random split of the real images into
+the n floor images and the pool the diversity degradations draw from (and other noise), and a
+metric's value at a cell is the mean over those draws: what the suite judges is how the
+metric's expectation moves, not one draw's sampling noise.
+
+A metric passes when, for every degradation it is meant to see, its mean worsens at every
+step from the floor on (``BETTER`` gives the direction), a tie counting only where both values
+sit at the metric's worst possible value (``WORST``: a recall of 0 cannot fall further). The
+Frechet distance and KID must see all six degradations, precision and density the fidelity
+ones, recall and coverage the diversity ones (outliers inflate the generated radii of recall,
+so noise can raise it: that is what precision is for). ``run`` returns the table, ``failures``
+what each metric got wrong, ``markdown`` a table per metric.
 Images are float in [-1, 1], (N, H, W, C); labels (N,) ints (classes or attribute pairs).
 """
 
@@ -28,26 +37,34 @@ from diffjax.evaluate.metrics import BETTER, compare
 FIDELITY = ("noise", "blur", "shuffle", "saturation")
 DIVERSITY = ("drop_classes", "collapse")
 LEVELS = {
-    "noise": (0.1, 0.2, 0.4, 0.8),  # standard deviation of added Gaussian noise (images in [-1, 1])
-    "blur": (0.5, 1.0, 1.5, 2.5),  # Gaussian blur standard deviation, pixels
-    "shuffle": (0.05, 0.15, 0.3, 0.6),  # fraction of each image's pixels permuted among themselves
+    "noise": (0.2, 0.4, 0.6, 0.9),  # standard deviation of added Gaussian noise (images in [-1, 1])
+    "blur": (0.0625, 0.09375, 0.125, 0.1875),  # Gaussian blur standard deviation, in image heights (1-3 px at 16)
+    "shuffle": (0.1, 0.2, 0.35, 0.6),  # fraction of each image's pixels permuted among themselves
     "saturation": (1.5, 2.5, 4.0, 8.0),  # gain: x -> clip(gain x, -1, 1)
-    "drop_classes": (0.8, 0.6, 0.4, 0.3),  # fraction of the classes kept
+    "drop_classes": (0.8, 0.6, 0.4, 0.2),  # fraction of the classes kept
     "collapse": (8, 4, 2, 1),  # distinct images kept per class, repeated to the set's size
 }
 SEES = {"frechet_distance": FIDELITY + DIVERSITY, "kid": FIDELITY + DIVERSITY, "precision": FIDELITY,
         "density": FIDELITY, "recall": DIVERSITY, "coverage": DIVERSITY}
+WORST = {"frechet_distance": np.inf, "kid": np.inf, "precision": 0.0, "recall": 0.0, "density": 0.0,
+         "coverage": 0.0}
 
 
 def degrade(kind: str, level, images: np.ndarray, labels: np.ndarray, pool: tuple[np.ndarray, np.ndarray],
             rng: np.random.Generator) -> np.ndarray:
-  """``images`` (N, H, W, C) degraded by ``kind`` at ``level``; the diversity ones draw N images from ``pool``
-  ((images, labels), real images besides the reference) so that the set keeps its size."""
+  """``images`` (N, H, W, C) with ``labels`` (N,) degraded by ``kind`` at ``level``.
+
+  drop_classes replaces the images of the dropped classes by images of the kept ones drawn
+  from ``pool`` ((images, labels), real images besides ``images``); collapse replaces the
+  images of each class by ``level`` of them, repeated. Both keep a fixed order of classes and
+  images, so that each level keeps a subset of what the milder one kept.
+  """
   n = len(images)
   if kind == "noise":
     return np.clip(images + level * rng.standard_normal(images.shape), -1.0, 1.0)
   if kind == "blur":
-    return ndimage.gaussian_filter(images, sigma=(0, level, level, 0), mode="nearest")
+    sigma = level * images.shape[1]
+    return ndimage.gaussian_filter(images, sigma=(0, sigma, sigma, 0), mode="nearest")
   if kind == "shuffle":
     flat = images.reshape(n, -1, images.shape[-1]).copy()
     count = int(round(level * flat.shape[1]))
@@ -57,57 +74,90 @@ def degrade(kind: str, level, images: np.ndarray, labels: np.ndarray, pool: tupl
     return flat.reshape(images.shape)
   if kind == "saturation":
     return np.clip(level * images, -1.0, 1.0)
-  # The classes and images kept come from one fixed order, so each level keeps a subset of the last one's.
-  pool_images, pool_labels = pool
-  order = np.random.default_rng(0)
-  classes = order.permutation(np.unique(pool_labels))
+  order = np.random.default_rng(0)  # the fixed order of classes (and of images within a class)
+  classes = order.permutation(np.unique(labels))
+  out = images.copy()
   if kind == "drop_classes":
     kept = classes[:max(1, int(round(level * len(classes))))]
+    dropped = np.flatnonzero(~np.isin(labels, kept))
+    pool_images, pool_labels = pool
     candidates = np.flatnonzero(np.isin(pool_labels, kept))
-    return pool_images[rng.choice(candidates, n, replace=len(candidates) < n)]
+    if not len(candidates):
+      raise ValueError(f"the pool holds no image of the kept classes {kept.tolist()}")
+    out[dropped] = pool_images[rng.choice(candidates, len(dropped), replace=len(candidates) < len(dropped))]
+    return out
   if kind == "collapse":
-    chosen = np.concatenate([order.permutation(np.flatnonzero(pool_labels == c))[:level] for c in np.sort(classes)])
-    return pool_images[chosen[rng.permutation(np.arange(n) % len(chosen))]]
+    for c in classes:
+      members = order.permutation(np.flatnonzero(labels == c))
+      out[members] = images[members[np.arange(len(members)) % min(level, len(members))]]
+    return out
   raise ValueError(f"unknown degradation {kind!r}: use one of {FIDELITY + DIVERSITY}")
 
 
 def run(features: Callable[[np.ndarray], np.ndarray], reference: np.ndarray, real: tuple[np.ndarray, np.ndarray],
-        pool: tuple[np.ndarray, np.ndarray], *, seed: int = 0, groups: int = 10) -> dict:
-  """{"floor": metrics, kind: [metrics per level]} of ``features`` (images -> (N, d)).
+        n: int, *, repeats: int = 5, seed: int = 0, groups: int = 10) -> dict:
+  """The suite of ``features`` (images (N, H, W, C) -> (N, d)).
 
   reference: the real images every set is compared with; real: (images, labels) of other real
-  images, the floor and what the fidelity degradations start from; pool: (images, labels) the
-  diversity degradations draw from. Each metrics entry is ``metrics.compare``'s dict of Estimates.
+  images, split ``repeats`` times at random into n floor images and the pool.
+  Returns {"floor": [metrics per draw], kind: [[metrics per draw] per level]}, each metrics
+  entry ``metrics.compare``'s dict of Estimates.
   """
+  images, labels = real
+  if not 2 <= n < len(images):
+    raise ValueError(f"need 2 <= n < {len(images)} (the rest is the pool), got n = {n}")
   rng = np.random.default_rng(seed)
   ref = features(reference)
-  table = {"floor": compare(ref, features(real[0]), groups=groups, seed=seed)}
-  for kind in FIDELITY + DIVERSITY:
-    table[kind] = [compare(ref, features(degrade(kind, level, *real, pool, rng)), groups=groups, seed=seed)
-                   for level in LEVELS[kind]]
+  table = {"floor": []} | {kind: [[] for _ in LEVELS[kind]] for kind in FIDELITY + DIVERSITY}
+  for _ in range(repeats):
+    order = rng.permutation(len(images))
+    floor, floor_labels = images[order[:n]], labels[order[:n]]
+    pool = images[order[n:]], labels[order[n:]]
+    measure = lambda x: compare(ref, features(x), groups=groups, seed=seed)
+    table["floor"].append(measure(floor))
+    for kind in FIDELITY + DIVERSITY:
+      for i, level in enumerate(LEVELS[kind]):
+        table[kind][i].append(measure(degrade(kind, level, floor, floor_labels, pool, rng)))
   return table
 
 
+def _mean(draws: list[dict], metric: str) -> tuple[float, float]:
+  """(mean over draws, its standard error) of one metric."""
+  values = np.array([d[metric].value for d in draws])
+  return float(values.mean()), float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else np.nan
+
+
 def failures(table: dict) -> dict[str, list[str]]:
-  """For each metric, the degradations (of those it must see) at which it did not worsen step by step."""
+  """For each metric, the degradations (of those it must see) at which its mean did not worsen step by step."""
   out = {}
   for metric, kinds in SEES.items():
     sign = 1.0 if BETTER[metric] == "lower" else -1.0  # worse = larger sign * value
     bad = []
     for kind in kinds:
-      values = [table["floor"][metric].value] + [m[metric].value for m in table[kind]]
-      steps = np.diff(sign * np.asarray(values))
-      bad += [f"{kind} step {i + 1}" for i in np.flatnonzero(steps <= 0)]
+      values = [_mean(table["floor"], metric)[0]] + [_mean(draws, metric)[0] for draws in table[kind]]
+      for i, (before, after) in enumerate(zip(values, values[1:], strict=False)):
+        at_worst = before == after == WORST[metric]
+        if sign * after <= sign * before and not at_worst:
+          bad.append(f"{kind} step {i + 1}")
     out[metric] = bad
   return out
 
 
 def markdown(table: dict, metric: str) -> str:
-  """One metric's table: a row per degradation, the floor and every level, value +- standard error."""
+  """One metric's table: a row per degradation, the floor and every level, mean +- its standard error."""
+  cell = lambda draws: "{:.4g} +- {:.2g}".format(*_mean(draws, metric))
   rows = [f"| {metric} | floor | " + " | ".join(f"level {i + 1}" for i in range(4)) + " |", "|---" * 6 + "|"]
-  floor = table["floor"][metric]
   for kind in FIDELITY + DIVERSITY:
-    cells = " | ".join(f"{m[metric].value:.4g} +- {m[metric].se:.2g}" for m in table[kind])
     levels = ", ".join(str(v) for v in LEVELS[kind])
-    rows.append(f"| {kind} ({levels}) | {floor.value:.4g} +- {floor.se:.2g} | {cells} |")
+    rows.append(f"| {kind} ({levels}) | {cell(table['floor'])} | " + " | ".join(cell(d) for d in table[kind]) + " |")
+  return "\n".join(rows)
+
+
+def summary(tables: dict[str, dict]) -> str:
+  """A markdown table: a row per feature space, a column per metric, "passes" or the steps it failed."""
+  rows = ["| features | " + " | ".join(SEES) + " |", "|---" * (len(SEES) + 1) + "|"]
+  for name, table in tables.items():
+    bad = failures(table)
+    rows.append(f"| {name} | " + " | ".join("passes" if not bad[m] else "fails: " + ", ".join(bad[m])
+                                            for m in SEES) + " |")
   return "\n".join(rows)

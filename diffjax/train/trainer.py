@@ -366,7 +366,8 @@ def evaluate(config, c: Components, sample_fn, params, solver, data_dir: str, wo
   if config.get("prompts") and config.eval.get("digits_per_prompt", 0):  # prompts[d] names digit d
     digits = evaluate_digits(sample_fn, params, config, solver, c.spec, c.tokenize, data_dir, workdir, judge=judge)
     scores |= digits
-    scalars |= {f"eval/{k}": v for k, v in digits.items()}
+    scalars |= {f"eval/{k}": v for k, v in digits.items() if isinstance(v, (int, float))}
+    scalars |= {f"eval/{k}": m["value"] for k, m in digits.get("metrics", {}).items()}
   if config.eval.get("shapes_prompts", 0):
     shapes = evaluate_shapes(sample_fn, params, config, solver, c.spec, c.tokenize, data_dir, output_dir, judge=judge)
     scores |= shapes
@@ -381,15 +382,21 @@ def evaluate(config, c: Components, sample_fn, params, solver, data_dir: str, wo
 
 
 def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir, workdir, judge: bool = True) -> dict:
-  """Prompt accuracy and classifier-feature Frechet distance of samples for the 10 digit prompts.
+  """Prompt accuracy and the sample metrics (with intervals) of samples for the 10 digit prompts.
 
-  ``config.prompts[d]`` must name digit d. A classifier trained on real digits (cached
-  in workdir) judges ``config.eval.digits_per_prompt`` samples per prompt; the Frechet
-  distance compares them with the same number of real test digits.
+  ``config.prompts[d]`` must name digit d. A classifier trained on real digits (shipped for
+  8x8, else cached in workdir: ``features.digit_networks``) judges
+  ``config.eval.digits_per_prompt`` samples per prompt. The sample
+  metrics (``evaluate.metrics.compare``: Frechet distance, KID, precision/recall,
+  density/coverage) compare a class-balanced subset of them, as large as the test split,
+  with the real test digits in ``evaluate.features``' feature space; only the metrics that
+  passed its sanity suite are reported (the verdict is cached in workdir), the rest are
+  listed under "not_reported".
   With several processes all of them sample; only the one with ``judge`` (process 0)
   scores and writes, the others return {}.
   """
   from diffjax.evaluate import digits as digit_eval
+  from diffjax.evaluate import features, metrics
 
   n = config.eval.digits_per_prompt
   key = jax.random.fold_in(jax.random.key(config.seed), 1)  # other noise than the grid's
@@ -397,16 +404,25 @@ def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir,
   if not judge:
     return {}
   size = config.data.image_size
-  classifier, clf_accuracy = digit_eval.cached_digit_classifier(
-      os.path.join(workdir, "digit_classifier.npz"), data_dir, image_size=size, seed=config.seed)
+  networks = features.digit_networks(workdir, data_dir, image_size=size, seed=config.seed)
+  classifier, clf_accuracy, _ = digit_eval.load_digit_classifier(networks[0])
   labels = np.repeat(np.arange(len(config.prompts)), n)
   generated = samples.astype(np.float32) / 127.5 - 1.0
+  scores = {"prompt_accuracy": digit_eval.prompt_accuracy(classifier, generated, labels),
+            "classifier_test_accuracy": clf_accuracy, "num_samples": int(len(generated))}
   real, _ = digit_eval.real_digits(data_dir, "test", size)
   count = min(len(real), len(generated))
-  scores = {"prompt_accuracy": digit_eval.prompt_accuracy(classifier, generated, labels),
-            "frechet_distance": digit_eval.digit_frechet_distance(classifier, generated[:count], real[:count]),
-            "classifier_test_accuracy": clf_accuracy, "num_samples": int(len(generated))}
-  logging.info("digit evaluation: %s", scores)
+  # Samples are prompt-major: taking the j-th sample of every prompt before the (j+1)-th keeps the subset balanced.
+  balanced = generated[np.argsort(np.tile(np.arange(n), len(config.prompts)), kind="stable")[:count]]
+  space = features.digit_feature_space(*networks, data_dir, image_size=size)
+  verdict = features.reportable(space, workdir, real, digit_eval.real_digits(data_dir, "train", size), n=count,
+                                repeats=config.eval.get("sanity_repeats", 5))
+  estimates = metrics.compare(space(real), space(balanced))
+  scores["metrics"] = {m: estimates[m].record() | {"features": space.name} for m in verdict["passed"]}
+  scores["not_reported"] = {m: "failed the sanity suite at " + ", ".join(steps)
+                            for m, steps in verdict["failures"].items() if steps}
+  scores["features"] = space.record() | {"compared": f"{count} samples vs {len(real)} test digits"}
+  logging.info("digit evaluation: %s", {k: v for k, v in scores.items() if k != "features"})
   return scores
 
 
