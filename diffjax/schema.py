@@ -182,9 +182,11 @@ def _time_samplers():
   return losses.TIME_SAMPLERS
 
 
+TEXT_MODES = ("joint", "frozen_pretrained")  # how the text encoder trains with the U-Net (train/latent.py)
+
+
 def _text_modes():
-  from diffjax.train import latent
-  return latent.TEXT_MODES
+  return TEXT_MODES
 
 
 def dataset_known(name: str) -> bool:

@@ -14,6 +14,7 @@ from PIL import Image
 from configs import shapes_ldm, shapes_vae
 from diffjax.convert import load_pretrained, save_pretrained
 from diffjax.data import pipeline, shapes
+from diffjax.evaluate import features, metrics
 from diffjax.models import vae as vae_lib
 from diffjax.models.text import BertConfig, BertEncoder
 from diffjax.pipelines import vae as vae_codec
@@ -100,6 +101,9 @@ def test_ldm_trains_samples_and_evaluates_held_out_captions(vae_run, data_dir, t
     assert set(scores[split]) >= {"colour", "shape", "count", "position", "all"}
     assert scores[split]["num_samples"] == 5 and len(scores[split]["prompts"]) == 5
     assert os.path.exists(os.path.join(workdir, f"shapes_{split}.png"))
+    # the sample metrics in the shapes feature space: reported if they passed the suite, else named
+    assert sorted([*scores[split]["metrics"], *scores[split]["not_reported"]]) == sorted(metrics.BETTER)
+    assert scores[split]["features"]["name"] == features.SHAPES_VERSION
   held = {tuple(c) for c in shapes.HELD_OUT}
   for prompt in scores["held_out"]["prompts"]:
     assert any(f"{colour} {shape}" in prompt for colour, shape in held)

@@ -27,7 +27,7 @@ def test_tiny_run_trains_checkpoints_and_samples(tmp_path):
   assert scores["classifier_test_accuracy"] > 0.95
   # Every sample metric is reported (with its interval, in the shipped feature space) or named as not passing the
   # sanity suite (one draw at ten samples here).
-  assert sorted(scores["metrics"]) + sorted(scores["not_reported"]) == sorted(metrics.BETTER)
+  assert sorted([*scores["metrics"], *scores["not_reported"]]) == sorted(metrics.BETTER)
   assert scores["features"]["files"].keys() == {os.path.basename(p) for p in features.SHIPPED}
   for record in scores["metrics"].values():
     assert record["features"] == features.VERSION and record["ci95"][0] <= record["value"] <= record["ci95"][1]

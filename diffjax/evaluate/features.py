@@ -1,4 +1,4 @@
-"""The feature space sample metrics are measured in for the embedded digits, and which metrics it may report.
+"""The feature spaces sample metrics are measured in for the embedded data sets, and the metrics they may report.
 
 ``digit_feature_space`` joins two networks trained on the real training split only: the
 digit classifier's embedding (``digits``: it knows which digit an image shows, so dropped
@@ -12,10 +12,14 @@ noise); joined, every metric passes (``benchmarks/metric_sanity.py``, the README
 The contrastive weight is the suite's choice: at 0.75 every metric passed in three draws of
 the suite (seeds 0-2); at 1 density, at 0.5 precision failed the mildest noise in one.
 
-The networks for 8x8 digits ship with diffjax (``SHIPPED``): every run measures in the same
-space. ``reportable`` runs the sanity suite (``sanity``) once per feature space and workdir, keeps
-its verdict in ``sanity_<version>.json`` and returns the metrics that passed: the trainer
-reports only those.
+For the shapes, ``shapes_feature_space`` is a contrastive encoder alone (trained on
+``SHAPES_TRAIN``): colour and shape are most of what a flat-coloured image holds, and every
+metric passes with it (the suite's classes are the colour/shape pairs).
+
+The networks for 8x8 digits and for the shapes ship with diffjax (``SHIPPED``,
+``SHIPPED_SHAPES``): every run measures in the same space. ``reportable`` runs the sanity
+suite (``sanity``) once per feature space and workdir, keeps its verdict in
+``sanity_<version>.json`` and returns the metrics that passed: the trainer reports only those.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 from absl import logging
 
-from diffjax.evaluate import contrastive, digits, sanity
+from diffjax.evaluate import contrastive, digits, sanity, shapes
 
 VERSION = "digits-classifier+contrastive-v1"
 WEIGHTS = (1.0, 0.75)  # classifier, contrastive tower (module docstring)
@@ -38,6 +42,14 @@ CONTRASTIVE_STEPS = 800
 SHIPPED_SIZE = 8
 _WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 SHIPPED = tuple(os.path.join(_WEIGHTS_DIR, f"digit_{net}_8px.npz") for net in ("classifier", "contrastive"))
+# The suite's last criterion, measured once on the main job's model (README, "Judging samples"): the sampler sweep
+# must rank Heun at NFE 5 and 10 below DPM-Solver++ 2M at NFE 10. Recall does not: Heun's noisy NFE 10 samples
+# spread the generated manifold's radii, so more real digits fall inside it (0.75 vs 0.64).
+SWEEP_FAILURES = {"recall": "the sampler sweep (heun NFE 10 above dpmpp_2m NFE 10: 0.75 vs 0.64)"}
+SHAPES_VERSION = "shapes-contrastive-v1"
+SHAPES_TRAIN = "train[:4000]"  # what the shapes encoder trains on and the suite draws from
+SHAPES_CONTRASTIVE_STEPS = 300
+SHIPPED_SHAPES = os.path.join(_WEIGHTS_DIR, "shapes_contrastive.npz")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,39 +102,73 @@ def digit_feature_space(classifier_path: str, encoder_path: str, data_dir: str |
   train, _ = digits.real_digits(data_dir, "train", image_size)
   if saved_size != image_size:
     raise ValueError(f"{classifier_path} judges {saved_size}x{saved_size} digits, not {image_size}x{image_size}")
-  encoder, encoder_shape = contrastive.load_encoder(encoder_path)
-  if encoder_shape != train.shape[1:]:
-    raise ValueError(f"{encoder_path} encodes images of shape {encoder_shape}, not {train.shape[1:]}")
-  towers = (lambda x: digits.features(classifier, x), lambda x: contrastive.features(encoder, x))
+  towers = (lambda x: digits.features(classifier, x), _encoder_tower(encoder_path, train))
+  return _joined(VERSION, towers, WEIGHTS, train, (classifier_path, encoder_path))
+
+
+def _encoder_tower(path: str, train: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+  encoder, shape = contrastive.load_encoder(path)
+  if shape != train.shape[1:]:
+    raise ValueError(f"{path} encodes images of shape {shape}, not {train.shape[1:]}")
+  return lambda x: contrastive.features(encoder, x)
+
+
+def _joined(name: str, towers, weights, train: np.ndarray, paths) -> FeatureSpace:
+  """The towers, each over its RMS feature norm on ``train`` over its weight, with their files' hashes."""
   scales = tuple(float(np.sqrt(np.mean(np.sum(tower(train) ** 2, axis=1)))) / weight
-                 for tower, weight in zip(towers, WEIGHTS, strict=True))
-  files = {os.path.basename(p): _sha256(p) for p in (classifier_path, encoder_path)}
-  return FeatureSpace(VERSION, towers, scales, files)
+                 for tower, weight in zip(towers, weights, strict=True))
+  return FeatureSpace(name, tuple(towers), scales, {os.path.basename(p): _sha256(p) for p in paths})
+
+
+def shapes_real(data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
+  """(images, colour/shape pair labels) of the shapes training images the encoder and the suite use."""
+  images, attributes = shapes.real_shapes(data_dir, SHAPES_TRAIN)
+  return images, shapes.pair_labels(attributes)
+
+
+def shapes_network(workdir: str, data_dir: str | None, *, seed: int) -> str:
+  """Path of the shapes contrastive encoder: shipped (``SHIPPED_SHAPES``), else trained into ``workdir``."""
+  if os.path.exists(SHIPPED_SHAPES):
+    return SHIPPED_SHAPES
+  path = os.path.join(workdir, "shapes_contrastive_encoder.npz")
+  contrastive.cached_encoder(path, shapes_real(data_dir)[0], seed=seed, steps=SHAPES_CONTRASTIVE_STEPS)
+  return path
+
+
+def shapes_feature_space(encoder_path: str, data_dir: str | None) -> FeatureSpace:
+  """The shapes feature space (module docstring): the contrastive encoder alone."""
+  train = shapes_real(data_dir)[0]
+  return _joined(SHAPES_VERSION, (_encoder_tower(encoder_path, train),), (1.0,), train, (encoder_path,))
 
 
 def reportable(space: FeatureSpace, workdir: str, reference: np.ndarray, real: tuple[np.ndarray, np.ndarray], *,
                n: int, repeats: int = 5) -> dict:
   """The sanity verdict of ``space``: {"passed": [metrics], "failures": {metric: [steps]}, ...}.
 
-  Read from ``workdir/sanity_<version>.json`` when it was computed for these weight files,
-  set sizes and repeats; otherwise the suite runs (``sanity.run``: ``reference`` the images
+  For the digits space the failures also hold ``SWEEP_FAILURES``: the metrics that misorder the
+  measured sampler sweep (README), which no degradation reproduces.
+
+  Read from ``workdir/sanity_<version>.json`` when it was computed by this suite version for
+  these weight files, set sizes and repeats; otherwise the suite runs (``sanity.run``: ``reference`` the images
   every set is compared with, ``real`` (images, labels) the floor and pool, ``n`` the set
   size the metrics will be computed at) and the verdict is written there.
   """
   path = os.path.join(workdir, f"sanity_{space.name}.json")
-  key = {"files": space.files, "n": n, "reference": len(reference), "real": len(real[0]), "repeats": repeats}
+  key = {"suite": sanity.VERSION, "files": space.files, "n": n, "reference": len(reference), "real": len(real[0]),
+         "repeats": repeats}
+  verdict = None
   if os.path.exists(path):
     with open(path) as f:
       verdict = json.load(f)
-    if verdict.get("key") == key:
-      return verdict
-  start = time.time()
-  table = sanity.run(space, reference, real, n, repeats=repeats)
-  bad = sanity.failures(table)
-  verdict = {"key": key, "passed": [m for m in sanity.SEES if not bad[m]], "failures": bad,
-             "seconds": round(time.time() - start, 1)}
-  logging.info("metric sanity suite of %s: passed %s, failed %s (%.0f s)", space.name, verdict["passed"],
-               {m: b for m, b in bad.items() if b}, verdict["seconds"])
-  with open(path, "w") as f:
-    json.dump(verdict, f, indent=2)
+  if verdict is None or verdict.get("key") != key:
+    start = time.time()
+    table = sanity.run(space, reference, real, n, repeats=repeats, groups=min(10, n))
+    verdict = {"key": key, "failures": sanity.failures(table), "seconds": round(time.time() - start, 1)}
+    with open(path, "w") as f:
+      json.dump(verdict, f, indent=2)
+  failures = {m: steps + ([SWEEP_FAILURES[m]] if m in SWEEP_FAILURES and space.name == VERSION else [])
+              for m, steps in verdict["failures"].items()}
+  verdict = verdict | {"failures": failures, "passed": [m for m in sanity.SEES if not failures[m]]}
+  logging.info("metric sanity suite of %s: passed %s, failed %s", space.name, verdict["passed"],
+               {m: b for m, b in failures.items() if b})
   return verdict

@@ -17,7 +17,9 @@ metric's expectation moves, not one draw's sampling noise.
 
 A metric passes when, for every degradation it is meant to see, its mean worsens at every
 step from the floor on (``BETTER`` gives the direction), a tie counting only where both values
-sit at the metric's worst possible value (``WORST``: a recall of 0 cannot fall further). The
+sit at the metric's worst possible value (``WORST``: a recall of 0 cannot fall further). A
+step whose images equal the milder level's in every draw is no step and is not judged
+(flat-coloured shapes are fully saturated at gain 2.5: gains 4 and 8 change nothing). The
 Frechet distance and KID must see all six degradations, precision and density the fidelity
 ones, recall and coverage the diversity ones (outliers inflate the generated radii of recall,
 so noise can raise it: that is what precision is for). ``run`` returns the table, ``failures``
@@ -34,6 +36,7 @@ from scipy import ndimage
 
 from diffjax.evaluate.metrics import BETTER, compare
 
+VERSION = 2  # of the suite's rules and levels: a verdict cached under another version is recomputed
 FIDELITY = ("noise", "blur", "shuffle", "saturation")
 DIVERSITY = ("drop_classes", "collapse")
 LEVELS = {
@@ -100,8 +103,9 @@ def run(features: Callable[[np.ndarray], np.ndarray], reference: np.ndarray, rea
 
   reference: the real images every set is compared with; real: (images, labels) of other real
   images, split ``repeats`` times at random into n floor images and the pool.
-  Returns {"floor": [metrics per draw], kind: [[metrics per draw] per level]}, each metrics
-  entry ``metrics.compare``'s dict of Estimates.
+  Returns {"floor": [metrics per draw], kind: [[metrics per draw] per level], "unchanged":
+  {kind: [per level: the images equal the milder level's in every draw]}}, each metrics entry
+  ``metrics.compare``'s dict of Estimates.
   """
   images, labels = real
   if not 2 <= n < len(images):
@@ -109,6 +113,7 @@ def run(features: Callable[[np.ndarray], np.ndarray], reference: np.ndarray, rea
   rng = np.random.default_rng(seed)
   ref = features(reference)
   table = {"floor": []} | {kind: [[] for _ in LEVELS[kind]] for kind in FIDELITY + DIVERSITY}
+  table["unchanged"] = {kind: [True] * len(LEVELS[kind]) for kind in FIDELITY + DIVERSITY}
   for _ in range(repeats):
     order = rng.permutation(len(images))
     floor, floor_labels = images[order[:n]], labels[order[:n]]
@@ -116,8 +121,12 @@ def run(features: Callable[[np.ndarray], np.ndarray], reference: np.ndarray, rea
     measure = lambda x: compare(ref, features(x), groups=groups, seed=seed)
     table["floor"].append(measure(floor))
     for kind in FIDELITY + DIVERSITY:
+      before = floor
       for i, level in enumerate(LEVELS[kind]):
-        table[kind][i].append(measure(degrade(kind, level, floor, floor_labels, pool, rng)))
+        degraded = degrade(kind, level, floor, floor_labels, pool, rng)
+        table["unchanged"][kind][i] &= bool(np.array_equal(degraded, before))
+        table[kind][i].append(measure(degraded))
+        before = degraded
   return table
 
 
@@ -135,9 +144,10 @@ def failures(table: dict) -> dict[str, list[str]]:
     bad = []
     for kind in kinds:
       values = [_mean(table["floor"], metric)[0]] + [_mean(draws, metric)[0] for draws in table[kind]]
+      unchanged = table.get("unchanged", {}).get(kind, [False] * len(values))
       for i, (before, after) in enumerate(zip(values, values[1:], strict=False)):
         at_worst = before == after == WORST[metric]
-        if sign * after <= sign * before and not at_worst:
+        if sign * after <= sign * before and not at_worst and not unchanged[i]:
           bad.append(f"{kind} step {i + 1}")
     out[metric] = bad
   return out

@@ -1,10 +1,10 @@
-"""Per-attribute accuracy of generated shapes images, judged by ``diffjax.data.shapes.check``."""
+"""Per-attribute accuracy of generated shapes images, judged by ``diffjax.data.shapes.check``; real shapes images."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from diffjax.data import shapes
+from diffjax.data import pipeline, shapes
 
 ATTRIBUTES = ("colour", "shape", "count", "position")
 _VOCABULARY = {"colour": tuple(shapes.COLOURS), "shape": shapes.SHAPES, "position": shapes.POSITIONS}
@@ -60,3 +60,21 @@ def attribute_accuracy(images, attributes) -> dict[str, float]:
   right["position"] = np.array([w in j["positions"] for j, w in zip(judged, wanted["position"], strict=True)], bool)
   right["all"] = np.logical_and.reduce([right[a] for a in ATTRIBUTES])
   return {k: float(v.mean()) for k, v in right.items()}
+
+
+def real_shapes(data_dir: str | None, split: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+  """A ``shapes_captions`` split (slices such as "train[:4000]" too) as the pipeline serves it.
+
+  Returns images (N, 32, 32, 3) float32 in [-1, 1] and {attribute: (N,) int32} (TFDS class
+  indices; count is the number 1-3) for ``ATTRIBUTES``.
+  """
+  source = pipeline.load_source("shapes_captions", split, data_dir)
+  options = pipeline.ImageTextOptions(batch_size=len(source), image_size=shapes.SIZE, extra_keys=ATTRIBUTES)
+  batch = next(iter(pipeline.image_text_dataset(source, options, lambda caption: np.zeros(1, np.int32), seed=0,
+                                                num_epochs=1, shuffle=False)))
+  return batch["image"], {a: batch[a] for a in ATTRIBUTES}
+
+
+def pair_labels(attributes: dict[str, np.ndarray]) -> np.ndarray:
+  """(N,) the colour/shape pair of each image as one int: colour * len(SHAPES) + shape."""
+  return np.asarray(attributes["colour"]) * len(shapes.SHAPES) + np.asarray(attributes["shape"])

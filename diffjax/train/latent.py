@@ -34,8 +34,8 @@ from diffjax.models.text import BertEncoder, CLIPTextTransformer
 from diffjax.models.tokenizers import CLIPTokenizer, WordPieceTokenizer
 from diffjax.models.vae import AutoencoderKL
 from diffjax.pipelines import vae as vae_codec
+from diffjax.schema import TEXT_MODES
 
-TEXT_MODES = ("joint", "frozen_pretrained")
 VAE_FOLDER = "vae"  # under the first stage's workdir
 VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 

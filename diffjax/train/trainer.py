@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from diffjax import images, pipelines, processes, schema
 from diffjax.data import pipeline
-from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
+from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy, real_shapes
 from diffjax.models.text import CLIPTextConfig
 from diffjax.models.text_to_image import TextToImage
 from diffjax.models.tokenizers import ByteTokenizer
@@ -369,10 +369,12 @@ def evaluate(config, c: Components, sample_fn, params, solver, data_dir: str, wo
     scalars |= {f"eval/{k}": v for k, v in digits.items() if isinstance(v, (int, float))}
     scalars |= {f"eval/{k}": m["value"] for k, m in digits.get("metrics", {}).items()}
   if config.eval.get("shapes_prompts", 0):
-    shapes = evaluate_shapes(sample_fn, params, config, solver, c.spec, c.tokenize, data_dir, output_dir, judge=judge)
+    shapes = evaluate_shapes(sample_fn, params, config, solver, c.spec, c.tokenize, data_dir, workdir, output_dir,
+                             judge=judge)
     scores |= shapes
     scalars |= {f"eval/{split}_{k}": v for split, r in shapes.items() for k, v in r.items()
                 if k in ATTRIBUTES + ("all",)}
+    scalars |= {f"eval/{split}_{k}": m["value"] for split, r in shapes.items() for k, m in r["metrics"].items()}
   if not judge:
     return {}
   if scores:
@@ -396,7 +398,7 @@ def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir,
   scores and writes, the others return {}.
   """
   from diffjax.evaluate import digits as digit_eval
-  from diffjax.evaluate import features, metrics
+  from diffjax.evaluate import features
 
   n = config.eval.digits_per_prompt
   key = jax.random.fold_in(jax.random.key(config.seed), 1)  # other noise than the grid's
@@ -417,16 +419,24 @@ def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir,
   space = features.digit_feature_space(*networks, data_dir, image_size=size)
   verdict = features.reportable(space, workdir, real, digit_eval.real_digits(data_dir, "train", size), n=count,
                                 repeats=config.eval.get("sanity_repeats", 5))
-  estimates = metrics.compare(space(real), space(balanced))
-  scores["metrics"] = {m: estimates[m].record() | {"features": space.name} for m in verdict["passed"]}
-  scores["not_reported"] = {m: "failed the sanity suite at " + ", ".join(steps)
-                            for m, steps in verdict["failures"].items() if steps}
-  scores["features"] = space.record() | {"compared": f"{count} samples vs {len(real)} test digits"}
+  scores |= sample_metrics(space, verdict, real, balanced, f"{count} samples vs {len(real)} test digits")
   logging.info("digit evaluation: %s", {k: v for k, v in scores.items() if k != "features"})
   return scores
 
 
-def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir, output_dir,
+def sample_metrics(space, verdict: dict, real, generated, compared: str) -> dict:
+  """{"metrics": the metrics that passed the sanity suite (``verdict``) as records with intervals,
+  "not_reported": {metric: why}, "features": the feature space's record} of generated vs real images."""
+  from diffjax.evaluate import metrics
+
+  estimates = metrics.compare(space(real), space(generated), groups=min(10, len(generated)))
+  return {"metrics": {m: estimates[m].record() | {"features": space.name} for m in verdict["passed"]},
+          "not_reported": {m: "failed the sanity suite at " + ", ".join(steps)
+                           for m, steps in verdict["failures"].items() if steps},
+          "features": space.record() | {"compared": compared}}
+
+
+def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir, workdir, output_dir,
                     judge: bool = True) -> dict:
   """Per-attribute accuracy of samples for shapes captions, judged by ``diffjax.data.shapes.check``.
 
@@ -434,11 +444,15 @@ def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir,
   trained on; "validation": the training pairs), the first ``config.eval.shapes_prompts``
   distinct captions of the split get ``config.eval.shapes_samples_per_prompt`` samples
   each. Returns {split: {"colour", "shape", "count", "position", "all"} -> accuracy,
-  "num_samples", "prompts"} and writes ``output_dir/shapes_<split>.png`` (a row per caption).
+  "num_samples", "prompts", and the sample metrics against that split's real images in
+  ``features.shapes_feature_space`` (those that passed its sanity suite, as for the digits)}
+  and writes ``output_dir/shapes_<split>.png`` (a row per caption).
   With several processes all of them sample; only the one with ``judge`` (process 0)
   scores and writes, the others return {}.
   """
-  n, results = config.eval.shapes_samples_per_prompt, {}
+  from diffjax.evaluate import features
+
+  n, results, space = config.eval.shapes_samples_per_prompt, {}, None
   for i, split in enumerate(config.eval.shapes_splits):
     source = pipeline.load_source(config.data.name, split, data_dir)
     examples = {}
@@ -454,6 +468,15 @@ def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir,
       continue
     wanted = {a: np.repeat([int(examples[p][a]) for p in prompts], n) for a in ATTRIBUTES}
     results[split] = {**attribute_accuracy(samples, wanted), "num_samples": len(samples), "prompts": prompts}
+    if space is None:
+      space = features.shapes_feature_space(features.shapes_network(workdir, data_dir, seed=config.seed), data_dir)
+      verdict = features.reportable(space, workdir, real_shapes(data_dir, "validation")[0],
+                                    features.shapes_real(data_dir), n=len(samples),
+                                    repeats=config.eval.get("sanity_repeats", 5))
+    real = real_shapes(data_dir, split)[0]
+    generated = samples.astype(np.float32) / 127.5 - 1.0
+    results[split] |= sample_metrics(space, verdict, real, generated, f"{len(samples)} samples vs {len(real)} "
+                                     f"real {split} images")
     images.save_labeled_grid(samples, prompts, os.path.join(output_dir, f"shapes_{split}.png"), min_width=256)
   logging.info("shapes evaluation: %s", {s: {k: v for k, v in r.items() if k != "prompts"} for s, r in results.items()})
   return results
