@@ -28,11 +28,11 @@ sys.path.insert(0, ROOT)
 
 def feature_spaces(names, data_dir: str, image_size: int, workdir: str) -> dict:
   """name -> images -> features: the joined digits space of ``evaluate.features``, each of its towers, pixels."""
-  from diffjax.evaluate import features
+  from diffjax.evaluate import digits, features
 
   networks = features.digit_networks(os.path.join(workdir, f"{image_size}px"), data_dir, image_size=image_size,
                                      seed=0)
-  joined = features.digit_feature_space(*networks, data_dir, image_size=image_size)
+  joined = features.digit_feature_space(*networks, digits.real_digits(data_dir, "train", image_size)[0])
   choices = {"joined": joined, "classifier": joined.towers[0], "contrastive": joined.towers[1],
              "pixels": lambda x: np.asarray(x, np.float64).reshape(len(x), -1)}
   unknown = sorted(set(names) - set(choices))
@@ -65,8 +65,9 @@ def setup(data: str, data_dir: str, image_size: int, workdir: str, names):
     return test, (train, train_labels), len(test), feature_spaces(names, data_dir, image_size, workdir)
   # The shapes: the trainer's comparison (36 captions x 8 samples against 1,000 validation images); only the
   # shipped space (the Frechet distance of 3,072-d raw pixels takes minutes per cell).
-  space = features.shapes_feature_space(features.shapes_network(workdir, data_dir, seed=0), data_dir)
-  return shapes.real_shapes(data_dir, "validation")[0], features.shapes_real(data_dir), 36 * 8, {"contrastive": space}
+  train = features.shapes_real(data_dir)
+  space = features.shapes_feature_space(features.shapes_network(workdir, data_dir, seed=0), train[0])
+  return shapes.real_shapes(data_dir, "validation")[0], train, 36 * 8, {"contrastive": space}
 
 
 def main(argv=None):

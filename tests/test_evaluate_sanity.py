@@ -100,7 +100,7 @@ def test_every_metric_passes_in_the_trainers_digit_feature_space(digit_data, tmp
   data_dir, test, train = digit_data
   networks = features.digit_networks(str(tmp_path), data_dir, image_size=8, seed=0)
   assert networks == features.SHIPPED  # nothing trained: the shipped networks
-  space = features.digit_feature_space(*networks, data_dir, image_size=8)
+  space = features.digit_feature_space(*networks, train[0])
   verdict = features.reportable(space, str(tmp_path), test, train, n=len(test))
   # Every metric passes every degradation; recall alone misorders the measured sampler sweep and is not reported.
   assert verdict["failures"] == {m: [features.SWEEP_FAILURES[m]] if m == "recall" else [] for m in sanity.SEES}
@@ -113,8 +113,9 @@ def test_every_metric_passes_in_the_trainers_shapes_feature_space(tmp_path):
   data_dir = str(tmp_path / "tfds")
   path = features.shapes_network(str(tmp_path), data_dir, seed=0)
   assert path == features.SHIPPED_SHAPES
-  space = features.shapes_feature_space(path, data_dir)
+  train = features.shapes_real(data_dir)
+  space = features.shapes_feature_space(path, train[0])
   n = 36 * 8  # configs/shapes_ldm.py: 36 captions x 8 samples per split
   verdict = features.reportable(space, str(tmp_path), real_shapes(data_dir, "validation")[0],
-                                features.shapes_real(data_dir), n=n)
+                                train, n=n)
   assert verdict["passed"] == list(sanity.SEES), verdict["failures"]

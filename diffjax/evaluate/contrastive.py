@@ -28,6 +28,7 @@ from diffjax.evaluate.batching import apply_in_batches
 
 FEATURES = 128
 TAU = 0.2
+STEPS = 800  # training steps by default
 _BATCH = 256
 
 
@@ -74,7 +75,7 @@ def nt_xent(z1, z2, tau: float = TAU):
   return optax.softmax_cross_entropy_with_integer_labels(logits, partner).mean()
 
 
-def train(images, *, seed: int, steps: int = 800, batch_size: int = _BATCH, learning_rate: float = 1e-3) -> dict:
+def train(images, *, seed: int, steps: int = STEPS, batch_size: int = _BATCH, learning_rate: float = 1e-3) -> dict:
   """Encoder params trained on ``images`` (N, H, W, C) in [-1, 1] (the real training split only)."""
   start = time.time()
   images = jnp.asarray(images, jnp.float32)
@@ -127,7 +128,7 @@ def load_encoder(path: str) -> tuple[dict, tuple]:
     return params, tuple(int(v) for v in data["image_shape"])
 
 
-def cached_encoder(path: str, images, *, seed: int, steps: int = 800) -> dict:
+def cached_encoder(path: str, images, *, seed: int, steps: int = STEPS) -> dict:
   """Encoder params from ``path`` if it holds an encoder for images of this shape, else trained (``steps``), saved."""
   shape = tuple(np.shape(images)[1:])
   if os.path.exists(path):

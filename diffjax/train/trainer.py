@@ -413,27 +413,15 @@ def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir,
   scores = {"prompt_accuracy": digit_eval.prompt_accuracy(classifier, generated, labels),
             "classifier_test_accuracy": clf_accuracy, "num_samples": int(len(generated))}
   real, _ = digit_eval.real_digits(data_dir, "test", size)
+  train = digit_eval.real_digits(data_dir, "train", size)
   count = min(len(real), len(generated))
   # Samples are prompt-major: taking the j-th sample of every prompt before the (j+1)-th keeps the subset balanced.
   balanced = generated[np.argsort(np.tile(np.arange(n), len(config.prompts)), kind="stable")[:count]]
-  space = features.digit_feature_space(*networks, data_dir, image_size=size)
-  verdict = features.reportable(space, workdir, real, digit_eval.real_digits(data_dir, "train", size), n=count,
-                                repeats=config.eval.get("sanity_repeats", 5))
-  scores |= sample_metrics(space, verdict, real, balanced, f"{count} samples vs {len(real)} test digits")
+  space = features.digit_feature_space(*networks, train[0])
+  verdict = features.reportable(space, workdir, real, train, n=count, repeats=config.eval.get("sanity_repeats", 5))
+  scores |= features.report(space, verdict, real, balanced, f"{count} samples vs {len(real)} test digits")
   logging.info("digit evaluation: %s", {k: v for k, v in scores.items() if k != "features"})
   return scores
-
-
-def sample_metrics(space, verdict: dict, real, generated, compared: str) -> dict:
-  """{"metrics": the metrics that passed the sanity suite (``verdict``) as records with intervals,
-  "not_reported": {metric: why}, "features": the feature space's record} of generated vs real images."""
-  from diffjax.evaluate import metrics
-
-  estimates = metrics.compare(space(real), space(generated), groups=min(10, len(generated)))
-  return {"metrics": {m: estimates[m].record() | {"features": space.name} for m in verdict["passed"]},
-          "not_reported": {m: "failed the sanity suite at " + ", ".join(steps)
-                           for m, steps in verdict["failures"].items() if steps},
-          "features": space.record() | {"compared": compared}}
 
 
 def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir, workdir, output_dir,
@@ -468,15 +456,16 @@ def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir,
       continue
     wanted = {a: np.repeat([int(examples[p][a]) for p in prompts], n) for a in ATTRIBUTES}
     results[split] = {**attribute_accuracy(samples, wanted), "num_samples": len(samples), "prompts": prompts}
-    if space is None:
-      space = features.shapes_feature_space(features.shapes_network(workdir, data_dir, seed=config.seed), data_dir)
-      verdict = features.reportable(space, workdir, real_shapes(data_dir, "validation")[0],
-                                    features.shapes_real(data_dir), n=len(samples),
-                                    repeats=config.eval.get("sanity_repeats", 5))
     real = real_shapes(data_dir, split)[0]
+    if space is None:
+      train = features.shapes_real(data_dir)
+      space = features.shapes_feature_space(features.shapes_network(workdir, data_dir, seed=config.seed), train[0])
+      reference = real if split == "validation" else real_shapes(data_dir, "validation")[0]
+      verdict = features.reportable(space, workdir, reference, train, n=len(samples),
+                                    repeats=config.eval.get("sanity_repeats", 5))
     generated = samples.astype(np.float32) / 127.5 - 1.0
-    results[split] |= sample_metrics(space, verdict, real, generated, f"{len(samples)} samples vs {len(real)} "
-                                     f"real {split} images")
+    results[split] |= features.report(space, verdict, real, generated, f"{len(samples)} samples vs {len(real)} "
+                                      f"real {split} images")
     images.save_labeled_grid(samples, prompts, os.path.join(output_dir, f"shapes_{split}.png"), min_width=256)
   logging.info("shapes evaluation: %s", {s: {k: v for k, v in r.items() if k != "prompts"} for s, r in results.items()})
   return results
