@@ -42,10 +42,6 @@ WEIGHTS = (1.0, 0.75)  # classifier, contrastive tower (module docstring)
 SHIPPED_SIZE = 8
 _WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 SHIPPED = tuple(os.path.join(_WEIGHTS_DIR, f"digit_{net}_8px.npz") for net in ("classifier", "contrastive"))
-# The suite's last criterion, measured once on the main job's model (README, "Judging samples"): the sampler sweep
-# must rank Heun at NFE 5 and 10 below DPM-Solver++ 2M at NFE 10. Recall does not: Heun's noisy NFE 10 samples
-# spread the generated manifold's radii, so more real digits fall inside it (0.75 vs 0.64).
-SWEEP_FAILURES = {"recall": "the sampler sweep (heun NFE 10 above dpmpp_2m NFE 10: 0.75 vs 0.64)"}
 SHAPES_VERSION = "shapes-contrastive-v1"
 SHAPES_TRAIN = "train[:4000]"  # what the shapes encoder trains on and the suite draws from
 SHAPES_CONTRASTIVE_STEPS = 300
@@ -63,8 +59,6 @@ class FeatureSpace:
   towers: tuple[Callable[[np.ndarray], np.ndarray], ...]
   scales: tuple[float, ...]
   files: dict[str, str]  # file name -> SHA-256 of the weights each tower was loaded from
-  # Criteria of the suite beyond its degradations that a metric was measured to fail here: metric -> why.
-  measured_failures: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def __call__(self, images) -> np.ndarray:
     return np.concatenate([tower(images) / scale for tower, scale in zip(self.towers, self.scales, strict=True)], 1)
@@ -104,7 +98,7 @@ def digit_feature_space(classifier_path: str, encoder_path: str, train: np.ndarr
   if saved_size != train.shape[1]:
     raise ValueError(f"{classifier_path} judges {saved_size}x{saved_size} digits, not {train.shape[1:3]}")
   towers = (lambda x: digits.features(classifier, x), _encoder_tower(encoder_path, train))
-  return _joined(VERSION, towers, WEIGHTS, train, (classifier_path, encoder_path), SWEEP_FAILURES)
+  return _joined(VERSION, towers, WEIGHTS, train, (classifier_path, encoder_path))
 
 
 def _encoder_tower(path: str, train: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -114,12 +108,11 @@ def _encoder_tower(path: str, train: np.ndarray) -> Callable[[np.ndarray], np.nd
   return lambda x: contrastive.features(encoder, x)
 
 
-def _joined(name: str, towers, weights, train: np.ndarray, paths, measured_failures=None) -> FeatureSpace:
+def _joined(name: str, towers, weights, train: np.ndarray, paths) -> FeatureSpace:
   """The towers, each over its RMS feature norm on ``train`` over its weight, with their files' hashes."""
   scales = tuple(float(np.sqrt(np.mean(np.sum(tower(train) ** 2, axis=1)))) / weight
                  for tower, weight in zip(towers, weights, strict=True))
-  return FeatureSpace(name, tuple(towers), scales, {os.path.basename(p): _sha256(p) for p in paths},
-                      dict(measured_failures or {}))
+  return FeatureSpace(name, tuple(towers), scales, {os.path.basename(p): _sha256(p) for p in paths})
 
 
 def shapes_real(data_dir: str | None) -> tuple[np.ndarray, np.ndarray]:
@@ -147,9 +140,6 @@ def reportable(space: FeatureSpace, workdir: str, reference: np.ndarray, real: t
                n: int, repeats: int = 5) -> dict:
   """The sanity verdict of ``space``: {"passed": [metrics], "failures": {metric: [steps]}, ...}.
 
-  The failures also hold the space's ``measured_failures`` (for the digits ``SWEEP_FAILURES``:
-  the metrics that misorder the measured sampler sweep, which no degradation reproduces).
-
   Read from ``workdir/sanity_<version>.json`` when it was computed by this suite version for
   these weight files, set sizes and repeats; otherwise the suite runs (``sanity.run``: ``reference`` the images
   every set is compared with, ``real`` (images, labels) the floor and pool, ``n`` the set
@@ -168,8 +158,7 @@ def reportable(space: FeatureSpace, workdir: str, reference: np.ndarray, real: t
     verdict = {"key": key, "failures": sanity.failures(table), "seconds": round(time.time() - start, 1)}
     with open(path, "w") as f:
       json.dump(verdict, f, indent=2)
-  failures = {m: steps + ([space.measured_failures[m]] if m in space.measured_failures else [])
-              for m, steps in verdict["failures"].items()}
+  failures = verdict["failures"]
   verdict = verdict | {"failures": failures, "passed": [m for m in sanity.SEES if not failures[m]]}
   logging.info("metric sanity suite of %s: passed %s, failed %s", space.name, verdict["passed"],
                {m: b for m, b in failures.items() if b})

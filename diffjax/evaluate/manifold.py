@@ -6,6 +6,14 @@ point's k-th nearest neighbour in the same set (the point itself not counted).
 * precision (Kynkaanniemi et al. 2019, k = 3): the fraction of generated points inside the
   real manifold (fidelity); recall: the fraction of real points inside the generated
   manifold (diversity). Inside means distance <= radius.
+  Recall here caps each generated ball at the real manifold's radius at that point (the
+  radius of the ball around its nearest real point). Uncapped, samples spread out away from
+  the data (noise-like, or over-saturated) have large k-NN radii, and their balls swallow
+  real points no sample came near: on the digits, the noise-like samples of Heun at NFE 10
+  scored recall 0.75 against DPM-Solver++ 2M's clean ones at 0.64, and saturating real
+  digits by 1.5 raised it (README, "Judging samples"). Capped: 0.16 and 0.53, and saturation
+  lowers it. Where both sets come from one distribution the cap costs some recall (0.94 ->
+  0.81 for 300 test vs 300 training digits); ``recall_balls="all"`` gives the paper's number.
 * density (Naeem et al. 2020, k = 5): sum over generated points of the number of real balls
   that hold it, over k n; near 1 when both sets come from one distribution, and, unlike
   precision, not inflated by outliers among the real points (their big balls count once
@@ -68,11 +76,28 @@ def _inside_counts(points: np.ndarray, centres: np.ndarray, r: np.ndarray) -> np
   return _blocks(points, centres, lambda d2, rows: np.sum(d2 <= r2[None, :], axis=1))
 
 
-def precision_recall(real, generated, k: int = 3) -> tuple[float, float]:
-  """(precision, recall) of generated (n, d) against real (m, d) features (module docstring)."""
+RECALL_BALLS = ("capped", "all")
+
+
+def precision_recall(real, generated, k: int = 3, recall_balls: str = "capped") -> tuple[float, float]:
+  """(precision, recall) of generated (n, d) against real (m, d) features (module docstring).
+
+  ``recall_balls="capped"`` (the default) caps each generated ball at the radius of the real
+  ball around the generated point's nearest real point (the real radii taken at the k m / n-th
+  neighbour when the sets differ in size); ``"all"`` is Kynkaanniemi et al.'s recall, uncapped.
+  """
   x, y = check_features(real, generated)
-  precision = np.mean(_inside_counts(y, x, radii(x, k)) > 0)
-  recall = np.mean(_inside_counts(x, y, radii(y, k)) > 0)
+  if recall_balls not in RECALL_BALLS:
+    raise ValueError(f"recall_balls must be one of {RECALL_BALLS}, got {recall_balls!r}")
+  real_r, generated_r = radii(x, k), radii(y, k)
+  precision = np.mean(_inside_counts(y, x, real_r) > 0)
+  if recall_balls == "capped":
+    # The real radii at the generated set's density: the k-th neighbour among m points lies as far as
+    # the (k n / m)-th among n, so unequal set sizes do not shrink (or widen) the cap.
+    cap_r = radii(x, int(np.clip(round(k * len(x) / len(y)), 1, len(x) - 1))) if len(x) != len(y) else real_r
+    nearest_real = _blocks(y, x, lambda d2, rows: d2.argmin(axis=1))
+    generated_r = np.minimum(generated_r, cap_r[nearest_real])
+  recall = np.mean(_inside_counts(x, y, generated_r) > 0)
   return float(precision), float(recall)
 
 
