@@ -172,3 +172,60 @@ def test_refine_lowers_the_validation_error_and_keeps_a_valid_grid():
                              rtol=1e-4)
   assert out.ts[0] == pytest.approx(float(ts[0])) and np.all(np.diff(out.ts) < 0)
   assert out.beta[0, 0] == 0 and out.beta[1, 1] == 0  # no weight on outputs before the first point
+
+
+def test_lstsq_drops_a_zero_regressor():
+  """A zero regressor gets coefficient 0 and leaves the others' fit unchanged (it used to give 0 / 0 = NaN in the
+  normalisation, 1e-300 * 1e-300 underflowing, and LAPACK's "SVD did not converge")."""
+  rng = np.random.default_rng(0)
+  g = rng.standard_normal((512, 8))
+  target = 0.3 * g + 0.01 * rng.standard_normal(g.shape)
+  alone = og._lstsq([g], target)
+  for regs, where in (([np.zeros_like(g), g], 1), ([g, np.zeros_like(g)], 0)):
+    c = og._lstsq(regs, target)
+    assert c[1 - where] == 0.0
+    np.testing.assert_allclose(c[where], alone[0], rtol=1e-12)  # the same float64 solve of a 1 x 1 system
+  assert np.array_equal(og._lstsq([np.zeros_like(g)], target), [0.0])
+
+
+@pytest.mark.parametrize("dim", [2, 256])
+def test_calibration_on_near_point_mass_data_stays_finite(dim):
+  """Data with variance 1e-12: along the flow D(x, t) = mu exactly in float32, so every history regressor
+  D_{i-j} - D_i of the fit is exactly zero. The search (with a validation batch, as the benchmark runs it)
+  returns finite coefficients, grid and samples, and the fitted sampler is no worse than DDIM on its grid."""
+  rng = np.random.default_rng(0)
+  mu = rng.choice([-1.0, 1.0], dim) * rng.uniform(0.5, 1.0, dim)
+  gauss = GaussianMixture.create([1.0], [mu], [np.full(dim, 1e-12)])
+  denoise = jax.jit(gauss.denoiser(SD))
+  lattice = og.log_sigma_lattice(SD, 12)
+  alpha, sigma = SD.alpha(lattice), SD.sigma(lattice)
+  flow = lambda x, i: gauss.gaussian_flow(x, alpha[0], sigma[0], alpha[i], sigma[i])
+  x_fit, x_val, x_new = (jax.random.normal(jax.random.key(k), (256, dim)) * sigma[0] for k in (8, 9, 10))
+  for i in range(len(lattice)):  # the premise: the regressors are exactly zero, not merely small
+    assert bool(jnp.all(denoise(flow(x_fit, i), lattice[i]) == jnp.asarray(mu, jnp.float32)))
+  states = jnp.stack([flow(x_fit, i) / alpha[i] for i in range(len(lattice))])
+  final = lambda x: gauss.gaussian_flow(x, alpha[0], sigma[0], 1.0, 0.0)
+  res = og.search_grid(SD, denoise, x_fit, lattice, states, final(x_fit), 4, history=4,
+                       validation=(x_val, final(x_val)), max_sweeps=1)
+  fitted = res.sampler
+  for name in ("ts", "beta", "gamma", "final"):
+    assert np.all(np.isfinite(getattr(fitted, name))), name
+  assert np.isfinite(fitted.calib_rmse)
+  ours = fitted.sample(SD, denoise, x_new)
+  ddim = sample(make_solver("euler", SD), denoise, x_new, jnp.asarray(fitted.ts, jnp.float32))
+  assert bool(jnp.all(jnp.isfinite(ours)))
+  truth = final(x_new)
+  err, err_ddim = (float(jnp.sqrt(jnp.mean((y - truth) ** 2))) for y in (ours, ddim))
+  # Both end with D(x_N, t_N) = mu; allow the rounding of two 3-step runs relative to |x0| <= 1.
+  assert err <= err_ddim + tolerances.sampler_rtol(3), (err, err_ddim)
+
+
+def test_fit_names_a_non_finite_denoiser():
+  """NaN from the denoiser stops the fit with that diagnosis instead of reaching LAPACK."""
+  ts = grids.karras(SD, 4)
+  x = jax.random.normal(jax.random.key(11), (16, 2)) * SD.sigma(ts[0])
+  good = MIXTURE.denoiser(SD)
+  bad = lambda x, t: jnp.where(t < ts[1] + 1e-3, jnp.nan, 1.0) * good(x, t)  # NaN from the second grid point on
+  states = jnp.stack([x / SD.alpha(ts[0])] * 4)
+  with pytest.raises(FloatingPointError, match="denoiser returned non-finite values"):
+    og.fit_multistep(SD, bad, x, ts, states, jnp.zeros_like(x), history=3)

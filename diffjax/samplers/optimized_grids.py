@@ -236,15 +236,31 @@ class FittedSampler:
 
 
 def _lstsq(regressors, target):
-  """argmin_c ||target - sum_j c_j regressors[j]||^2 over all elements (float64)."""
+  """argmin_c ||target - sum_j c_j regressors[j]||^2 over all elements (float64); c_j = 0 for a zero regressor."""
   if not regressors:
     return np.zeros(0)
   a = np.stack([np.asarray(g, np.float64).ravel() for g in regressors], 1)
   gram = a.T @ a
   rhs = a.T @ np.asarray(target, np.float64).ravel()
-  scale = np.maximum(np.diag(gram), 1e-300)
-  c = np.linalg.lstsq(gram / np.sqrt(scale[:, None] * scale[None, :]), rhs / np.sqrt(scale), rcond=1e-12)[0]
-  return c / np.sqrt(scale)
+  # Equilibrated by the column norms, one division at a time. A zero regressor (e.g. two equal float32 denoiser
+  # outputs) carries no information and is dropped: the former normalisation by sqrt(max(diag, 1e-300)) products
+  # underflowed there (1e-300 * 1e-300 = 0) and gave 0 / 0 = NaN, which LAPACK rejects ("SVD did not converge").
+  norm = np.sqrt(np.diag(gram))
+  keep = norm > 0
+  c = np.zeros(a.shape[1])
+  if keep.any():
+    n = norm[keep]
+    c[keep] = np.linalg.lstsq(gram[np.ix_(keep, keep)] / n[:, None] / n[None, :], rhs[keep] / n, rcond=1e-12)[0] / n
+  return c
+
+
+def _checked(d, t):
+  """d (float64), after checking that the denoiser's output at time t is finite."""
+  if not np.all(np.isfinite(d)):
+    rows = int(np.sum(~np.all(np.isfinite(d.reshape(d.shape[0], -1)), axis=1)))
+    raise FloatingPointError(f"the denoiser returned non-finite values at t = {t:.6g} ({rows} of {d.shape[0]} "
+                             "samples); the fit needs a finite denoiser")
+  return d
 
 
 def fit_multistep(process: Process, denoise, x, ts, ref_states, target, history: int = 3,
@@ -273,11 +289,14 @@ def fit_multistep(process: Process, denoise, x, ts, ref_states, target, history:
   s = np.asarray(process.edm_sigma(jnp.asarray(ts, jnp.float32)), np.float64)
   dtype = jnp.asarray(x).dtype
   xs = np.asarray(x, np.float64) / alpha[0]
+  if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(np.asarray(ref_states)))
+          and np.all(np.isfinite(np.asarray(target)))):
+    raise ValueError("fit_multistep: x, ref_states and target must be finite")
   outs = []
   beta = np.zeros((n - 1, max(history - 1, 0)))
   gamma = np.zeros(n - 1)
   for i in range(n - 1):
-    d = np.asarray(denoise(jnp.asarray(alpha[i] * xs, dtype), jnp.asarray(ts[i], dtype)), np.float64)
+    d = _checked(np.asarray(denoise(jnp.asarray(alpha[i] * xs, dtype), jnp.asarray(ts[i], dtype)), np.float64), ts[i])
     outs.insert(0, d)
     r = s[i + 1] / s[i]
     base = r * xs + (1.0 - r) * d
@@ -291,7 +310,7 @@ def fit_multistep(process: Process, denoise, x, ts, ref_states, target, history:
     else:
       beta[i, : c.size] = c
     xs = base + sum((cj * g for cj, g in zip(c, regs, strict=True)), np.zeros_like(base))
-  d = np.asarray(denoise(jnp.asarray(alpha[-1] * xs, dtype), jnp.asarray(ts[-1], dtype)), np.float64)
+  d = _checked(np.asarray(denoise(jnp.asarray(alpha[-1] * xs, dtype), jnp.asarray(ts[-1], dtype)), np.float64), ts[-1])
   outs.insert(0, d)
   regs = [outs[j] - d for j in range(1, min(history, len(outs)))]
   w = _lstsq(regs, np.asarray(target, np.float64) - d)
