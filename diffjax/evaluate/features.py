@@ -158,10 +158,9 @@ def reportable(space: FeatureSpace, workdir: str, reference: np.ndarray, real: t
     verdict = {"key": key, "failures": sanity.failures(table), "seconds": round(time.time() - start, 1)}
     with open(path, "w") as f:
       json.dump(verdict, f, indent=2)
-  failures = verdict["failures"]
-  verdict = verdict | {"failures": failures, "passed": [m for m in sanity.SEES if not failures[m]]}
+  verdict = verdict | {"passed": [m for m in sanity.SEES if not verdict["failures"][m]]}
   logging.info("metric sanity suite of %s: passed %s, failed %s", space.name, verdict["passed"],
-               {m: b for m, b in failures.items() if b})
+               {m: b for m, b in verdict["failures"].items() if b})
   return verdict
 
 

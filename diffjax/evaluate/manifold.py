@@ -94,7 +94,8 @@ def precision_recall(real, generated, k: int = 3, recall_balls: str = "capped") 
   if recall_balls == "capped":
     # The real radii at the generated set's density: the k-th neighbour among m points lies as far as
     # the (k n / m)-th among n, so unequal set sizes do not shrink (or widen) the cap.
-    cap_r = radii(x, int(np.clip(round(k * len(x) / len(y)), 1, len(x) - 1))) if len(x) != len(y) else real_r
+    k_cap = int(np.clip(round(k * len(x) / len(y)), 1, len(x) - 1))
+    cap_r = real_r if k_cap == k else radii(x, k_cap)
     nearest_real = _blocks(y, x, lambda d2, rows: d2.argmin(axis=1))
     generated_r = np.minimum(generated_r, cap_r[nearest_real])
   recall = np.mean(_inside_counts(x, y, generated_r) > 0)
