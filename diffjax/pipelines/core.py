@@ -70,6 +70,8 @@ class Pipeline:
     default_negative: ``conditioning -> negative conditioning`` (same structure and batch) used
       when no negative prompt is given: the tasks get ``negative_ids=None`` (SDXL's
       ``force_zeros_for_empty_prompt``: zeros). None: no negative prompt means the empty one.
+    fingerprint: ``programs.fingerprint`` of everything but the parameters that decides the
+      pipeline's compiled programs (set by the loaders); None: programs are not stored on disk.
   """
 
   tokenize: Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
@@ -87,6 +89,7 @@ class Pipeline:
   count_tokens: Callable[[str], int] | None = None
   entry: ClassVar[str] = "generate"  # the host function that runs this kind (subclasses' networks take more)
   default_negative: Callable[[Any], Any] | None = None
+  fingerprint: str | None = None
 
   def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
     """(h, w, c) of the denoised space for images of height x width pixels (checked)."""

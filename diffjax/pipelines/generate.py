@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.pipelines import core
+from diffjax.pipelines import core, programs
 from diffjax.pipelines.schedulers import Plan
 from diffjax.samplers import make_solver
 
@@ -47,18 +47,19 @@ class Output:
 def _program(pipe: core.Pipeline, task: str, name: str, options: tuple, denoise_final: bool, guidance: core.Guidance):
   """One jitted program per (pipeline, task, solver, final jump, guidance options); grids and scales are traced."""
   fn = core.txt2img if task == "txt2img" else core.img2img
-  return jax.jit(functools.partial(fn, pipe, solver=make_solver(name, pipe.process, **dict(options)),
-                                   denoise_final=denoise_final, options=guidance, decode=False))
+  return programs.program(pipe, functools.partial(fn, pipe, solver=make_solver(name, pipe.process, **dict(options)),
+                                                  denoise_final=denoise_final, options=guidance, decode=False),
+                          task, name, options, denoise_final, guidance)
 
 
 @functools.lru_cache(maxsize=8)
 def _decoder(pipe: core.Pipeline):
-  return jax.jit(pipe.decode)
+  return programs.program(pipe, pipe.decode, "decode")
 
 
 @functools.lru_cache(maxsize=8)
 def _encoder(pipe: core.Pipeline):
-  return jax.jit(pipe.encode_image)
+  return programs.program(pipe, pipe.encode_image, "encode_image")
 
 
 def _as_list(prompts, what: str) -> list[str]:

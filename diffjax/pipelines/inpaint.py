@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.pipelines import core
+from diffjax.pipelines import core, programs
 from diffjax.pipelines.generate import (
   Output,
   _check_image,
@@ -263,8 +263,9 @@ def _program(pipe: core.Pipeline, conditioned: bool, name: str, options: tuple, 
              guidance: core.Guidance, repaint: RePaint | None):
   """One jitted program per (pipeline, mode, solver, final jump, guidance, RePaint); grids and scales are traced."""
   fn = inpaint_conditioned if conditioned else functools.partial(inpaint_blended, repaint=repaint)
-  return jax.jit(functools.partial(fn, pipe, solver=make_solver(name, pipe.process, **dict(options)),
-                                   denoise_final=denoise_final, options=guidance, decode=False))
+  return programs.program(pipe, functools.partial(fn, pipe, solver=make_solver(name, pipe.process, **dict(options)),
+                                                  denoise_final=denoise_final, options=guidance, decode=False),
+                          "inpaint", conditioned, name, options, denoise_final, guidance, repaint)
 
 
 def _check_mask(mask, height: int, width: int) -> np.ndarray:

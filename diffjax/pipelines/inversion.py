@@ -18,11 +18,10 @@ import dataclasses
 import functools
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.pipelines import core
+from diffjax.pipelines import core, programs
 from diffjax.pipelines.generate import _check_image, _encoder, batched, given_or, plan_for, request
 from diffjax.pipelines.schedulers import Plan
 from diffjax.samplers import Solver, make_solver
@@ -45,8 +44,8 @@ def invert(pipe: core.Pipeline, params, ids, mask, negative_ids, negative_mask, 
 
 @functools.lru_cache(maxsize=16)
 def _program(pipe: core.Pipeline, name: str, options: tuple, guidance: core.Guidance):
-  return jax.jit(functools.partial(invert, pipe, solver=make_solver(name, pipe.process, **dict(options)),
-                                   options=guidance))
+  return programs.program(pipe, functools.partial(invert, pipe, solver=make_solver(name, pipe.process, **dict(options)),
+                                                  options=guidance), "invert", name, options, guidance)
 
 
 @dataclasses.dataclass

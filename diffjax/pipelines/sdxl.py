@@ -35,6 +35,7 @@ import numpy as np
 
 from diffjax.convert import load_pretrained
 from diffjax.models.tokenizers import CLIPTokenizer
+from diffjax.pipelines import programs
 from diffjax.pipelines import vae as vae_codec
 from diffjax.pipelines.core import Pipeline
 from diffjax.pipelines.schedulers import DiffusersScheduler
@@ -129,4 +130,6 @@ def assemble_sdxl(modules: dict, tokenizers: tuple[CLIPTokenizer, CLIPTokenizer]
                   encode_image=lambda p, images, noise: vae_codec.encode(vae, p["vae"], images, noise),
                   scheduler=scheduler, max_length=tokenizers[0].max_length,
                   count_tokens=lambda p: max(len(t.encode(p)) for t in tokenizers) + 2,
-                  default_negative=(lambda cond: jax.tree.map(jnp.zeros_like, cond)) if zeros_for_empty else None)
+                  default_negative=(lambda cond: jax.tree.map(jnp.zeros_like, cond)) if zeros_for_empty else None,
+                  fingerprint=programs.fingerprint("sdxl", unet, vae, text, text_2, scheduler, clip_skip,
+                                                   zeros_for_empty))

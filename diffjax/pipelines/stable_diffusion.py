@@ -23,6 +23,7 @@ import numpy as np
 from diffjax.convert import load_pretrained
 from diffjax.convert.files import read_json_config
 from diffjax.models.tokenizers import CLIPTokenizer
+from diffjax.pipelines import programs
 from diffjax.pipelines.core import Pipeline
 from diffjax.pipelines.inpaint import InpaintingPipeline
 from diffjax.pipelines.schedulers import DiffusersScheduler
@@ -160,4 +161,5 @@ def assemble(unet, vae, text, tokenizer: CLIPTokenizer, scheduler: DiffusersSche
   return kind(tokenize=tokenize, encode_text=encode_text, predict=predict, process=scheduler.process,
               target=scheduler.target, latent_channels=cfg.latent_channels, downsample=cfg.downsample_factor,
               decode=decode, encode_image=encode_image, scheduler=scheduler, max_length=tokenizer.max_length,
-              count_tokens=lambda p: len(tokenizer.encode(p)) + 2)
+              count_tokens=lambda p: len(tokenizer.encode(p)) + 2,
+              fingerprint=programs.fingerprint("stable_diffusion", kind.__name__, unet, vae, text, scheduler))

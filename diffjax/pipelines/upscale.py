@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from diffjax.convert.files import read_json_config
-from diffjax.pipelines import core
+from diffjax.pipelines import core, programs
 from diffjax.pipelines.generate import Output, _check_image, batched, draw_noise, finish, given_or, plan_for, request
 from diffjax.pipelines.schedulers import DiffusersScheduler, Plan, discrete_process
 from diffjax.pipelines.stable_diffusion import assemble, check_folder, load_parts
@@ -115,7 +115,7 @@ def _compiled(pipe: UpscalePipeline, solver: str, solver_options: tuple, denoise
   """One jitted program per (pipeline, solver, final jump, guidance options); grids, scales, noise levels traced."""
   task = functools.partial(upscale_image, pipe, solver=make_solver(solver, pipe.process, **dict(solver_options)),
                            denoise_final=denoise_final, options=guidance, decode=False)
-  return jax.jit(task)
+  return programs.program(pipe, task, "upscale", solver, solver_options, denoise_final, guidance)
 
 
 def _noise_level(noise_level, top: int) -> int:
@@ -225,5 +225,6 @@ def assemble_upscaler(unet, vae, text, tokenizer, scheduler: DiffusersScheduler,
                      f"max_noise_level {top}, got num_class_embeds={classes}")
   base = assemble(unet, vae, text, tokenizer, scheduler, where=folder, image_channels=IMAGE_CHANNELS)
   fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(core.Pipeline)}
+  fields["fingerprint"] = programs.fingerprint("upscale", base.fingerprint, process, top)
   return UpscalePipeline(**fields, low_res_process=process, max_noise_level=top,
                          size_multiple=2 ** (len(unet.config.block_out_channels) - 1))
