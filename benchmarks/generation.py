@@ -17,6 +17,12 @@ a steady call: compilation when cold, cache loading when warm), and peak RSS of 
 
 The tokenizer is a small BPE vocabulary made here in CLIP's format: token ids differ from the real
 CLIP vocabulary, which changes no shape and no cost (the sequence is always padded to 77).
+
+The table also reports how long this machine takes to fault in fresh memory (a child process
+touching 1 GiB), before the first point and after each one. On a virtual machine whose host
+reclaims freed memory this was seen to vary from 0.15 s/GiB to 11 s/GiB within an hour; at more
+than ``SLOW_FAULTS`` s/GiB loading and first calls are dominated by page faults, and the figures
+are not comparable with a quiet machine's (the script says so).
 """
 
 from __future__ import annotations
@@ -38,6 +44,16 @@ PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, dra
 NEGATIVE = "blurry, low quality"
 SD15_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                   "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1}
+
+
+SLOW_FAULTS = 0.5  # s/GiB of first-touch page faults above which the machine is flagged
+
+
+def fresh_memory_s_per_gib() -> float:
+  """Seconds per GiB that a new process takes to allocate and touch 1 GiB (page faults included)."""
+  code = ("import time, numpy as np; t = time.perf_counter(); a = np.ones(2**30, np.uint8); "
+          "print(time.perf_counter() - t)")
+  return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def _peak_rss_gib() -> float:
@@ -161,10 +177,11 @@ def main(argv=None):
   if not os.path.isfile(os.path.join(args.folder, "model_index.json")):
     print(f"making the random-weight SD 1.5 folder {args.folder} ...", flush=True)
     make_folder(args.folder)
+  faults = [fresh_memory_s_per_gib()]
   print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; {args.steps} PNDM steps, CFG 7.5, "
-        f"float32; median of {args.reps} calls after the first\n")
+        f"float32; median of {args.reps} calls after the first; fresh memory {faults[0]:.2f} s/GiB\n")
   header = (f"{'size':>5} {'batch':>5} | {'diffusers s/img':>15} {'diffjax s/img':>13} | {'img/s ratio':>11} | "
-            f"{'cold compile s':>14} {'warm start s':>12} | {'RSS GiB torch':>13} {'jax':>5}")
+            f"{'cold compile s':>14} {'warm start s':>12} | {'RSS GiB torch':>13} {'jax':>5} | {'faults s/GiB':>12}")
   print(header + "\n" + "-" * len(header), flush=True)
   rows = []
   for size in (int(s) for s in args.sizes.split(",")):
@@ -181,14 +198,20 @@ def main(argv=None):
              "diffusers_load_s": ref["load_s"], "peak_rss_gib": {"diffusers": ref["peak_rss_gib"],
                                                                   "diffjax": warm["peak_rss_gib"]},
              "raw": {"diffusers": ref, "diffjax_cold": cold, "diffjax_warm": warm}}
+      faults.append(fresh_memory_s_per_gib())
+      row["fresh_memory_s_per_gib"] = faults[-1]
       rows.append(row)
       print(f"{size:>5} {batch:>5} | {row['diffusers_s_per_image']:>15.2f} {row['diffjax_s_per_image']:>13.2f} | "
             f"{row['throughput_ratio']:>10.2f}x | {row['cold_compile_s']:>14.1f} {row['warm_start_s']:>12.1f} | "
-            f"{ref['peak_rss_gib']:>13.1f} {warm['peak_rss_gib']:>5.1f}", flush=True)
+            f"{ref['peak_rss_gib']:>13.1f} {warm['peak_rss_gib']:>5.1f} | {faults[-1]:>12.2f}", flush=True)
   print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
+  if max(faults) > SLOW_FAULTS:
+    print(f"WARNING: fresh memory took up to {max(faults):.2f} s/GiB to fault in (a quiet machine: ~0.15): "
+          f"loading, first calls and allocation-heavy steps are slowed; do not compare these figures")
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"steps": args.steps, "reps": args.reps, "cores": os.cpu_count(), "rows": rows}, f, indent=2)
+      json.dump({"steps": args.steps, "reps": args.reps, "cores": os.cpu_count(), "fresh_memory_s_per_gib": faults,
+                 "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,24 @@ def test_ddim_spacings_match_their_definitions():
     grids.ddim_timesteps(10, 11)
 
 
+@pytest.mark.parametrize("model", sorted(grids.AYS_SIGMAS))
+def test_align_your_steps_gives_the_published_sigmas(model, x64):
+  published = np.asarray(grids.AYS_SIGMAS[model])
+  s = np.asarray(SD.edm_sigma(grids.GRIDS[f"ays_{model}"](SD, 10)))  # 10 steps: the table, less its sigma_min
+  np.testing.assert_allclose(s[0], SD.edm_sigma(999.0), rtol=1e-9)  # 14.615 is 14.6146 rounded up: clipped
+  np.testing.assert_allclose(s[1:], published[1:10], rtol=1e-9)
+  # Other step counts: log-linear interpolation of the table to n + 1 values (a hand-made case: n = 5
+  # puts value j at table position 2j, where no interpolation is needed), all inside SD's range.
+  np.testing.assert_allclose(np.asarray(SD.edm_sigma(grids.align_your_steps(SD, 5, model)))[1:],
+                             published[2:10:2], rtol=1e-9)
+  between = np.asarray(SD.edm_sigma(grids.align_your_steps(SD, 20, model)))  # midpoints: geometric means
+  np.testing.assert_allclose(between[3:20:2], np.sqrt(published[1:10] * published[2:11]), rtol=1e-9)
+  for n in (2, 4, 7, 25):
+    grids.check_grid(SD, grids.align_your_steps(SD, n, model))  # strictly decreasing noise
+  with pytest.raises(ValueError, match="published"):
+    grids.align_your_steps(SD, 10, "sd3")
+
+
 def test_grid_arguments_can_be_traced():
   f = jax.jit(lambda a, b, r: grids.karras(SD, 6, a, b, r))
   f(0.1, 5.0, 7.0)

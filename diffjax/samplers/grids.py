@@ -8,6 +8,8 @@ recompiles. Ranges default to the process's ``t_max`` .. ``t_min``.
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -55,6 +57,33 @@ def karras(process: Process, n: int, sigma_min=None, sigma_max=None, rho=7.0):
   return process.t_from_edm_sigma(sigmas)
 
 
+# Align Your Steps (Sabour, Fidler & Kreis, ICML 2024): the published 10-step schedules, in EDM sigma,
+# optimised for Stable Diffusion 1.5 and SDXL (11 values; the last is the model's sigma_min, which the
+# paper's samplers replace by 0: the final jump to clean data).
+AYS_SIGMAS = {
+    "sd15": (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029),
+    "sdxl": (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029),
+}
+
+
+def align_your_steps(process: Process, n: int, model: str = "sd15"):
+  """The Align Your Steps schedule of ``model`` ('sd15' or 'sdxl') as n points to visit.
+
+  The published 11 sigmas are interpolated log-linearly to n + 1 values (the paper's rule for
+  other step counts; n = 10 gives them exactly) and the last one is dropped: ``sample`` ends
+  with the jump to sigma = 0, as the paper's samplers do. Sigmas beyond the process's range
+  are clipped to it (SD's sigma_max is 14.6146, the table's 14.615 rounds it up). The
+  schedules were fitted to those models: on another network or process they are only a grid.
+  """
+  if model not in AYS_SIGMAS:
+    raise ValueError(f"no Align Your Steps schedule for {model!r}; published: {sorted(AYS_SIGMAS)}")
+  log_sigmas = np.log(np.asarray(AYS_SIGMAS[model], np.float64))
+  u = np.linspace(0.0, 1.0, log_sigmas.size)
+  sigmas = jnp.exp(jnp.interp(jnp.linspace(0.0, 1.0, n + 1), u, log_sigmas))[:n]
+  lo, hi = process.edm_sigma(process.t_min), process.edm_sigma(process.t_max)
+  return process.t_from_edm_sigma(jnp.clip(sigmas, lo, hi))
+
+
 def ddim_timesteps(num_train_timesteps: int, n: int, spacing: str = "leading",
                    steps_offset: int = 0) -> np.ndarray:
   """Integer timesteps of diffusers' DDIM/DDPM spacings for a DiscreteVP (host numpy).
@@ -93,4 +122,6 @@ GRIDS = {
     "quadratic_t": quadratic_t,
     "log_snr": log_snr_uniform,
     "karras": karras,
+    "ays_sd15": functools.partial(align_your_steps, model="sd15"),
+    "ays_sdxl": functools.partial(align_your_steps, model="sdxl"),
 }
