@@ -357,7 +357,6 @@ def default_diffjax_configs(extended=False):
 CALIBRATION_FILE = DATA_DIR / "calibrated_samplers.json"
 CALIB_LATTICE = 48
 CALIB_HISTORY = 4
-CALIB_KARRAS_RHO = (3.0, 5.0, 7.0, 10.0)
 
 
 def _sha256(path) -> str:
@@ -373,18 +372,10 @@ def calibration_batch_sizes(dim: int, lattice: int = CALIB_LATTICE) -> tuple[int
 
 
 def calibration_starts(process, lattice, k: int) -> list:
-  """Initial grids of the search, as lattice indices: Karras with each of CALIB_KARRAS_RHO,
-  uniform log-SNR and uniform t, snapped to the lattice (duplicates dropped)."""
-  from diffjax.samplers import optimized_grids as og
+  """Initial grids of the search, as lattice indices (the library's ``calibration.starting_grids``)."""
+  from diffjax.samplers import calibration
 
-  gens = [functools.partial(grids.karras, rho=rho) for rho in CALIB_KARRAS_RHO]
-  gens += [grids.log_snr_uniform, grids.uniform_t]
-  starts = []
-  for g in gens:
-    idx = og.snap_to_lattice(lattice, g(process, k))
-    if idx not in starts:
-      starts.append(idx)
-  return starts
+  return calibration.starting_grids(process, lattice, k)
 
 
 def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine_steps: int = 0,

@@ -336,8 +336,8 @@ class SearchResult:
 
 
 def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target, n_points: int, *,
-                history: int = 3, free_ratio: bool = True, validation=None, init=(), moves=(1, 2, 4, 8),
-                max_sweeps: int = 6) -> SearchResult:
+                history: int = 3, free_ratio: bool = True, validation=None, validation_denoise=None, init=(),
+                moves=(1, 2, 4, 8), max_sweeps: int = 6) -> SearchResult:
   """Coordinate search of an N-point grid over lattice points, each candidate scored after ``fit_multistep``.
 
   Args:
@@ -350,6 +350,8 @@ def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target
       then scored by the RMS error of the sampler fitted on (x, target) on this batch
       (which guards the search against fitting the few hardest samples of one batch);
       else by the fitting batch's own error.
+    validation_denoise: the denoiser of the validation batch (default ``denoise``; a conditional
+      model's validation samples have their own conditions).
     init: initial grids as lattice-index lists (each of length N, starting at 0); the
       best-scoring one starts the search. Default: N points evenly spaced in index.
     moves: index offsets tried for each interior/last point, both directions.
@@ -368,9 +370,10 @@ def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target
   cache = {}
   if validation is not None:
     x_val, target_val = validation
+    val_denoise = denoise if validation_denoise is None else validation_denoise
     run = jax.jit(lambda beta, gamma, final_w, ts: sample(
-        final_estimate_solver(fitted_multistep(process, beta, gamma), process, final_w.shape[0], final_w), denoise,
-        x_val, ts, denoise_final=False))
+        final_estimate_solver(fitted_multistep(process, beta, gamma), process, final_w.shape[0], final_w),
+        val_denoise, x_val, ts, denoise_final=False))
 
   def score(idx):
     key = tuple(idx)

@@ -1,0 +1,217 @@
+"""Calibration of fitted samplers (``optimized_grids``) for one model: reference paths, fits, a keyed file.
+
+``calibrate`` does what a calibration job needs for any denoiser ``(x, t, cond) -> x0_hat``
+(a trained network with its guidance, an analytic model):
+
+1. the probability-flow ODE from the calibration noise is solved with ``dopri5`` (rtol = atol
+   = ``tol``) from one point of a lattice of noise levels (uniform in log sigma) to the next,
+   ``chunk`` samples at a time, and only the states at the lattice are kept (float32, (L, B, ...));
+   the clean target is the denoiser's output at the last lattice point (what every sampler's
+   final jump returns). The reference's own error is measured by solving the first chunk
+   again at ``tol / 10``;
+2. for each budget k (grid points = denoiser evaluations), ``search_grid`` picks k lattice
+   points and fits the multistep and final coefficients on the fitting batch, scoring each
+   candidate on a second, validation batch (``starting_grids`` seed the search);
+3. the record is written to ``path`` after the reference and after every budget (atomically),
+   with the reference states beside it (``path + '.reference.npz'``): a killed calibration
+   restarts where it stopped. The record's ``key`` (the model's fingerprint, process,
+   guidance scale, ...: whatever the caller names) must match for a restart and for
+   ``load_fitted``, which refuses a mismatch with one line saying which field differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from diffjax.processes import Process
+from diffjax.samplers import grids
+from diffjax.samplers import optimized_grids as og
+from diffjax.samplers.adaptive import dopri5
+
+FORMAT = 1
+KARRAS_RHO = (3.0, 5.0, 7.0, 10.0)  # Karras grids that seed the search, with uniform log-SNR and uniform t
+
+
+def starting_grids(process: Process, lattice_ts, k: int) -> list[list[int]]:
+  """Initial k-point grids of the search as lattice indices: Karras (each rho in ``KARRAS_RHO``), uniform
+  log-SNR and uniform t, snapped to the lattice (duplicates dropped)."""
+  makers = [functools.partial(grids.karras, rho=rho) for rho in KARRAS_RHO] + [grids.log_snr_uniform, grids.uniform_t]
+  starts = []
+  for make in makers:
+    idx = og.snap_to_lattice(lattice_ts, make(process, k))
+    if idx not in starts:
+      starts.append(idx)
+  return starts
+
+
+def reference_paths(process: Process, denoise, x, cond, lattice_ts, *, tol: float, chunk: int,
+                    keep_states: bool = True, progress: bool = False) -> tuple[np.ndarray | None, np.ndarray, int]:
+  """(states (L, B, ...) in x~ = x / alpha, target (B, ...), evaluations) of the probability-flow ODE from x.
+
+  x (B, ...) is at lattice_ts[0]; cond is a pytree of (B, ...) arrays (or None) handed to
+  ``denoise(x, t, cond)``; the ODE is solved ``chunk`` samples at a time (a chunk shares
+  dopri5's step sizes). Evaluations count batched denoiser calls of one chunk each.
+  ``keep_states=False``: the target alone (states None).
+  """
+  solver = dopri5(process, rtol=tol, atol=tol)
+  ts = jnp.asarray(lattice_ts, jnp.float32)
+
+  @jax.jit
+  def run(xc, cc):
+    d = lambda x, t: denoise(x, t, cc)
+
+    def body(carry, pair):
+      x, nfe = carry
+      x_next, stats = solver.step(d, x, pair[0], pair[1], solver.init(x, ts), None)
+      return (x_next, nfe + stats.nfe), x_next / process.alpha(pair[1]) if keep_states else None
+
+    (x_last, nfe), path = jax.lax.scan(body, (xc, jnp.zeros((), jnp.int32)), (ts[:-1], ts[1:]))
+    states = jnp.concatenate([(xc / process.alpha(ts[0]))[None], path]) if keep_states else jnp.zeros(())
+    return states, d(x_last, ts[-1]), nfe + 1
+
+  b = x.shape[0]
+  states, targets, evaluations = [], [], 0
+  for lo in tqdm.trange(0, b, chunk, desc="reference paths", unit="chunk", disable=not progress, leave=False):
+    sl = slice(lo, min(lo + chunk, b))
+    s, t, nfe = run(x[sl], jax.tree.map(lambda a, sl=sl: a[sl], cond))
+    if not (np.all(np.isfinite(np.asarray(s))) and np.all(np.isfinite(np.asarray(t)))):
+      raise FloatingPointError(f"the reference solve of samples {sl.start}..{sl.stop - 1} is not finite (dopri5 "
+                               f"did not reach the end at tol {tol}, or the denoiser returned NaN)")
+    states.append(np.asarray(s, np.float32))
+    targets.append(np.asarray(t, np.float32))
+    evaluations += int(nfe)
+  return np.concatenate(states, axis=1) if keep_states else None, np.concatenate(targets), evaluations
+
+
+def _write_json(path: str, record: dict) -> None:
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
+    json.dump(record, f, indent=1)
+  os.replace(f.name, path)
+
+
+def read_record(path: str) -> dict:
+  """The calibration record in ``path`` (ValueError naming the file when it is not one)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      record = json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path}: no such calibration file (make one with --mode=calibrate)") from None
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: not a calibration file ({e})") from None
+  if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("samplers"), dict):
+    raise ValueError(f"{path}: not a calibration file of format {FORMAT}")
+  return record
+
+
+def _mismatch(path: str, record_key: dict, key: dict) -> str | None:
+  for field in sorted(set(key) | set(record_key)):
+    if record_key.get(field) != key.get(field):
+      return (f"{path}: calibrated for {field} = {record_key.get(field)!r}, this run has {key.get(field)!r}; "
+              f"calibrate for it (--mode=calibrate)")
+  return None
+
+
+def load_fitted(path: str, key: dict, nfe: int) -> og.FittedSampler:
+  """The fitted sampler for ``nfe`` evaluations from a calibration file made under the same ``key``.
+
+  ValueError (one line naming the file) when the key differs in any field or no fit of that budget exists.
+  """
+  record = read_record(path)
+  message = _mismatch(path, record.get("key", {}), json.loads(json.dumps(key)))
+  if message:
+    raise ValueError(message)
+  entry = record["samplers"].get(str(nfe))
+  if entry is None:
+    fitted = ", ".join(sorted(record["samplers"], key=int)) or "none"
+    raise ValueError(f"{path}: no fitted sampler for {nfe} evaluations (fitted: {fitted}); calibrate that budget")
+  return og.FittedSampler.from_dict(entry)
+
+
+def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, path: str, cond_fit=None,
+              cond_val=None, lattice: int = 64, history: int = 3, tol: float = 1e-5, chunk: int = 256,
+              moves=(1, 2, 4), max_sweeps: int = 6, progress: bool = True, log=print) -> dict:
+  """Fits a sampler for every budget in ``budgets`` and writes the record to ``path`` (module docstring).
+
+  Args:
+    process: the model's process; the calibration starts at ``process.t_max``.
+    denoise: ``(x, t, cond) -> x0_hat`` in the process's coordinates (guidance included, as sampled).
+    x_fit, x_val: (B, ...) and (B', ...) standard normal noise (other seeds than any evaluation);
+      the initial states are ``process.prior_std`` times them, as ``sample`` starts.
+    budgets: denoiser evaluations per sample to fit for (each in [2, lattice]).
+    key: JSON-able dict that names what the calibration is valid for (e.g. the model's
+      fingerprint, process, guidance scale); checked on restart and by ``load_fitted``.
+    path: the JSON record; ``path + '.reference.npz'`` keeps the reference states.
+    cond_fit, cond_val: pytrees of (B, ...) / (B', ...) conditions for ``denoise`` (or None).
+    lattice: noise levels, uniform in log sigma, where reference states are kept (grid points
+      are chosen among them); history: denoiser outputs combined per step; tol: dopri5's.
+    chunk: samples per reference solve (memory: one chunk's states at the lattice).
+
+  Returns:
+    The record: ``key``, ``lattice`` (times), ``reference`` (tol, error, evaluations, seconds)
+    and ``samplers`` {str(k): FittedSampler fields + search cost}.
+  """
+  key = json.loads(json.dumps(key))  # what the file will hold (tuples become lists)
+  budgets = sorted({int(k) for k in budgets})
+  bad = [k for k in budgets if not 2 <= k <= lattice]
+  if bad:
+    raise ValueError(f"budgets {bad} are outside [2, {lattice}] (the lattice size)")
+  lattice_ts = np.asarray(og.log_sigma_lattice(process, lattice), np.float64)
+  if os.path.exists(path):
+    record = read_record(path)
+    message = _mismatch(path, record.get("key", {}), key)
+    if message or record.get("lattice") != lattice_ts.tolist() or record.get("history") != history:
+      raise ValueError((message or f"{path}: made with another lattice or history") + "; or remove the file")
+    log(f"resuming the calibration in {path}: fitted {sorted(record['samplers'], key=int) or 'none'}")
+  else:
+    record = {"format": FORMAT, "key": key, "lattice": lattice_ts.tolist(), "history": history, "samplers": {}}
+  x_fit, x_val = (process.prior_std * jnp.asarray(x, jnp.float32) for x in (x_fit, x_val))
+  ref_file = path + ".reference.npz"
+  if "reference" in record and os.path.isfile(ref_file):
+    with np.load(ref_file) as z:
+      states, target, target_val = z["states"], z["target"], z["target_val"]
+  else:
+    t0 = time.time()
+    solve = functools.partial(reference_paths, process, denoise, lattice_ts=lattice_ts, tol=tol, chunk=chunk,
+                              progress=progress)
+    states, target, nfe_fit = solve(x_fit, cond_fit)
+    _, target_val, nfe_val = solve(x_val, cond_val, keep_states=False)
+    n = min(chunk, x_fit.shape[0])
+    first = jax.tree.map(lambda a: a[:n], cond_fit)
+    tight_states, tight_target, _ = reference_paths(process, denoise, x_fit[:n], first, lattice_ts, tol=tol / 10,
+                                                    chunk=n)
+    error = float(np.sqrt(np.mean((tight_target.astype(np.float64) - target[:n]) ** 2)))
+    path_error = float(np.sqrt(np.max(np.mean((tight_states.astype(np.float64) - states[:, :n]) ** 2,
+                                              axis=tuple(range(1, states.ndim))))))
+    record["reference"] = {"solver": "dopri5", "tol": tol, "target_error_rms": error, "path_error_rms": path_error,
+                           "evaluations": nfe_fit + nfe_val, "seconds": time.time() - t0,
+                           "fit_batch": int(x_fit.shape[0]), "validation_batch": int(x_val.shape[0])}
+    log(f"reference paths: {record['reference']['seconds']:.0f} s, {nfe_fit + nfe_val} chunk evaluations; "
+        f"error vs tol/10: target {error:.2e}, path {path_error:.2e} (RMS)")
+    tmp = ref_file + ".tmp.npz"
+    np.savez(tmp, states=states, target=target, target_val=target_val)
+    os.replace(tmp, ref_file)
+    _write_json(path, record)
+  fit_denoise = jax.jit(lambda x, t: denoise(x, t, cond_fit))
+  val_denoise = jax.jit(lambda x, t: denoise(x, t, cond_val))
+  for k in tqdm.tqdm([k for k in budgets if str(k) not in record["samplers"]], desc="fitting budgets", unit="budget",
+                     disable=not progress):
+    res = og.search_grid(process, fit_denoise, x_fit, lattice_ts, states, target, k, history=min(history, k),
+                         validation=(x_val, jnp.asarray(target_val)), validation_denoise=val_denoise,
+                         init=starting_grids(process, lattice_ts, k), moves=moves, max_sweeps=max_sweeps)
+    record["samplers"][str(k)] = res.sampler.to_dict() | {
+        "indices": res.indices, "candidates": res.candidates, "evaluations": res.evaluations, "seconds": res.seconds}
+    _write_json(path, record)
+    log(f"NFE {k}: validation RMSE {res.sampler.calib_rmse:.3e} ({res.candidates} candidate grids, "
+        f"{res.seconds:.0f} s)")
+  return record

@@ -1,0 +1,120 @@
+"""Calibration of fitted samplers (diffjax.samplers.calibration) on conditional Gaussian data, whose
+probability-flow map is known in closed form (tests/gaussian_oracle.py)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gaussian_oracle import flow_map
+
+from diffjax import processes as P
+from diffjax.samplers import calibration, grids, make_solver, points_for_budget, sample
+
+SD = P.make_process("sd")
+D = 8
+VAR = np.linspace(0.05, 1.0, D)  # per-coordinate data variances
+MEANS = np.stack([np.linspace(-1.0, 1.0, D), np.linspace(1.0, -1.0, D)])  # class c has mean MEANS[c]
+KEY = {"model": "gaussian-test", "process": "sd", "guidance_scale": 1.0}
+
+
+def denoise(x, t, cond):
+  """E[x0 | x_t, c] for x0 ~ N(MEANS[c], diag(VAR)): exact, float32."""
+  mu = jnp.asarray(MEANS, jnp.float32)[cond]
+  var = jnp.asarray(VAR, jnp.float32)
+  alpha, sigma = SD.alpha(t), SD.sigma(t)
+  return mu + alpha * var / (alpha**2 * var + sigma**2) * (x - alpha * mu)
+
+
+def exact_target(noise, cond):
+  """D(x(t_min), t_min) with x(t_min) the exact flow of the initial state prior_std * noise (float64)."""
+  x0 = float(SD.prior_std) * np.asarray(noise, np.float64)
+  a0, s0 = float(SD.alpha(SD.t_max)), float(SD.sigma(SD.t_max))
+  a1, s1 = float(SD.alpha(SD.t_min)), float(SD.sigma(SD.t_min))
+  out = np.empty_like(x0)
+  for c in (0, 1):
+    rows = np.asarray(cond) == c
+    x1 = flow_map(MEANS[c], np.diag(VAR), x0[rows], (a0, s0), (a1, s1))
+    out[rows] = MEANS[c] + a1 * VAR / (a1**2 * VAR + s1**2) * (x1 - a1 * MEANS[c])
+  return out
+
+
+def _batch(seed, n):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(k1, (n, D)), jax.random.bernoulli(k2, 0.5, (n,)).astype(jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("calibration") / "fitted.json")
+  (x_fit, c_fit), (x_val, c_val) = _batch(1, 256), _batch(2, 512)
+  record = calibration.calibrate(SD, denoise, x_fit, x_val, (3, 5), key=KEY, path=path, cond_fit=c_fit,
+                                 cond_val=c_val, lattice=24, chunk=128, progress=False, log=lambda s: None)
+  return path, record, (x_fit, c_fit, x_val, c_val)
+
+
+def test_the_reference_paths_are_the_exact_flow(calibrated):
+  path, record, (x_fit, c_fit, _, _) = calibrated
+  with np.load(path + ".reference.npz") as z:
+    target, states = z["target"], z["states"]
+  # dopri5 at tol 1e-5 (relative to the unit-scale states) over 23 lattice segments, then float32: a local error
+  # bound of tol per segment accumulated over the segments gives 23 * 1e-5 * max|x| (8.8e-4); measured 3.3e-6.
+  bound = 23 * 1e-5 * np.abs(target).max()
+  np.testing.assert_allclose(target, exact_target(x_fit, c_fit), rtol=0, atol=bound)
+  assert states.shape == (24, 256, D)
+  assert record["reference"]["target_error_rms"] < bound
+
+
+def test_fitted_sampler_beats_the_classic_ones_on_held_out_noise(calibrated):
+  path, _, _ = calibrated
+  x, c = _batch(3, 2048)
+  want = exact_target(x, c)
+  d = lambda x, t: denoise(x, t, c)
+  start = SD.prior_std * x
+
+  def rmse(out):
+    return float(np.sqrt(np.mean((np.asarray(out, np.float64) - want) ** 2)))
+
+  for k in (3, 5):
+    fitted = calibration.load_fitted(path, KEY, k)
+    ours = rmse(fitted.sample(SD, d, start))
+    classic = []
+    for name in ("dpmpp_2m", "euler", "dpmpp_3m"):
+      solver = make_solver(name, SD)
+      for grid in ("log_snr", "karras", "uniform_t"):
+        ts = grids.GRIDS[grid](SD, points_for_budget(solver, k))
+        classic.append(rmse(sample(solver, d, start, ts)))
+    # the fit must win clearly: at most half the best classic error (measured 0.034x at 3, 0.026x at 5)
+    assert ours < 0.5 * min(classic), (k, ours, min(classic))
+
+
+def test_a_restarted_calibration_keeps_what_was_done(calibrated):
+  path, record, (x_fit, c_fit, x_val, c_val) = calibrated
+  messages = []
+  again = calibration.calibrate(SD, denoise, x_fit, x_val, (3, 5, 4), key=KEY, path=path, cond_fit=c_fit,
+                                cond_val=c_val, lattice=24, chunk=128, progress=False, log=messages.append)
+  assert messages[0].startswith("resuming") and len(messages) == 2  # no reference solve; one new budget
+  assert again["reference"] == record["reference"]
+  assert again["samplers"]["3"] == record["samplers"]["3"] and again["samplers"]["5"] == record["samplers"]["5"]
+  assert sorted(json.load(open(path))["samplers"], key=int) == ["3", "4", "5"]
+
+
+def test_a_calibration_for_something_else_is_refused_in_one_line(calibrated, tmp_path):
+  path, _, (x_fit, c_fit, x_val, c_val) = calibrated
+  with pytest.raises(ValueError, match=r"calibrated for guidance_scale = 1.0, this run has 3.0") as e:
+    calibration.load_fitted(path, KEY | {"guidance_scale": 3.0}, 5)
+  assert "\n" not in str(e.value) and path in str(e.value)
+  with pytest.raises(ValueError, match=r"no fitted sampler for 7 evaluations \(fitted: 3, (4, )?5\)"):
+    calibration.load_fitted(path, KEY, 7)
+  with pytest.raises(ValueError, match="calibrated for model"):
+    calibration.calibrate(SD, denoise, x_fit, x_val, (3,), key=KEY | {"model": "other"}, path=path, cond_fit=c_fit,
+                          cond_val=c_val, lattice=24, progress=False, log=lambda s: None)
+  bad = tmp_path / "bad.json"
+  bad.write_text("{not json")
+  with pytest.raises(ValueError, match="bad.json: not a calibration file"):
+    calibration.load_fitted(str(bad), KEY, 5)
+  with pytest.raises(ValueError, match=r"budgets \[1\] are outside \[2, 24\]"):
+    calibration.calibrate(SD, denoise, x_fit, x_val, (1,), key=KEY, path=str(tmp_path / "x.json"), lattice=24)
