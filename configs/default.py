@@ -24,7 +24,12 @@ def get_config(arg: str = ""):
                  weight_decay=0.0, grad_accum_steps=1)
   c.train = dict(num_steps=1500, cond_dropout=0.1, ema_decay=0.995, compute_dtype="float32", log_every=50,
                  checkpoint_every=500, keep_checkpoints=3, profile_steps=0)  # > 0: profile as many steps
-  c.sampler = dict(name="dpmpp_2m", options={}, grid="log_snr", nfe=20, guidance_scale=2.0)
+  # name="fitted" with calibration=FILE: a sampler calibrated for the trained model (--mode=calibrate writes FILE)
+  c.sampler = dict(name="dpmpp_2m", options={}, grid="log_snr", nfe=20, guidance_scale=2.0, calibration="")
+  # --mode=calibrate: fitted samplers for these evaluation counts from reference paths (dopri5 at tol) of batch
+  # noises with prompts (default config.prompts) drawn by seed, kept at a lattice of noise levels, chunk at a time.
+  c.calibration = dict(budgets=(4, 5, 6, 8, 10), batch=256, validation_batch=512, lattice=48, tol=1e-5, chunk=256,
+                       seed=7919, prompts=())
   # Device mesh (data x fsdp = all devices; data=-1: what fsdp leaves) and the rules mapping the parameters'
   # logical axes (diffjax.models.layers) to mesh axes, tried in order; fsdp > 1 shards params and optimizer state.
   c.mesh = dict(data=-1, fsdp=1, rules=(("embed", "fsdp"), ("mlp", "fsdp"), ("vocab", "fsdp")))

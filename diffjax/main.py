@@ -27,15 +27,17 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffjax import generation, sampler_demo, schema
+from diffjax.samplers import calibration
 from diffjax.train import trainer, vae_trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (checkpoints, logs, images).")
-_MODE = flags.DEFINE_enum("mode", "run", ["run", "sample", "evaluate", "generate"],
+_MODE = flags.DEFINE_enum("mode", "run", ["run", "sample", "evaluate", "generate", "calibrate"],
                           "run: the config's job (train, train_vae, sampler_demo, generate); sample: sample from the "
                           "latest checkpoint in --workdir; evaluate: the config's evaluation of that checkpoint "
                           "(sampler and evaluation overrides apply) into --output; generate: the same as run for a "
-                          "generation config (configs/generate.py).")
+                          "generation config (configs/generate.py); calibrate: fit samplers to that checkpoint "
+                          "(config.calibration) into --output/calibration.json (default WORKDIR/calibration.json).")
 _PROMPTS = flags.DEFINE_multi_string("prompts", [], "--mode=sample: prompts (repeat the flag).")
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_samples_per_prompt", 4, "--mode=sample: images per prompt.")
 _OUTPUT = flags.DEFINE_string("output", None, "--mode=sample/evaluate: output directory (default WORKDIR/samples, "
@@ -135,12 +137,17 @@ def main(argv):
   os.makedirs(_WORKDIR.value, exist_ok=True)
   if _MODE.value == "generate" and config.job != "generate":
     raise app.UsageError(f"--mode=generate needs a generation config (configs/generate.py), not job {config.job!r}")
-  if _MODE.value in ("sample", "evaluate") and config.job != "train":
+  if _MODE.value in ("sample", "evaluate", "calibrate") and config.job != "train":
     raise app.UsageError(f"--mode={_MODE.value} needs a diffusion config (job 'train'), not job {config.job!r}")
   if _MODE.value == "evaluate":
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "evaluation")
     trainer.evaluate_checkpoint(config, _WORKDIR.value, output)
     logging.info("done: eval.json and the sample grids are in %s", output)
+    return
+  if _MODE.value == "calibrate":
+    path = os.path.join(_OUTPUT.value or _WORKDIR.value, "calibration.json")
+    trainer.calibrate_checkpoint(config, _WORKDIR.value, path)
+    logging.info("done: %s (sample with --config.sampler.name=fitted --config.sampler.calibration=%s)", path, path)
     return
   if _MODE.value == "sample":
     prompts = list(_PROMPTS.value) or list(config.get("prompts", ()))
@@ -155,7 +162,7 @@ def main(argv):
 def run() -> None:
   try:
     app.run(main, flags_parser=parse_flags)
-  except (schema.ConfigError, FileNotFoundError) as e:  # one line naming the field or file, no traceback
+  except (schema.ConfigError, FileNotFoundError, calibration.CalibrationError) as e:  # one line, no traceback
     if flags.FLAGS.is_parsed() and flags.FLAGS.verbosity >= 1:
       traceback.print_exc()
     fail(f"FATAL {'config error' if isinstance(e, schema.ConfigError) else 'error'}: {e}")

@@ -130,6 +130,7 @@ def sequence(each: Field | None = None, min_len: int = 0, **kw) -> Field:
 
 FLAG = Field((bool,))
 MAPPING = Field((Mapping,))
+FITTED = "fitted"  # sampler.name of a calibrated sampler (diffjax.samplers.calibration)
 COUNT = integer(1)  # a positive count: steps, sizes, batch
 NONNEG = integer(0)
 PROBABILITY = real(0.0, 1.0, hi_open=True)  # dropout, decays: [0, 1)
@@ -155,6 +156,11 @@ class Rule:
 def _solvers():
   from diffjax.samplers import SOLVERS
   return SOLVERS
+
+
+def _train_samplers():
+  """The solvers, and 'fitted' (a calibrated sampler, ``sampler.calibration``)."""
+  return list(_solvers()) + [FITTED]
 
 
 def _grids():
@@ -269,8 +275,10 @@ TRAIN = dict(
     train=dict(num_steps=COUNT, cond_dropout=PROBABILITY, ema_decay=PROBABILITY, compute_dtype=text(DTYPES),
                log_every=COUNT, checkpoint_every=COUNT, keep_checkpoints=COUNT,
                profile_steps=integer(0, optional=True)),
-    sampler=dict(name=text(_solvers), options=Field((Mapping,), optional=True), grid=text(_grids), nfe=COUNT,
-                 guidance_scale=real(0.0)),
+    sampler=dict(name=text(_train_samplers), options=Field((Mapping,), optional=True), grid=text(_grids), nfe=COUNT,
+                 guidance_scale=real(0.0), calibration=text(optional=True)),
+    calibration=dict(budgets=sequence(integer(2), min_len=1), batch=COUNT, validation_batch=COUNT, lattice=integer(2),
+                     tol=POSITIVE, chunk=COUNT, seed=NONNEG, prompts=sequence(text(), optional=True), optional=True),
     mesh=MESH | dict(rules=Field((tuple, list), optional=True)),
     eval=dict(samples_per_prompt=NONNEG, digits_per_prompt=integer(0, optional=True),
               sanity_repeats=integer(1, optional=True),
@@ -300,6 +308,15 @@ TRAIN_RULES = (
     Rule("sampler.options", lambda c: solver_options_problem(c.sampler.name, c.sampler.get("options", {}),
                                                              c.diffusion.process) is None,
          lambda c: solver_options_problem(c.sampler.name, c.sampler.get("options", {}), c.diffusion.process)),
+    Rule("sampler.calibration", lambda c: bool(c.sampler.get("calibration")),
+         lambda c: "a calibration file (--mode=calibrate writes WORKDIR/calibration.json) for sampler.name='fitted'",
+         when=lambda c: c.sampler.name == FITTED),
+    Rule("sampler.options", lambda c: not c.sampler.get("options"),
+         lambda c: "empty for sampler.name='fitted' (its coefficients come from the calibration)",
+         when=lambda c: c.sampler.name == FITTED),
+    Rule("calibration.budgets", lambda c: max(c.calibration.budgets) <= c.calibration.lattice,
+         lambda c: f"evaluation counts <= calibration.lattice={c.calibration.lattice}",
+         when=lambda c: c.get("calibration") is not None),
     Rule("diffusion.process_options", lambda c: _process_problem(c) is None, _process_problem),
     Rule("mesh.rules", lambda c: _mesh_rules_problem(c) is None, _mesh_rules_problem),
     Rule("distributed.process_id", lambda c: c.distributed.process_id < c.distributed.num_processes,

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -80,6 +83,34 @@ def test_a_damaged_program_file_is_compiled_again_and_replaced(tmp_path, monkeyp
   _assert_sin(y, x, 2.0, 0.0)
   programs.Program(_counted(traces), key="k")(x, jnp.float32(2.0), shift=jnp.float32(0.0))
   assert len(traces) == 2  # the replaced file loads
+
+
+_CACHED_SCRIPT = """
+import sys, jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from diffjax.pipelines import programs
+
+def f(x, y):
+  z = jnp.concatenate([x, y]) + 1.0
+  return jnp.sin(z) @ z.T @ z + jnp.cumsum(z, 0)
+
+x, y = jnp.ones((64, 64)), jnp.full((32, 64), 0.5)
+run = jax.jit(f) if sys.argv[2] == "jit" else programs.Program(f, key="concat")
+np.save(sys.argv[3], np.asarray(run(x, y)))
+"""
+
+
+def test_a_program_jax_had_cached_is_stored_whole(tmp_path):
+  # jaxlib 0.10.2 serializes an executable that JAX's persistent cache loaded (in a new process) without some kernels;
+  # the stored copy then fails when it runs ("Function concatenate.1_kernel not found"). Programs compile afresh.
+  script, cache = tmp_path / "run.py", str(tmp_path / "cache")
+  script.write_text(_CACHED_SCRIPT)
+  for i, how in enumerate(("jit", "program", "program")):  # JAX caches it; a Program stores it; one loads it and runs
+    subprocess.run([sys.executable, str(script), cache, how, str(tmp_path / f"{i}.npy")], check=True)
+  assert len(os.listdir(os.path.join(cache, programs.FOLDER))) == 1
+  np.testing.assert_array_equal(np.load(tmp_path / "2.npy"), np.load(tmp_path / "0.npy"))
 
 
 def test_a_folder_pipeline_reloads_its_programs_and_a_changed_folder_does_not(tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ from configs import default
 from configs import generate as generate_config
 from diffjax import generation
 from diffjax.evaluate import features, metrics
+from diffjax.samplers import calibration
+from diffjax.schema import ConfigError
 from diffjax.train import trainer
 
 
@@ -53,6 +55,24 @@ def test_tiny_run_trains_checkpoints_and_samples(tmp_path):
   assert record["kind"] == "diffjax" and record["step"] == 6 and record["weights_sha256"]
   np.testing.assert_array_equal(np.load(tmp_path / "generated" / "samples.npz")["images"], sampled)
   assert json.loads((tmp_path / "sample" / "samples.json").read_text())["step"] == 6
+
+  # --mode=calibrate fits samplers to the checkpoint; sampler.name=fitted samples and evaluates with them, and
+  # refuses a calibration made for another guidance scale, and any use while training
+  config.calibration.update(dict(budgets=(2, 3), batch=16, validation_batch=16, lattice=8, chunk=16))
+  path = str(tmp_path / "calibration.json")
+  made = trainer.calibrate_checkpoint(config, str(tmp_path), path)
+  assert sorted(made["samplers"], key=int) == ["2", "3"] and made["key"]["guidance_scale"] == 2.0
+  config.sampler.update(dict(name="fitted", calibration=path, nfe=3))
+  fitted = trainer.sample_from_checkpoint(config, str(tmp_path), config.prompts[:2], 2, str(tmp_path / "fitted"))
+  assert fitted.shape == sampled.shape and not np.array_equal(fitted, sampled)
+  assert json.loads((tmp_path / "fitted" / "samples.json").read_text())["plan"]["solver"] == "fitted"
+  trainer.evaluate_checkpoint(config, str(tmp_path), str(tmp_path / "fitted_eval"))
+  assert json.loads((tmp_path / "fitted_eval" / "eval.json").read_text())["num_samples"] == 10
+  config.sampler.guidance_scale = 3.0
+  with pytest.raises(calibration.CalibrationError, match="calibrated for guidance_scale = 2.0, this run has 3.0"):
+    trainer.sample_from_checkpoint(config, str(tmp_path), config.prompts[:1], 1, str(tmp_path / "refused"))
+  with pytest.raises(ConfigError, match="not while training"):
+    trainer.train_and_evaluate(config, str(tmp_path / "train_fitted"))
 
 
 @pytest.mark.parametrize("field, value, message", [

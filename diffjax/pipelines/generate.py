@@ -43,11 +43,17 @@ class Output:
   record: dict
 
 
+def solver_for(pipe: core.Pipeline, name: str, options: tuple, custom=None):
+  """``custom`` (``Plan.custom_solver``) when set, else the registered solver ``name`` with ``options``."""
+  return custom if custom is not None else make_solver(name, pipe.process, **dict(options))
+
+
 @functools.lru_cache(maxsize=32)
-def _program(pipe: core.Pipeline, task: str, name: str, options: tuple, denoise_final: bool, guidance: core.Guidance):
+def _program(pipe: core.Pipeline, task: str, name: str, options: tuple, denoise_final: bool, guidance: core.Guidance,
+             custom=None):
   """One jitted program per (pipeline, task, solver, final jump, guidance options); grids and scales are traced."""
   fn = core.txt2img if task == "txt2img" else core.img2img
-  return programs.program(pipe, functools.partial(fn, pipe, solver=make_solver(name, pipe.process, **dict(options)),
+  return programs.program(pipe, functools.partial(fn, pipe, solver=solver_for(pipe, name, options, custom),
                                                   denoise_final=denoise_final, options=guidance, decode=False),
                           task, name, options, denoise_final, guidance)
 
@@ -192,7 +198,7 @@ def generate(pipe: core.Pipeline, params, prompts: str | Sequence[str], *, negat
   req = request(pipe, prompts, negative_prompts, seed, height, width)
   noise = given_or(req.draws[0], noise, "noise")
   record = req.record(height, width, plan, guidance_scale, guidance)
-  key = (plan.name, plan.options, plan.denoise_final, guidance)
+  key = (plan.name, plan.options, plan.denoise_final, guidance, plan.custom_solver)
   if image is None:
     run = _program(pipe, "txt2img", *key)
     latents = run(params, *req.tokens, noise, jnp.asarray(plan.ts), jnp.float32(guidance_scale), req.solver_key,

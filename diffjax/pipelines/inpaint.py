@@ -44,9 +44,10 @@ from diffjax.pipelines.generate import (
   given_or,
   plan_for,
   request,
+  solver_for,
 )
 from diffjax.pipelines.schedulers import Plan
-from diffjax.samplers import Solver, make_solver
+from diffjax.samplers import Solver
 from diffjax.samplers.base import schedule_at
 
 Array = jax.Array
@@ -260,10 +261,10 @@ def inpaint_blended(pipe: core.Pipeline, params, ids, mask, negative_ids, negati
 # ----------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=32)
 def _program(pipe: core.Pipeline, conditioned: bool, name: str, options: tuple, denoise_final: bool,
-             guidance: core.Guidance, repaint: RePaint | None):
+             guidance: core.Guidance, repaint: RePaint | None, custom=None):
   """One jitted program per (pipeline, mode, solver, final jump, guidance, RePaint); grids and scales are traced."""
   fn = inpaint_conditioned if conditioned else functools.partial(inpaint_blended, repaint=repaint)
-  return programs.program(pipe, functools.partial(fn, pipe, solver=make_solver(name, pipe.process, **dict(options)),
+  return programs.program(pipe, functools.partial(fn, pipe, solver=solver_for(pipe, name, options, custom),
                                                   denoise_final=denoise_final, options=guidance, decode=False),
                           "inpaint", conditioned, name, options, denoise_final, guidance, repaint)
 
@@ -329,7 +330,7 @@ def inpaint(pipe: core.Pipeline, params, prompts, image, mask, *, negative_promp
   start = first_step(plan, strength)
   ts = jnp.asarray(plan.ts[start:])
   init_scale = jnp.float32(plan.init_scale) if strength == 1.0 else None
-  run = _program(pipe, conditioned, plan.name, plan.options, plan.denoise_final, guidance, repaint)
+  run = _program(pipe, conditioned, plan.name, plan.options, plan.denoise_final, guidance, repaint, plan.custom_solver)
   inputs = (image_latents,)
   if conditioned:
     inputs += (encode(params, masked_image(images, pixel_mask), image_noise[1]),)

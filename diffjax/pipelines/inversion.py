@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.pipelines import core, programs
-from diffjax.pipelines.generate import _check_image, _encoder, batched, given_or, plan_for, request
+from diffjax.pipelines.generate import _check_image, _encoder, batched, given_or, plan_for, request, solver_for
 from diffjax.pipelines.schedulers import Plan
-from diffjax.samplers import Solver, make_solver
+from diffjax.samplers import Solver
 
 _PLAIN = core.Guidance()
 
@@ -43,8 +43,8 @@ def invert(pipe: core.Pipeline, params, ids, mask, negative_ids, negative_mask, 
 
 
 @functools.lru_cache(maxsize=16)
-def _program(pipe: core.Pipeline, name: str, options: tuple, guidance: core.Guidance):
-  return programs.program(pipe, functools.partial(invert, pipe, solver=make_solver(name, pipe.process, **dict(options)),
+def _program(pipe: core.Pipeline, name: str, options: tuple, guidance: core.Guidance, custom=None):
+  return programs.program(pipe, functools.partial(invert, pipe, solver=solver_for(pipe, name, options, custom),
                                                   options=guidance), "invert", name, options, guidance)
 
 
@@ -84,8 +84,8 @@ def invert_images(pipe: core.Pipeline, params, image, prompts: str | Sequence[st
     noise = given_or(jnp.zeros(req.shape, jnp.float32), image_noise, "image_noise")
     latents = _encoder(pipe)(params, jnp.asarray(2.0 * pixels - 1.0), noise)
   ts = np.asarray(plan.ts)[::-1].copy()
-  state = _program(pipe, plan.name, plan.options, guidance)(params, *req.tokens, latents, jnp.asarray(ts),
-                                                            jnp.float32(guidance_scale))
+  run = _program(pipe, plan.name, plan.options, guidance, plan.custom_solver)
+  state = run(params, *req.tokens, latents, jnp.asarray(ts), jnp.float32(guidance_scale))
   record = {"task": "invert"} | req.record(height, width, plan, guidance_scale, guidance)
   del record["seeds"]
   return Inverted(noise=np.asarray(state, np.float32) / plan.init_scale, latents=np.asarray(latents), record=record)

@@ -11,7 +11,8 @@ a serialized executable (``jax.experimental.serialize_executable``) that a ``Pro
 loads instead of tracing.
 
 The executables live in ``diffjax-programs/`` inside JAX's persistent cache folder
-(``jax_compilation_cache_dir``), so they are used exactly when that cache is on. Only
+(``jax_compilation_cache_dir``), so they are used exactly when that cache is on; they are
+compiled without it (an executable loaded from it does not serialize whole). Only
 single-device programs are stored (sharded calls run through ``jax.jit`` as usual), and
 only for pipelines with a fingerprint. Like JAX's own cache, the files are pickles: keep
 the folder private. An unreadable file is logged, recompiled and replaced.
@@ -145,7 +146,14 @@ class Program:
                                                          execution_devices=jax.devices()[:1])
       except Exception as e:  # noqa: BLE001 - any damage to a cache file means: compile again
         logging.warning("compiled program %s is unreadable (%s: %s); compiling it again", path, type(e).__name__, e)
-    compiled = self._jit.lower(*args, **kwargs).compile()
+    # Compiled afresh: in jaxlib 0.10.2 an executable that JAX's persistent cache loaded serializes without some of
+    # its kernels ("Function concatenate.1_kernel not found" when the stored copy runs), so that cache is bypassed.
+    cache_on = jax.config.values["jax_enable_compilation_cache"]
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+      compiled = self._jit.lower(*args, **kwargs).compile()
+    finally:
+      jax.config.update("jax_enable_compilation_cache", cache_on)
     try:
       blob = pickle.dumps(serialize_executable.serialize(compiled))
       os.makedirs(os.path.dirname(path), exist_ok=True)

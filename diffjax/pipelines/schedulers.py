@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.processes import DiscreteVP, Process
-from diffjax.samplers import Solver, grids, make_solver, points_for_budget
+from diffjax.samplers import SOLVERS, Solver, grids, make_solver, points_for_budget
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler")
@@ -51,6 +51,12 @@ class Plan:
   init_scale: float
   name: str
   options: tuple = ()
+
+  @property
+  def custom_solver(self) -> Solver | None:
+    """The solver when ``name`` and ``options`` cannot rebuild it (a fitted sampler: its coefficients are
+    data), else None. Task programs are cached by name and options and built with this solver when set."""
+    return None if self.name in SOLVERS else self.solver
 
   def record(self) -> dict:
     """JSON-ready description: solver, options, grid, final jump, initial scale."""

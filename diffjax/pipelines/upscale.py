@@ -31,11 +31,21 @@ from absl import logging
 
 from diffjax.convert.files import read_json_config
 from diffjax.pipelines import core, programs
-from diffjax.pipelines.generate import Output, _check_image, batched, draw_noise, finish, given_or, plan_for, request
+from diffjax.pipelines.generate import (
+  Output,
+  _check_image,
+  batched,
+  draw_noise,
+  finish,
+  given_or,
+  plan_for,
+  request,
+  solver_for,
+)
 from diffjax.pipelines.schedulers import DiffusersScheduler, Plan, discrete_process
 from diffjax.pipelines.stable_diffusion import assemble, check_folder, load_parts
 from diffjax.processes import DiscreteVP
-from diffjax.samplers import Solver, make_solver
+from diffjax.samplers import Solver
 
 Array = jax.Array
 IMAGE_CHANNELS = 3
@@ -111,9 +121,9 @@ def upscale_image(pipe: UpscalePipeline, params, ids, mask, negative_ids, negati
 # ----------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=16)
 def _compiled(pipe: UpscalePipeline, solver: str, solver_options: tuple, denoise_final: bool,
-              guidance: core.Guidance):
+              guidance: core.Guidance, custom=None):
   """One jitted program per (pipeline, solver, final jump, guidance options); grids, scales, noise levels traced."""
-  task = functools.partial(upscale_image, pipe, solver=make_solver(solver, pipe.process, **dict(solver_options)),
+  task = functools.partial(upscale_image, pipe, solver=solver_for(pipe, solver, solver_options, custom),
                            denoise_final=denoise_final, options=guidance, decode=False)
   return programs.program(pipe, task, "upscale", solver, solver_options, denoise_final, guidance)
 
@@ -170,7 +180,7 @@ def upscale(pipe: UpscalePipeline, params, prompts: str | Sequence[str], image, 
   noise = given_or(req.draws[0], noise, "noise")
   # The image noise from each image's seed too: the key of img2img's image noise, at the image's shape.
   image_noise = given_or(draw_noise(req.seeds, (h, w, IMAGE_CHANNELS))[0][1], image_noise, "image_noise")
-  run = _compiled(pipe, plan.name, plan.options, plan.denoise_final, guidance)
+  run = _compiled(pipe, plan.name, plan.options, plan.denoise_final, guidance, plan.custom_solver)
   latents = run(params, *req.tokens, jnp.asarray(2.0 * low - 1.0), image_noise, jnp.int32(level), noise,
                 jnp.asarray(plan.ts), jnp.float32(guidance_scale), req.solver_key,
                 init_scale=jnp.float32(plan.init_scale))

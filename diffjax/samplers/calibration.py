@@ -38,6 +38,10 @@ from diffjax.samplers import optimized_grids as og
 from diffjax.samplers.adaptive import dopri5
 
 FORMAT = 1
+
+
+class CalibrationError(ValueError):
+  """A calibration file that is unreadable or made for another model, process, guidance scale or budget."""
 KARRAS_RHO = (3.0, 5.0, 7.0, 10.0)  # Karras grids that seed the search, with uniform log-SNR and uniform t
 
 
@@ -108,9 +112,9 @@ def read_record(path: str) -> dict:
   except FileNotFoundError:
     raise FileNotFoundError(f"{path}: no such calibration file (make one with --mode=calibrate)") from None
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: not a calibration file ({e})") from None
+    raise CalibrationError(f"{path}: not a calibration file ({e})") from None
   if not isinstance(record, dict) or record.get("format") != FORMAT or not isinstance(record.get("samplers"), dict):
-    raise ValueError(f"{path}: not a calibration file of format {FORMAT}")
+    raise CalibrationError(f"{path}: not a calibration file of format {FORMAT}")
   return record
 
 
@@ -125,16 +129,17 @@ def _mismatch(path: str, record_key: dict, key: dict) -> str | None:
 def load_fitted(path: str, key: dict, nfe: int) -> og.FittedSampler:
   """The fitted sampler for ``nfe`` evaluations from a calibration file made under the same ``key``.
 
-  ValueError (one line naming the file) when the key differs in any field or no fit of that budget exists.
+  ``CalibrationError`` (one line naming the file) when the key differs in any field or no fit of that
+  budget exists.
   """
   record = read_record(path)
   message = _mismatch(path, record.get("key", {}), json.loads(json.dumps(key)))
   if message:
-    raise ValueError(message)
+    raise CalibrationError(message)
   entry = record["samplers"].get(str(nfe))
   if entry is None:
     fitted = ", ".join(sorted(record["samplers"], key=int)) or "none"
-    raise ValueError(f"{path}: no fitted sampler for {nfe} evaluations (fitted: {fitted}); calibrate that budget")
+    raise CalibrationError(f"{path}: no fitted sampler for {nfe} evaluations (fitted: {fitted}); calibrate that budget")
   return og.FittedSampler.from_dict(entry)
 
 
@@ -171,7 +176,7 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
     record = read_record(path)
     message = _mismatch(path, record.get("key", {}), key)
     if message or record.get("lattice") != lattice_ts.tolist() or record.get("history") != history:
-      raise ValueError((message or f"{path}: made with another lattice or history") + "; or remove the file")
+      raise CalibrationError((message or f"{path}: made with another lattice or history") + "; or remove the file")
     log(f"resuming the calibration in {path}: fitted {sorted(record['samplers'], key=int) or 'none'}")
   else:
     record = {"format": FORMAT, "key": key, "lattice": lattice_ts.tolist(), "history": history, "samplers": {}}

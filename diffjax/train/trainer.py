@@ -29,8 +29,8 @@ from diffjax.models.text import CLIPTextConfig
 from diffjax.models.text_to_image import TextToImage
 from diffjax.models.tokenizers import ByteTokenizer
 from diffjax.models.unet import UNetConfig
-from diffjax.pipelines import Pipeline, text_to_image
-from diffjax.samplers import grids, make_solver, points_for_budget
+from diffjax.pipelines import Pipeline, core, programs, text_to_image
+from diffjax.samplers import calibration
 from diffjax.schema import ConfigError
 from diffjax.train import latent, loop, sharding, steps
 from diffjax.train.checkpoint import Checkpointer
@@ -50,9 +50,29 @@ def build_spec(config) -> steps.DiffusionSpec:
       time_scale=d.time_scale, cond_dropout=config.train.cond_dropout, ema_decay=config.train.ema_decay)
 
 
-def build_solver(config, spec: steps.DiffusionSpec):
-  """The sampler ``config.sampler`` names, for ``spec``'s noise process."""
-  return make_solver(config.sampler.name, spec.process, **config.sampler.get("options", {}))
+def sample_plan(config, process, model: dict | None = None) -> pipelines.Plan:
+  """The sampling plan of ``config.sampler``: its solver (and options) on its grid within its NFE, or for
+  name 'fitted' the sampler of ``sampler.calibration`` for that NFE, which must have been calibrated for
+  ``model`` (``calibration_key`` of the weights that sample; None: no trained model to check against)."""
+  s = config.sampler
+  if s.name != schema.FITTED:
+    return pipelines.Plan.native(process, s.name, s.nfe, s.grid, **s.get("options", {}))
+  if model is None:
+    raise ConfigError("sampler.name='fitted' is calibrated for trained weights: use it with --mode=sample, "
+                      "evaluate or a sweep of a trained workdir, not while training")
+  fitted = calibration.load_fitted(s.calibration, model, s.nfe)
+  # the options name the file and its coefficients (programs stored on disk are keyed by them)
+  return pipelines.Plan(fitted.solver(process), fitted.ts, False, float(process.prior_std), schema.FITTED,
+                        (("calibration", s.calibration), ("sha256", programs.fingerprint(fitted.to_dict()))))
+
+
+def calibration_key(config, params) -> dict:
+  """What a calibration is valid for: the weights that sample (``pipeline_params``; SHA-256 of every
+  parameter), the process, target, image size and guidance scale."""
+  d = config.diffusion
+  return {"model": programs.fingerprint(params), "process": [d.process, dict(d.get("process_options", {}))],
+          "target": d.target, "image_size": config.data.image_size,
+          "guidance_scale": float(config.sampler.guidance_scale)}
 
 
 def dataset_dir(config, workdir: str) -> str:
@@ -224,18 +244,19 @@ def pipeline_params(trained, frozen) -> dict:
   return params if frozen is None else params | {"vae": frozen["vae"]}
 
 
-def make_sample_fn(c: Components, solver, **jit_options):
+def make_sample_fn(c: Components, plan: pipelines.Plan, **jit_options):
   """jitted ``(params, tokens, mask, key, ts, guidance_scale) -> images`` (B, H, W, C) in the data range:
-  ``diffjax.pipelines.txt2img`` of ``c.pipe`` against the empty caption, decoded with the VAE of a latent
-  model. ``params`` is the pair (trained params, ``c.frozen``); the initial noise is the standard normal
-  drawn with the first half of ``key``, the solver's randomness the second. ``jit_options`` go to
-  ``jax.jit`` (shardings)."""
+  ``diffjax.pipelines.txt2img`` of ``c.pipe`` with ``plan``'s solver (ts: its grid) against the empty
+  caption, decoded with the VAE of a latent model. ``params`` is the pair (trained params, ``c.frozen``);
+  the initial noise is the standard normal drawn with the first half of ``key``, the solver's randomness
+  the second. ``jit_options`` go to ``jax.jit`` (shardings)."""
 
   def sample_fn(params, tok, m, key, ts, w):
     k_init, k_solver = jax.random.split(key)
     noise = jax.random.normal(k_init, tok.shape[:1] + tuple(c.image_shape))
     return pipelines.txt2img(c.pipe, pipeline_params(*params), tok, m, c.null_tokens[None], c.null_mask[None],
-                             noise, ts, w, k_solver, solver=solver, init_scale=c.spec.process.prior_std)
+                             noise, ts, w, k_solver, solver=plan.solver, init_scale=plan.init_scale,
+                             denoise_final=plan.denoise_final)
 
   return jax.jit(sample_fn, **jit_options)
 
@@ -301,9 +322,9 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
                                        encode=encode),
       in_shardings=(state_sharding, batch_sharding, replicated), out_shardings=(state_sharding, replicated, replicated),
       donate_argnums=0)
-  solver = build_solver(config, spec)
+  plan = sample_plan(config, spec.process)
   # every process runs sampling (the parameters may be spread over all of them) and gets all images
-  sample_fn = make_sample_fn(c, solver, in_shardings=((params_sharding, replicated),) + (replicated,) * 5,
+  sample_fn = make_sample_fn(c, plan, in_shardings=((params_sharding, replicated),) + (replicated,) * 5,
                              out_shardings=replicated)
 
   def next_batch():
@@ -336,7 +357,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
 
   # -- evaluation ------------------------------------------------------------------------
   if not preempted and step >= num_steps:
-    scores = evaluate(config, c, sample_fn, (state.ema_params, frozen), solver, data_dir, workdir, workdir,
+    scores = evaluate(config, c, sample_fn, (state.ema_params, frozen), plan, data_dir, workdir, workdir,
                       judge=is_main)
     if is_main:
       writer.write_scalars(step, scores["scalars"])
@@ -346,9 +367,10 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   return state
 
 
-def evaluate(config, c: Components, sample_fn, params, solver, data_dir: str, workdir: str, output_dir: str,
-             judge: bool = True) -> dict:
-  """Every evaluation the config asks for, with ``params`` = (EMA params, frozen params).
+def evaluate(config, c: Components, sample_fn, params, plan: pipelines.Plan, data_dir: str, workdir: str,
+             output_dir: str, judge: bool = True) -> dict:
+  """Every evaluation the config asks for, with ``params`` = (EMA params, frozen params), sampled by ``plan``
+  (``sample_fn`` is ``make_sample_fn`` of it).
 
   Writes to ``output_dir``: ``samples.png`` (a row per ``config.prompts``), the shapes
   grids, and ``eval.json`` (the digit scores and the per-split shapes scores in one dict).
@@ -359,18 +381,17 @@ def evaluate(config, c: Components, sample_fn, params, solver, data_dir: str, wo
   os.makedirs(output_dir, exist_ok=True)
   out, scores, scalars = {}, {}, {}
   if config.get("prompts"):
-    images_uint8 = generate(sample_fn, params, list(config.prompts), config.sampler, solver, c.spec, c.tokenize,
+    images_uint8 = generate(sample_fn, params, list(config.prompts), plan, config.sampler.guidance_scale, c.tokenize,
                             config.eval.samples_per_prompt, c.sample_key)
     if judge:
       out["grid"] = images.save_labeled_grid(images_uint8, config.prompts, os.path.join(output_dir, "samples.png"))
   if config.get("prompts") and config.eval.get("digits_per_prompt", 0):  # prompts[d] names digit d
-    digits = evaluate_digits(sample_fn, params, config, solver, c.spec, c.tokenize, data_dir, workdir, judge=judge)
+    digits = evaluate_digits(sample_fn, params, config, plan, c.tokenize, data_dir, workdir, judge=judge)
     scores |= digits
     scalars |= {f"eval/{k}": v for k, v in digits.items() if isinstance(v, (int, float))}
     scalars |= {f"eval/{k}": m["value"] for k, m in digits.get("metrics", {}).items()}
   if config.eval.get("shapes_prompts", 0):
-    shapes = evaluate_shapes(sample_fn, params, config, solver, c.spec, c.tokenize, data_dir, workdir, output_dir,
-                             judge=judge)
+    shapes = evaluate_shapes(sample_fn, params, config, plan, c.tokenize, data_dir, workdir, output_dir, judge=judge)
     scores |= shapes
     scalars |= {f"eval/{split}_{k}": v for split, r in shapes.items() for k, v in r.items()
                 if k in ATTRIBUTES + ("all",)}
@@ -383,7 +404,7 @@ def evaluate(config, c: Components, sample_fn, params, solver, data_dir: str, wo
   return out | {"scores": scores, "scalars": scalars}
 
 
-def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir, workdir, judge: bool = True) -> dict:
+def evaluate_digits(sample_fn, params, config, plan, tokenize, data_dir, workdir, judge: bool = True) -> dict:
   """Prompt accuracy and the sample metrics (with intervals) of samples for the 10 digit prompts.
 
   ``config.prompts[d]`` must name digit d. A classifier trained on real digits (shipped for
@@ -402,7 +423,7 @@ def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir,
 
   n = config.eval.digits_per_prompt
   key = jax.random.fold_in(jax.random.key(config.seed), 1)  # other noise than the grid's
-  samples = generate(sample_fn, params, list(config.prompts), config.sampler, solver, spec, tokenize, n, key)
+  samples = generate(sample_fn, params, list(config.prompts), plan, config.sampler.guidance_scale, tokenize, n, key)
   if not judge:
     return {}
   size = config.data.image_size
@@ -424,7 +445,7 @@ def evaluate_digits(sample_fn, params, config, solver, spec, tokenize, data_dir,
   return scores
 
 
-def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir, workdir, output_dir,
+def evaluate_shapes(sample_fn, params, config, plan, tokenize, data_dir, workdir, output_dir,
                     judge: bool = True) -> dict:
   """Per-attribute accuracy of samples for shapes captions, judged by ``diffjax.data.shapes.check``.
 
@@ -451,7 +472,7 @@ def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir,
         break
     prompts = list(examples)
     key = jax.random.fold_in(jax.random.key(config.seed), 2 + i)
-    samples = generate(sample_fn, params, prompts, config.sampler, solver, spec, tokenize, n, key)
+    samples = generate(sample_fn, params, prompts, plan, config.sampler.guidance_scale, tokenize, n, key)
     if not judge:
       continue
     wanted = {a: np.repeat([int(examples[p][a]) for p in prompts], n) for a in ATTRIBUTES}
@@ -471,13 +492,13 @@ def evaluate_shapes(sample_fn, params, config, solver, spec, tokenize, data_dir,
   return results
 
 
-def generate(sample_fn, params, prompts, sampler_config, solver, spec, tokenize, per_prompt: int, key) -> np.ndarray:
-  """uint8 (len(prompts) * per_prompt, H, W, C) samples, prompt-major."""
+def generate(sample_fn, params, prompts, plan: pipelines.Plan, guidance_scale: float, tokenize, per_prompt: int,
+             key) -> np.ndarray:
+  """uint8 (len(prompts) * per_prompt, H, W, C) samples, prompt-major, on ``plan``'s grid."""
   rows = [tokenize(p) for p in prompts for _ in range(per_prompt)]
   tok = jnp.asarray(np.stack([r[0] for r in rows]))
   mask = jnp.asarray(np.stack([r[1] for r in rows]))
-  ts = grids.GRIDS[sampler_config.grid](spec.process, points_for_budget(solver, sampler_config.nfe))
-  x = sample_fn(params, tok, mask, key, ts, sampler_config.guidance_scale)
+  x = sample_fn(params, tok, mask, key, jnp.asarray(plan.ts, jnp.float32), guidance_scale)
   return images.to_uint8(np.asarray(x))
 
 
@@ -500,12 +521,6 @@ def load_pipeline(config, workdir: str) -> tuple[Pipeline, dict, int]:
   return c.pipe, pipeline_params(ema, frozen), step
 
 
-def sample_plan(config, process) -> pipelines.Plan:
-  """The sampling plan of ``config.sampler``: its solver (and options) on its grid within its NFE."""
-  s = config.sampler
-  return pipelines.Plan.native(process, s.name, s.nfe, s.grid, **s.get("options", {}))
-
-
 def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, output_dir: str, seed: int = 0):
   """Samples ``num_per_prompt`` images per prompt with the latest checkpoint's EMA weights.
 
@@ -520,7 +535,7 @@ def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, o
   pipe, params, step = load_pipeline(config, workdir)
   size = config.data.image_size
   out = pipelines.generate(pipe, params, [p for p in prompts for _ in range(num_per_prompt)], height=size,
-                           width=size, plan=sample_plan(config, pipe.process),
+                           width=size, plan=sample_plan(config, pipe.process, calibration_key(config, params)),
                            guidance_scale=config.sampler.guidance_scale, seed=seed)
   imgs = images.to_uint8(out.images, 0.0, 1.0)
   os.makedirs(output_dir, exist_ok=True)
@@ -539,8 +554,43 @@ def evaluate_checkpoint(config, workdir: str, output_dir: str) -> dict:
   Returns the scores written to ``output_dir/eval.json``.
   """
   c, params, step = _latest_ema(config, workdir)
-  solver = build_solver(config, c.spec)
+  plan = sample_plan(config, c.spec.process, calibration_key(config, pipeline_params(*params)))
   data_dir = dataset_dir(config, workdir)
-  scores = evaluate(config, c, make_sample_fn(c, solver), params, solver, data_dir, workdir, output_dir)["scores"]
+  scores = evaluate(config, c, make_sample_fn(c, plan), params, plan, data_dir, workdir, output_dir)["scores"]
   logging.info("evaluation of step %d written to %s", step, output_dir)
   return scores
+
+
+def calibrate_checkpoint(config, workdir: str, path: str) -> dict:
+  """Fits samplers (``diffjax.samplers.calibration``) to the latest checkpoint's EMA weights, written to ``path``.
+
+  ``config.calibration``: ``budgets`` (evaluation counts), ``batch`` and ``validation_batch`` noises
+  drawn from ``seed`` (never an evaluation's), each sample with a prompt drawn from ``prompts``
+  (default ``config.prompts``) and guided with ``config.sampler.guidance_scale`` against the empty
+  prompt, as the model is sampled; reference paths by dopri5 at ``tol``, ``chunk`` samples at a
+  time, kept at ``lattice`` noise levels. The file is keyed by ``calibration_key``; sample with it
+  by ``--config.sampler.name=fitted --config.sampler.calibration=PATH``. A killed calibration resumes.
+  """
+  cal = config.calibration
+  pipe, params, step = load_pipeline(config, workdir)
+  prompts = list(cal.get("prompts") or config.get("prompts") or ())
+  if not prompts:
+    raise ValueError("calibration.prompts (or config.prompts) must name the prompts to calibrate with")
+  guidance_scale = float(config.sampler.guidance_scale)
+  encode = jax.jit(pipe.encode_text)
+  negative = encode(params, *pipe.tokenize_checked([""]))
+  shape = pipe.latent_shape(config.data.image_size, config.data.image_size)
+
+  def draw(i: int, n: int):
+    k_noise, k_prompt = jax.random.split(jax.random.fold_in(jax.random.key(cal.seed), i))
+    which = np.asarray(jax.random.randint(k_prompt, (n,), 0, len(prompts)))
+    return jax.random.normal(k_noise, (n,) + shape), encode(params, *pipe.tokenize_checked([prompts[j] for j in which]))
+
+  def denoise(x, t, context):
+    return core.denoiser(pipe, params, context, negative, guidance_scale)(x, t)
+
+  (x_fit, c_fit), (x_val, c_val) = draw(0, cal.batch), draw(1, cal.validation_batch)
+  logging.info("calibrating step %d for %s evaluations into %s", step, tuple(cal.budgets), path)
+  return calibration.calibrate(pipe.process, denoise, x_fit, x_val, cal.budgets, key=calibration_key(config, params),
+                               path=path, cond_fit=c_fit, cond_val=c_val, lattice=cal.lattice, tol=cal.tol,
+                               chunk=cal.chunk, log=logging.info)
