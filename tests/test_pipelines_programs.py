@@ -108,7 +108,8 @@ def test_a_program_jax_had_cached_is_stored_whole(tmp_path):
   script, cache = tmp_path / "run.py", str(tmp_path / "cache")
   script.write_text(_CACHED_SCRIPT)
   for i, how in enumerate(("jit", "program", "program")):  # JAX caches it; a Program stores it; one loads it and runs
-    subprocess.run([sys.executable, str(script), cache, how, str(tmp_path / f"{i}.npy")], check=True)
+    subprocess.run([sys.executable, str(script), cache, how, str(tmp_path / f"{i}.npy")], check=True,
+                   env=os.environ | {programs.ENABLE: "1"})
   assert len(os.listdir(os.path.join(cache, programs.FOLDER))) == 1
   np.testing.assert_array_equal(np.load(tmp_path / "2.npy"), np.load(tmp_path / "0.npy"))
 

@@ -17,7 +17,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -123,10 +123,17 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     if a.dtype not in _NAMES:
       raise ValueError(f'tensor {name}: dtype {a.dtype} cannot be written to safetensors')
     arrays[name] = a
+  metadata = dict(metadata or {'format': 'pt'})
+  write_atomically(path, lambda tmp: safetensors.numpy.save_file(arrays, tmp, metadata=metadata))
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[str], None], suffix: str = '') -> None:
+  """``write(tmp)`` to a temporary name beside ``path`` (ending in ``suffix``, for writers such as ``np.savez``
+  that append one), then moved into place: readers never see half a file, a failed write leaves none."""
   p = os.fspath(path)
-  tmp = f'{p}.tmp{os.getpid()}'
+  tmp = f'{p}.tmp{os.getpid()}{suffix}'
   try:
-    safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata or {'format': 'pt'}))
+    write(tmp)
     os.replace(tmp, p)
   except BaseException:
     if os.path.exists(tmp):

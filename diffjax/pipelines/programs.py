@@ -11,8 +11,10 @@ a serialized executable (``jax.experimental.serialize_executable``) that a ``Pro
 loads instead of tracing.
 
 The executables live in ``diffjax-programs/`` inside JAX's persistent cache folder
-(``jax_compilation_cache_dir``), so they are used exactly when that cache is on; they are
-compiled without it (an executable loaded from it does not serialize whole). Only
+(``jax_compilation_cache_dir``) and are used when that cache is on and the environment sets
+``DIFFJAX_STORED_PROGRAMS=1`` (opt-in while a failure of a loaded program is unexplained:
+``ENABLE``); they are compiled without JAX's cache (an executable loaded from it does not
+serialize whole). Only
 single-device programs are stored (sharded calls run through ``jax.jit`` as usual), and
 only for pipelines with a fingerprint. Like JAX's own cache, the files are pickles: keep
 the folder private. An unreadable file is logged, recompiled and replaced.
@@ -26,8 +28,8 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import pathlib
 import pickle
-import tempfile
 from collections.abc import Callable
 
 import jax
@@ -35,8 +37,13 @@ import numpy as np
 from absl import logging
 from jax.experimental import serialize_executable
 
+from diffjax.convert.files import write_atomically
+
 FORMAT = 1  # bump when the file layout changes
 FOLDER = "diffjax-programs"
+# Opt-in: in one pytest session (the tiny trainer run, then the SD parity tests) a stored img2img program loaded in
+# the same process failed when run ("NOT_FOUND: Function add_concatenate_fusion.1 not found"); not yet understood.
+ENABLE = "DIFFJAX_STORED_PROGRAMS"
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # diffjax/
 
 
@@ -99,8 +106,11 @@ def environment() -> str:
 
 
 def _folder() -> str | None:
+  """Where programs are stored: only with ``DIFFJAX_STORED_PROGRAMS=1`` and JAX's persistent cache on."""
   root = jax.config.values.get("jax_compilation_cache_dir")
-  return os.path.join(os.path.expanduser(root), FOLDER) if root else None
+  if os.environ.get(ENABLE) != "1" or not root:
+    return None
+  return os.path.join(os.path.expanduser(root), FOLDER)
 
 
 def _one_device(leaves) -> bool:
@@ -108,9 +118,9 @@ def _one_device(leaves) -> bool:
   return all(not isinstance(x, jax.Array) or x.sharding.device_set == {first} for x in leaves)
 
 
-def _signature(treedef, leaves) -> list:
+def _signature(treedef, leaves) -> tuple:
   """Shapes, dtypes, weak types and shardings of the flattened arguments, with their tree structure."""
-  return [str(treedef)] + [[str(jax.typeof(x)), str(getattr(x, "sharding", None))] for x in leaves]
+  return (str(treedef),) + tuple((str(jax.typeof(x)), str(getattr(x, "sharding", None))) for x in leaves)
 
 
 class Program:
@@ -125,17 +135,18 @@ class Program:
   def __init__(self, fn: Callable, key: str | None):
     self._jit = jax.jit(fn)
     self._key = key
-    self._loaded: dict[str, jax.stages.Compiled] = {}
+    self._loaded: dict[tuple, jax.stages.Compiled] = {}  # by the arguments' signature
 
   def __call__(self, *args, **kwargs):
     folder = _folder()
     leaves, treedef = jax.tree.flatten((args, kwargs))
     if self._key is None or folder is None or not _one_device(leaves):
       return self._jit(*args, **kwargs)
-    name = fingerprint(FORMAT, self._key, environment(), _signature(treedef, leaves))
-    if name not in self._loaded:
-      self._loaded[name] = self._load_or_compile(os.path.join(folder, name + ".pkl"), args, kwargs)
-    return self._loaded[name](*args, **kwargs)
+    signature = _signature(treedef, leaves)
+    if signature not in self._loaded:
+      name = fingerprint(FORMAT, self._key, environment(), signature)
+      self._loaded[signature] = self._load_or_compile(os.path.join(folder, name + ".pkl"), args, kwargs)
+    return self._loaded[signature](*args, **kwargs)
 
   def _load_or_compile(self, path: str, args, kwargs) -> jax.stages.Compiled:
     if os.path.isfile(path):
@@ -157,9 +168,7 @@ class Program:
     try:
       blob = pickle.dumps(serialize_executable.serialize(compiled))
       os.makedirs(os.path.dirname(path), exist_ok=True)
-      with tempfile.NamedTemporaryFile(dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
-        f.write(blob)
-      os.replace(f.name, path)  # atomic: a killed write leaves only a .tmp file
+      write_atomically(path, lambda tmp: pathlib.Path(tmp).write_bytes(blob))
     except (OSError, ValueError, NotImplementedError, pickle.PicklingError) as e:
       logging.warning("could not store the compiled program %s: %s", path, e)
     return compiled

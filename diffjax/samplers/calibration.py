@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
+import pathlib
 import time
 
 import jax
@@ -32,17 +32,18 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from diffjax.convert.files import write_atomically
 from diffjax.processes import Process
 from diffjax.samplers import grids
 from diffjax.samplers import optimized_grids as og
 from diffjax.samplers.adaptive import dopri5
 
 FORMAT = 1
+KARRAS_RHO = (3.0, 5.0, 7.0, 10.0)  # Karras grids that seed the search, with uniform log-SNR and uniform t
 
 
 class CalibrationError(ValueError):
   """A calibration file that is unreadable or made for another model, process, guidance scale or budget."""
-KARRAS_RHO = (3.0, 5.0, 7.0, 10.0)  # Karras grids that seed the search, with uniform log-SNR and uniform t
 
 
 def starting_grids(process: Process, lattice_ts, k: int) -> list[list[int]]:
@@ -90,18 +91,16 @@ def reference_paths(process: Process, denoise, x, cond, lattice_ts, *, tol: floa
     if not (np.all(np.isfinite(np.asarray(s))) and np.all(np.isfinite(np.asarray(t)))):
       raise FloatingPointError(f"the reference solve of samples {sl.start}..{sl.stop - 1} is not finite (dopri5 "
                                f"did not reach the end at tol {tol}, or the denoiser returned NaN)")
-    states.append(np.asarray(s, np.float32))
+    if keep_states:
+      states.append(np.asarray(s, np.float32))
     targets.append(np.asarray(t, np.float32))
     evaluations += int(nfe)
   return np.concatenate(states, axis=1) if keep_states else None, np.concatenate(targets), evaluations
 
 
 def _write_json(path: str, record: dict) -> None:
-  folder = os.path.dirname(os.path.abspath(path))
-  os.makedirs(folder, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False) as f:
-    json.dump(record, f, indent=1)
-  os.replace(f.name, path)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(record, indent=1), encoding="utf-8"))
 
 
 def read_record(path: str) -> dict:
@@ -118,7 +117,12 @@ def read_record(path: str) -> dict:
   return record
 
 
+def _as_stored(key: dict) -> dict:
+  return json.loads(json.dumps(key))  # what a file holds (tuples become lists)
+
+
 def _mismatch(path: str, record_key: dict, key: dict) -> str | None:
+  key = _as_stored(key)
   for field in sorted(set(key) | set(record_key)):
     if record_key.get(field) != key.get(field):
       return (f"{path}: calibrated for {field} = {record_key.get(field)!r}, this run has {key.get(field)!r}; "
@@ -133,7 +137,7 @@ def load_fitted(path: str, key: dict, nfe: int) -> og.FittedSampler:
   budget exists.
   """
   record = read_record(path)
-  message = _mismatch(path, record.get("key", {}), json.loads(json.dumps(key)))
+  message = _mismatch(path, record.get("key", {}), key)
   if message:
     raise CalibrationError(message)
   entry = record["samplers"].get(str(nfe))
@@ -166,7 +170,7 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
     The record: ``key``, ``lattice`` (times), ``reference`` (tol, error, evaluations, seconds)
     and ``samplers`` {str(k): FittedSampler fields + search cost}.
   """
-  key = json.loads(json.dumps(key))  # what the file will hold (tuples become lists)
+  key = _as_stored(key)
   budgets = sorted({int(k) for k in budgets})
   bad = [k for k in budgets if not 2 <= k <= lattice]
   if bad:
@@ -203,9 +207,8 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
                            "fit_batch": int(x_fit.shape[0]), "validation_batch": int(x_val.shape[0])}
     log(f"reference paths: {record['reference']['seconds']:.0f} s, {nfe_fit + nfe_val} chunk evaluations; "
         f"error vs tol/10: target {error:.2e}, path {path_error:.2e} (RMS)")
-    tmp = ref_file + ".tmp.npz"
-    np.savez(tmp, states=states, target=target, target_val=target_val)
-    os.replace(tmp, ref_file)
+    write_atomically(ref_file, lambda tmp: np.savez(tmp, states=states, target=target, target_val=target_val),
+                     suffix=".npz")
     _write_json(path, record)
   fit_denoise = jax.jit(lambda x, t: denoise(x, t, cond_fit))
   val_denoise = jax.jit(lambda x, t: denoise(x, t, cond_val))

@@ -29,6 +29,7 @@ import numpy as np
 from absl import logging
 
 from diffjax.convert import load_pretrained
+from diffjax.convert.files import write_atomically
 from diffjax.data import pipeline
 from diffjax.models.text import BertEncoder, CLIPTextTransformer
 from diffjax.models.tokenizers import CLIPTokenizer, WordPieceTokenizer
@@ -190,9 +191,8 @@ def encode_split(vae: AutoencoderKL, params, source, path: str, vae_path: str, b
     captions += [pipeline.caption_text(e["caption"]) for e in examples]
   cache = LatentCache(np.concatenate(means), np.concatenate(stds), np.asarray(captions))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}.npz"
-  np.savez(tmp, mean=cache.mean, std=cache.std, captions=cache.captions, vae_sha1=fingerprint)
-  os.replace(tmp, path)
+  write_atomically(path, lambda tmp: np.savez(tmp, mean=cache.mean, std=cache.std, captions=cache.captions,
+                                              vae_sha1=fingerprint), suffix=".npz")
   logging.info("cached the latents of %d images in %s", len(cache), path)
   return cache
 

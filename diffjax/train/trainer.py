@@ -50,17 +50,17 @@ def build_spec(config) -> steps.DiffusionSpec:
       time_scale=d.time_scale, cond_dropout=config.train.cond_dropout, ema_decay=config.train.ema_decay)
 
 
-def sample_plan(config, process, model: dict | None = None) -> pipelines.Plan:
+def sample_plan(config, process, params=None) -> pipelines.Plan:
   """The sampling plan of ``config.sampler``: its solver (and options) on its grid within its NFE, or for
   name 'fitted' the sampler of ``sampler.calibration`` for that NFE, which must have been calibrated for
-  ``model`` (``calibration_key`` of the weights that sample; None: no trained model to check against)."""
+  ``params`` (``pipeline_params`` of the trained weights that sample; None while training)."""
   s = config.sampler
   if s.name != schema.FITTED:
     return pipelines.Plan.native(process, s.name, s.nfe, s.grid, **s.get("options", {}))
-  if model is None:
+  if params is None:
     raise ConfigError("sampler.name='fitted' is calibrated for trained weights: use it with --mode=sample, "
                       "evaluate or a sweep of a trained workdir, not while training")
-  fitted = calibration.load_fitted(s.calibration, model, s.nfe)
+  fitted = calibration.load_fitted(s.calibration, calibration_key(config, params), s.nfe)
   # the options name the file and its coefficients (programs stored on disk are keyed by them)
   return pipelines.Plan(fitted.solver(process), fitted.ts, False, float(process.prior_std), schema.FITTED,
                         (("calibration", s.calibration), ("sha256", programs.fingerprint(fitted.to_dict()))))
@@ -535,7 +535,7 @@ def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, o
   pipe, params, step = load_pipeline(config, workdir)
   size = config.data.image_size
   out = pipelines.generate(pipe, params, [p for p in prompts for _ in range(num_per_prompt)], height=size,
-                           width=size, plan=sample_plan(config, pipe.process, calibration_key(config, params)),
+                           width=size, plan=sample_plan(config, pipe.process, params),
                            guidance_scale=config.sampler.guidance_scale, seed=seed)
   imgs = images.to_uint8(out.images, 0.0, 1.0)
   os.makedirs(output_dir, exist_ok=True)
@@ -554,7 +554,7 @@ def evaluate_checkpoint(config, workdir: str, output_dir: str) -> dict:
   Returns the scores written to ``output_dir/eval.json``.
   """
   c, params, step = _latest_ema(config, workdir)
-  plan = sample_plan(config, c.spec.process, calibration_key(config, pipeline_params(*params)))
+  plan = sample_plan(config, c.spec.process, pipeline_params(*params))
   data_dir = dataset_dir(config, workdir)
   scores = evaluate(config, c, make_sample_fn(c, plan), params, plan, data_dir, workdir, output_dir)["scores"]
   logging.info("evaluation of step %d written to %s", step, output_dir)
