@@ -11,12 +11,11 @@ a serialized executable (``jax.experimental.serialize_executable``) that a ``Pro
 loads instead of tracing.
 
 The executables live in ``diffjax-programs/`` inside JAX's persistent cache folder
-(``jax_compilation_cache_dir``) and are used when that cache is on and the environment sets
-``DIFFJAX_STORED_PROGRAMS=1`` (opt-in while a failure of a loaded program is unexplained:
-``ENABLE``); they are compiled without JAX's cache (an executable loaded from it does not
-serialize whole). Only
-single-device programs are stored (sharded calls run through ``jax.jit`` as usual), and
-only for pipelines with a fingerprint. Like JAX's own cache, the files are pickles: keep
+(``jax_compilation_cache_dir``) and are used whenever that cache is on, unless the
+environment sets ``DIFFJAX_STORED_PROGRAMS=0`` (``ENABLE``). They are compiled without JAX's
+cache (an executable loaded from it does not serialize whole). Only single-device programs
+are stored (sharded calls run through ``jax.jit`` as usual), and only for pipelines with a
+fingerprint. Like JAX's own cache, the files are pickles: keep
 the folder private. An unreadable file is logged, recompiled and replaced.
 """
 
@@ -36,13 +35,12 @@ import jax
 import numpy as np
 from absl import logging
 from jax.experimental import serialize_executable
+from jax.experimental.compilation_cache import compilation_cache
 
 from diffjax.convert.files import write_atomically
 
 FORMAT = 1  # bump when the file layout changes
 FOLDER = "diffjax-programs"
-# Opt-in: in one pytest session (the tiny trainer run, then the SD parity tests) a stored img2img program loaded in
-# the same process failed when run ("NOT_FOUND: Function add_concatenate_fusion.1 not found"); not yet understood.
 ENABLE = "DIFFJAX_STORED_PROGRAMS"
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # diffjax/
 
@@ -106,9 +104,9 @@ def environment() -> str:
 
 
 def _folder() -> str | None:
-  """Where programs are stored: only with ``DIFFJAX_STORED_PROGRAMS=1`` and JAX's persistent cache on."""
+  """Where programs are stored: in JAX's persistent cache folder, unless ``DIFFJAX_STORED_PROGRAMS=0``."""
   root = jax.config.values.get("jax_compilation_cache_dir")
-  if os.environ.get(ENABLE) != "1" or not root:
+  if os.environ.get(ENABLE) == "0" or not root or not jax.config.values["jax_enable_compilation_cache"]:
     return None
   return os.path.join(os.path.expanduser(root), FOLDER)
 
@@ -157,14 +155,7 @@ class Program:
                                                          execution_devices=jax.devices()[:1])
       except Exception as e:  # noqa: BLE001 - any damage to a cache file means: compile again
         logging.warning("compiled program %s is unreadable (%s: %s); compiling it again", path, type(e).__name__, e)
-    # Compiled afresh: in jaxlib 0.10.2 an executable that JAX's persistent cache loaded serializes without some of
-    # its kernels ("Function concatenate.1_kernel not found" when the stored copy runs), so that cache is bypassed.
-    cache_on = jax.config.values["jax_enable_compilation_cache"]
-    jax.config.update("jax_enable_compilation_cache", False)
-    try:
-      compiled = self._jit.lower(*args, **kwargs).compile()
-    finally:
-      jax.config.update("jax_enable_compilation_cache", cache_on)
+    compiled = _compile_bypassing_jax_cache(self._jit.lower(*args, **kwargs))
     try:
       blob = pickle.dumps(serialize_executable.serialize(compiled))
       os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -172,6 +163,31 @@ class Program:
     except (OSError, ValueError, NotImplementedError, pickle.PicklingError) as e:
       logging.warning("could not store the compiled program %s: %s", path, e)
     return compiled
+
+
+# A compiler option at its default value: it changes nothing in the program but keys its compilation apart from the
+# plain jit's in JAX's in-memory cache, which would otherwise hand back the executable that jit loaded from disk.
+_OWN_COMPILATION = {"xla_embed_ir_in_executable": False}
+
+
+def _compile_bypassing_jax_cache(lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+  """``lowered.compile()``, compiled by XLA here and now: neither from JAX's persistent cache nor from its memory.
+
+  In jaxlib 0.10.2 an executable that JAX's persistent cache loaded serializes without some of its kernels (the
+  stored copy fails when run: "Function concatenate.1_kernel not found"). JAX decides once per process whether its
+  cache is used (``is_cache_used`` memoizes it), so turning ``jax_enable_compilation_cache`` off is not enough after
+  the first compilation: the cache's state is reset around the switch, and reset again so that the next compilation
+  decides afresh with the cache back on. A plain jit of the same function may already hold a cache-loaded
+  executable in memory: ``_OWN_COMPILATION`` keys this compilation apart from it.
+  """
+  cache_on = jax.config.values["jax_enable_compilation_cache"]
+  compilation_cache.reset_cache()
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    return lowered.compile(compiler_options=_OWN_COMPILATION)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", cache_on)
+    compilation_cache.reset_cache()
 
 
 def program(pipe, fn: Callable, *static) -> Program:
