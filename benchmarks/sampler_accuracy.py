@@ -371,68 +371,61 @@ def calibration_batch_sizes(dim: int, lattice: int = CALIB_LATTICE) -> tuple[int
   return fit, int(np.clip(2**23 // dim, 16384, 32768))
 
 
-def calibration_starts(process, lattice, k: int) -> list:
-  """Initial grids of the search, as lattice indices (the library's ``calibration.starting_grids``)."""
-  from diffjax.samplers import calibration
-
-  return calibration.starting_grids(process, lattice, k)
-
-
 def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine_steps: int = 0,
               log=print, lattice_size: int = CALIB_LATTICE, val_batch: int | None = None) -> dict:
-  """Fits ``optimized_grids`` samplers to ``problem``'s model for every budget k (k grid points).
+  """Fits ``optimized_grids`` samplers to ``problem``'s model for every budget k <= ``max_nfe`` with the library's
+  ``calibration.calibrate``, the reference being the mixture's own float64 flow (``Problem.reference_path``).
 
   Protocol: a fitting batch (seed calib_seed) and a larger validation batch (calib_seed + 1)
   of pure noise at t_max, never the evaluation seed (sizes: ``calibration_batch_sizes``, or
-  ``val_batch`` validation samples);
-  the fitting batch's float64 reference trajectory is stored (float32) at ``lattice_size``
-  noise levels uniform in log sigma; for each k, ``search_grid`` (history CALIB_HISTORY,
-  moves of 1, 2 and 4 lattice points) starts from the best of ``calibration_starts`` and
-  scores candidates on the validation batch (budgets above 10: 3 sweeps). Budgets above
-  ``max_nfe`` are not fitted. Then ``refine_steps`` Adam steps of ``optimized_grids.refine``
-  on the fitting batch's final error (coefficients and grid jointly; the iterate best on
-  the validation batch is kept). The model is evaluated with ``Problem.fast_denoiser``.
-  Returns the JSON-able record, costs included.
+  ``val_batch`` validation samples); states kept at ``lattice_size`` noise levels uniform in log
+  sigma; history CALIB_HISTORY; the library's grid search (moves of 1, 2 and 4 lattice points, from
+  its ``starting_grids``, candidates scored on the validation batch). Then ``refine_steps`` Adam steps
+  of ``optimized_grids.refine`` on the fitting batch's final error (coefficients and grid jointly;
+  the iterate best on the validation batch is kept). The model is evaluated with
+  ``Problem.fast_denoiser``. Returns the JSON-able record, costs included.
   """
+  from diffjax.samplers import calibration
   from diffjax.samplers import optimized_grids as og
 
   p = problem.process
   t0 = time.time()
-  ref_time0, ref_nfe0 = problem.ref_time, problem.ref_nfe
   batch, default_val = calibration_batch_sizes(problem.dim, lattice_size)
   val_batch = val_batch or default_val
-  lattice = np.asarray(og.log_sigma_lattice(p, lattice_size), np.float32)
-  sig = np.asarray(p.edm_sigma(jnp.asarray(lattice)), np.float64)
-  alpha0 = float(p.alpha(lattice[0]))
   x_fit = jax.random.normal(jax.random.key(calib_seed), (batch, problem.dim), jnp.float32)
   x_val = jax.random.normal(jax.random.key(calib_seed + 1), (val_batch, problem.dim), jnp.float32)
-  states, target = problem.reference_path(np.asarray(x_fit) / alpha0, sig)
-  target_val = jnp.asarray(problem.reference(np.asarray(x_val) / alpha0, float(sig[0])), jnp.float32)
-  ref_cost = dict(seconds=problem.ref_time - ref_time0, evaluations=problem.ref_nfe - ref_nfe0)
-  log(f"  calibration references: {ref_cost['seconds']:.0f}s, {ref_cost['evaluations']} float64 evaluations "
-      f"on batches of {batch} and {val_batch}")
-  denoise = problem.fast_denoiser()
+  lattice = np.asarray(og.log_sigma_lattice(p, lattice_size), np.float64)
+  sig = np.asarray(p.edm_sigma(jnp.asarray(lattice, jnp.float32)), np.float64)
+  alpha0 = float(p.alpha(jnp.float32(lattice[0])))
+  start_fit, start_val = (np.asarray(p.prior_std * x, np.float64) / alpha0 for x in (x_fit, x_val))  # x~ at t_max
+  nfe0 = problem.ref_nfe
+  states, target = problem.reference_path(start_fit, sig)
+  target_val = np.asarray(problem.reference(start_val, float(sig[0])), np.float32)
+  exact = {True: (states, np.asarray(target, np.float32), problem.ref_nfe - nfe0), False: (None, target_val, 0)}
+  fast = problem.fast_denoiser()
+  budgets = [k for k in nfes if 2 <= k <= min(lattice_size, max_nfe)]
+  lib = calibration.calibrate(p, lambda x, t, cond: fast(x, t), x_fit, x_val, budgets, key={}, path=None,
+                              lattice=lattice_size, history=CALIB_HISTORY,
+                              reference=lambda x, cond, keep_states: exact[keep_states], progress=False,
+                              log=lambda s: log(f"  {s}"))
   record = dict(sha256=_sha256(problem.path), process=problem.process_name, calib_seed=calib_seed, batch=batch,
-                val_batch=val_batch,
-                lattice=lattice_size, history=CALIB_HISTORY, reference_cost=ref_cost, samplers={},
-                device=jax.devices()[0].device_kind)
-  for k in nfes:
-    if k < 2 or k > min(lattice_size, max_nfe):
-      continue
-    res = og.search_grid(p, denoise, x_fit, lattice, states, target, k, history=min(CALIB_HISTORY, k),
-                         validation=(x_val, target_val), init=calibration_starts(p, lattice, k), moves=(1, 2, 4),
-                         max_sweeps=6 if k <= 10 else 3)
-    fitted, searched_rmse, t_refine = res.sampler, res.sampler.calib_rmse, time.time()
+                val_batch=val_batch, lattice=lattice_size, history=CALIB_HISTORY,
+                reference_cost=dict(seconds=lib["reference"]["seconds"], evaluations=exact[True][2]),
+                samplers={}, device=jax.devices()[0].device_kind)
+  x_fit_t, x_val_t = p.prior_std * x_fit, p.prior_std * x_val  # at t_max, as the library starts
+  for k, entry in lib["samplers"].items():
+    fitted, t_refine = og.FittedSampler.from_dict(entry), time.time()
+    searched_rmse = fitted.calib_rmse
     if refine_steps:
-      fitted, _ = og.refine(p, fitted, denoise, x_fit, target, steps=refine_steps, validation=(x_val, target_val))
+      fitted, _ = og.refine(p, fitted, fast, x_fit_t, jnp.asarray(exact[True][1]), steps=refine_steps,
+                            validation=(x_val_t, jnp.asarray(target_val)))
     t_refine = time.time() - t_refine
-    record["samplers"][str(k)] = dict(fitted.to_dict(), indices=res.indices, candidates=res.candidates,
-                                      evaluations=res.evaluations, seconds=res.seconds + t_refine,
-                                      searched_rmse=searched_rmse, refine_steps=refine_steps,
-                                      refine_evaluations=refine_steps * k)  # each with its backward pass
-    log(f"  calibrated k={k}: validation RMSE {searched_rmse:.3e} after the grid search ({res.candidates} candidate "
-        f"grids, {res.evaluations} batched evaluations, {res.seconds:.0f}s), {fitted.calib_rmse:.3e} after "
-        f"{refine_steps} refinement steps ({t_refine:.0f}s)")
+    record["samplers"][k] = dict(entry, **fitted.to_dict(), seconds=entry["seconds"] + t_refine,
+                                 searched_rmse=searched_rmse, refine_steps=refine_steps,
+                                 refine_evaluations=refine_steps * int(k))  # each with its backward pass
+    log(f"  calibrated k={k}: validation RMSE {searched_rmse:.3e} after the grid search ({entry['candidates']} "
+        f"candidate grids, {entry['evaluations']} batched evaluations, {entry['seconds']:.0f}s), "
+        f"{fitted.calib_rmse:.3e} after {refine_steps} refinement steps ({t_refine:.0f}s)")
   record["seconds"] = time.time() - t0
   return record
 

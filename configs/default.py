@@ -28,7 +28,7 @@ def get_config(arg: str = ""):
   c.sampler = dict(name="dpmpp_2m", options={}, grid="log_snr", nfe=20, guidance_scale=2.0, calibration="")
   # --mode=calibrate: fitted samplers for these evaluation counts from reference paths (dopri5 at tol) of batch
   # noises with prompts (default config.prompts) drawn by seed, kept at a lattice of noise levels, chunk at a time.
-  c.calibration = dict(budgets=(4, 5, 6, 8, 10), batch=256, validation_batch=512, lattice=48, tol=1e-5, chunk=256,
+  c.calibration = dict(budgets=(4, 5, 6, 8, 10), batch=256, validation_batch=256, lattice=48, tol=1e-5, chunk=256,
                        seed=7919, prompts=())
   # Device mesh (data x fsdp = all devices; data=-1: what fsdp leaves) and the rules mapping the parameters'
   # logical axes (diffjax.models.layers) to mesh axes, tried in order; fsdp > 1 shards params and optimizer state.

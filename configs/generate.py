@@ -12,7 +12,10 @@ A single-file SD 1.x/2.x checkpoint: --config.pretrained=sd.safetensors --config
   (a CLIP tokenizer folder; --config.prediction_type=v_prediction overrides the family's default).
 Sampler: the folder's scheduler (``sampler.name = ""``) with ``sampler.steps`` steps, or any
 diffjax solver by name on ``sampler.grid`` within ``sampler.steps`` network evaluations
-(e.g. --config.sampler.name=dpmpp_2m --config.sampler.grid=karras --config.sampler.steps=20).
+(e.g. --config.sampler.name=dpmpp_2m --config.sampler.grid=karras --config.sampler.steps=20), or a sampler
+fitted to this pipeline: python -m diffjax.main --mode=calibrate --config=configs/generate.py --workdir=/tmp/gen
+--config.pretrained=PATH (writes /tmp/gen/calibration.json), then --config.sampler.name=fitted
+--config.sampler.calibration=/tmp/gen/calibration.json --config.sampler.steps=5.
 Outputs under --workdir: one PNG per image, samples.npz, generation.json (everything needed
 to reproduce each image: seed, sampler, grid, guidance, the weights' SHA-256).
 The arg ``tiny`` (configs/generate.py:tiny) makes small, fast settings for a check.
@@ -52,6 +55,12 @@ def get_config(arg: str = ""):
   config.sampler.options = ml_collections.ConfigDict()  # solver options (diffjax solvers only)
   config.sampler.guidance_scale = 7.5
   config.sampler.guidance_rescale = 0.0  # phi of Lin et al. (2024); 0 = off
+  config.sampler.calibration = ""  # name="fitted": the file --mode=calibrate wrote (steps = a fitted budget)
+  # --mode=calibrate (txt2img at height x width, guided as sampler and negative_prompt say): fitted samplers for
+  # these evaluation counts, from dopri5 reference paths of batch noises with prompts drawn from prompts
+  # (default config.prompts), kept at a lattice of noise levels, chunk samples at a time
+  config.calibration = ml_collections.ConfigDict(dict(budgets=(4, 5, 6, 8, 10), batch=64, validation_batch=64,
+                                                      lattice=48, tol=1e-5, chunk=8, seed=7919, prompts=()))
   if arg == "tiny":
     config.height = config.width = 64
     config.sampler.steps = 4

@@ -38,7 +38,7 @@ def get_config(arg: str = ""):
   c.train = dict(num_steps=6000, cond_dropout=0.1, ema_decay=0.999, compute_dtype="float32", log_every=100,
                  checkpoint_every=1000, keep_checkpoints=3)
   c.sampler = dict(name="dpmpp_2m", options={}, grid="log_snr", nfe=25, guidance_scale=3.0, calibration="")
-  c.calibration = dict(budgets=(4, 5, 6, 8, 10), batch=256, validation_batch=512, lattice=48, tol=1e-5, chunk=128,
+  c.calibration = dict(budgets=(4, 5, 6, 8, 10), batch=256, validation_batch=256, lattice=48, tol=1e-5, chunk=128,
                        seed=7919, prompts=())  # --mode=calibrate (configs/default.py)
   c.mesh = dict(data=-1, fsdp=1)
   c.eval = dict(samples_per_prompt=8, digits_per_prompt=0, shapes_prompts=36, shapes_samples_per_prompt=8,

@@ -28,6 +28,7 @@ import tqdm
 from absl import logging
 
 from diffjax import images, pipelines, schema
+from diffjax.pipelines import calibrate
 from diffjax.schema import ConfigError
 from diffjax.train import trainer
 
@@ -156,6 +157,40 @@ def _inputs(config) -> tuple[np.ndarray | None, np.ndarray | None, int, int]:
   return image, mask, *size
 
 
+def calibration_key(config, pipe: pipelines.Pipeline, provenance: dict, height: int, width: int) -> dict:
+  """What a calibration of a pretrained pipeline is valid for: its weight files (SHA-256), the pipeline's
+  fingerprint, the image size and the guidance (scale, rescale, negative prompt)."""
+  s = config.sampler
+  return {"weights_sha256": provenance["weights_sha256"], "pipeline": pipe.fingerprint, "height": height,
+          "width": width, "guidance_scale": float(s.guidance_scale), "guidance_rescale": float(s.guidance_rescale),
+          "negative_prompt": config.negative_prompt}
+
+
+def calibrate_pretrained(config, path: str) -> dict:
+  """Fits samplers to the pretrained pipeline of ``config`` (``--mode=calibrate`` of a generation config) into
+  ``path``: txt2img at ``height`` x ``width`` with ``config.calibration``'s budgets, batches, lattice, tolerance and
+  seed, prompts drawn from ``calibration.prompts`` (default ``config.prompts``), guided as ``config.sampler`` and
+  ``config.negative_prompt`` say. Sample with ``--config.sampler.name=fitted --config.sampler.calibration=PATH``."""
+  validate(config)
+  if config.task != "txt2img" or config.get("calibration") is None:
+    raise ConfigError("config.task: calibration fits txt2img sampling (the fitted sampler then serves img2img and "
+                      "inpainting too); set config.calibration (configs/generate.py has it)")
+  use_compilation_cache(config.compilation_cache)
+  pipe, params, provenance = load_cached(config.pretrained, DTYPES[config.dtype], config.tokenizer,
+                                         config.prediction_type)
+  if isinstance(pipe, pipelines.InpaintingPipeline | pipelines.UpscalePipeline):
+    raise ConfigError(f"config.pretrained = {config.pretrained}: calibration covers text-to-image pipelines, not "
+                      f"{type(pipe).__name__}")
+  cal, s = config.calibration, config.sampler
+  key = calibration_key(config, pipe, provenance, config.height, config.width)
+  return calibrate.calibrate(
+      pipe, params, list(cal.get("prompts") or config.prompts), path, key=key, guidance_scale=float(s.guidance_scale),
+      height=config.height, width=config.width, budgets=cal.budgets, batch=cal.batch,
+      validation_batch=cal.validation_batch, seed=cal.seed, negative_prompt=config.negative_prompt,
+      options=pipelines.Guidance(rescale=float(s.guidance_rescale)), lattice=cal.lattice, tol=cal.tol, chunk=cal.chunk,
+      log=logging.info)
+
+
 def generate(config, output_dir: str) -> dict:
   """Runs the generation ``config`` describes into ``output_dir``; returns what ``generation.json`` holds."""
   validate(config)
@@ -164,11 +199,15 @@ def generate(config, output_dir: str) -> dict:
   pipe, params, provenance = load_cached(config.pretrained, DTYPES[config.dtype], config.tokenizer,
                                          config.prediction_type)
   s = config.sampler
-  try:
-    plan = pipelines.plan_for(pipe, s.steps, s.name or None, s.grid, **s.get("options", {}))
-  except (ValueError, NotImplementedError) as e:
-    raise ConfigError(f"config.sampler: {e}") from None
   image, mask, height, width = _inputs(config)
+  if s.name == calibrate.FITTED:
+    plan = calibrate.fitted_plan(pipe.process, s.calibration, calibration_key(config, pipe, provenance, height, width),
+                                 s.steps)
+  else:
+    try:
+      plan = pipelines.plan_for(pipe, s.steps, s.name or None, s.grid, **s.get("options", {}))
+    except (ValueError, NotImplementedError) as e:
+      raise ConfigError(f"config.sampler: {e}") from None
   strength = float(config.strength or DEFAULT_STRENGTH.get(config.task, 1.0))
   r = config.repaint
   repaint = pipelines.RePaint(r.jump_length, r.jump_n_sample) if r.jump_length else None

@@ -36,8 +36,9 @@ _MODE = flags.DEFINE_enum("mode", "run", ["run", "sample", "evaluate", "generate
                           "run: the config's job (train, train_vae, sampler_demo, generate); sample: sample from the "
                           "latest checkpoint in --workdir; evaluate: the config's evaluation of that checkpoint "
                           "(sampler and evaluation overrides apply) into --output; generate: the same as run for a "
-                          "generation config (configs/generate.py); calibrate: fit samplers to that checkpoint "
-                          "(config.calibration) into --output/calibration.json (default WORKDIR/calibration.json).")
+                          "generation config (configs/generate.py); calibrate: fit samplers to that checkpoint, or to "
+                          "a generation config's pretrained pipeline (config.calibration) into "
+                          "--output/calibration.json (default WORKDIR/calibration.json).")
 _PROMPTS = flags.DEFINE_multi_string("prompts", [], "--mode=sample: prompts (repeat the flag).")
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_samples_per_prompt", 4, "--mode=sample: images per prompt.")
 _OUTPUT = flags.DEFINE_string("output", None, "--mode=sample/evaluate: output directory (default WORKDIR/samples, "
@@ -137,17 +138,20 @@ def main(argv):
   os.makedirs(_WORKDIR.value, exist_ok=True)
   if _MODE.value == "generate" and config.job != "generate":
     raise app.UsageError(f"--mode=generate needs a generation config (configs/generate.py), not job {config.job!r}")
+  if _MODE.value == "calibrate" and config.job in ("train", "generate"):
+    path = os.path.join(_OUTPUT.value or _WORKDIR.value, "calibration.json")
+    if config.job == "train":
+      trainer.calibrate_checkpoint(config, _WORKDIR.value, path)
+    else:
+      generation.calibrate_pretrained(config, path)
+    logging.info("done: %s (sample with --config.sampler.name=fitted --config.sampler.calibration=%s)", path, path)
+    return
   if _MODE.value in ("sample", "evaluate", "calibrate") and config.job != "train":
     raise app.UsageError(f"--mode={_MODE.value} needs a diffusion config (job 'train'), not job {config.job!r}")
   if _MODE.value == "evaluate":
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "evaluation")
     trainer.evaluate_checkpoint(config, _WORKDIR.value, output)
     logging.info("done: eval.json and the sample grids are in %s", output)
-    return
-  if _MODE.value == "calibrate":
-    path = os.path.join(_OUTPUT.value or _WORKDIR.value, "calibration.json")
-    trainer.calibrate_checkpoint(config, _WORKDIR.value, path)
-    logging.info("done: %s (sample with --config.sampler.name=fitted --config.sampler.calibration=%s)", path, path)
     return
   if _MODE.value == "sample":
     prompts = list(_PROMPTS.value) or list(config.get("prompts", ()))

@@ -130,7 +130,7 @@ def sequence(each: Field | None = None, min_len: int = 0, **kw) -> Field:
 
 FLAG = Field((bool,))
 MAPPING = Field((Mapping,))
-FITTED = "fitted"  # sampler.name of a calibrated sampler (diffjax.samplers.calibration)
+FITTED = "fitted"  # sampler.name of a calibrated sampler (diffjax.samplers.calibration.FITTED)
 COUNT = integer(1)  # a positive count: steps, sizes, batch
 NONNEG = integer(0)
 PROBABILITY = real(0.0, 1.0, hi_open=True)  # dropout, decays: [0, 1)
@@ -260,6 +260,20 @@ def _divides(k: int, values) -> bool:
   return k > 0 and all(v % k == 0 for v in values)
 
 
+# --mode=calibrate (samplers.calibration): budgets (evaluations), noise batches, reference lattice and tolerance
+CALIBRATION = dict(budgets=sequence(integer(2), min_len=1), batch=COUNT, validation_batch=COUNT, lattice=integer(2),
+                   tol=POSITIVE, chunk=COUNT, seed=NONNEG, prompts=sequence(text(), optional=True), optional=True)
+FITTED_RULES = (
+    Rule("sampler.calibration", lambda c: bool(c.sampler.get("calibration")),
+         lambda c: "a calibration file (--mode=calibrate writes it: calibration.json) for sampler.name='fitted'",
+         when=lambda c: c.sampler.name == FITTED),
+    Rule("sampler.options", lambda c: not c.sampler.get("options"),
+         lambda c: "empty for sampler.name='fitted' (its coefficients come from the calibration)",
+         when=lambda c: c.sampler.name == FITTED),
+    Rule("calibration.budgets", lambda c: max(c.calibration.budgets) <= c.calibration.lattice,
+         lambda c: f"evaluation counts <= calibration.lattice={c.calibration.lattice}",
+         when=lambda c: c.get("calibration") is not None),
+)
 TRAIN = dict(
     job=text(("train",)), seed=NONNEG,
     data=dict(name=text(), data_dir=text(), train_split=SPLIT, batch_size=COUNT, image_size=COUNT, channels=COUNT,
@@ -277,8 +291,7 @@ TRAIN = dict(
                profile_steps=integer(0, optional=True)),
     sampler=dict(name=text(_train_samplers), options=Field((Mapping,), optional=True), grid=text(_grids), nfe=COUNT,
                  guidance_scale=real(0.0), calibration=text(optional=True)),
-    calibration=dict(budgets=sequence(integer(2), min_len=1), batch=COUNT, validation_batch=COUNT, lattice=integer(2),
-                     tol=POSITIVE, chunk=COUNT, seed=NONNEG, prompts=sequence(text(), optional=True), optional=True),
+    calibration=CALIBRATION,
     mesh=MESH | dict(rules=Field((tuple, list), optional=True)),
     eval=dict(samples_per_prompt=NONNEG, digits_per_prompt=integer(0, optional=True),
               sanity_repeats=integer(1, optional=True),
@@ -308,15 +321,7 @@ TRAIN_RULES = (
     Rule("sampler.options", lambda c: solver_options_problem(c.sampler.name, c.sampler.get("options", {}),
                                                              c.diffusion.process) is None,
          lambda c: solver_options_problem(c.sampler.name, c.sampler.get("options", {}), c.diffusion.process)),
-    Rule("sampler.calibration", lambda c: bool(c.sampler.get("calibration")),
-         lambda c: "a calibration file (--mode=calibrate writes WORKDIR/calibration.json) for sampler.name='fitted'",
-         when=lambda c: c.sampler.name == FITTED),
-    Rule("sampler.options", lambda c: not c.sampler.get("options"),
-         lambda c: "empty for sampler.name='fitted' (its coefficients come from the calibration)",
-         when=lambda c: c.sampler.name == FITTED),
-    Rule("calibration.budgets", lambda c: max(c.calibration.budgets) <= c.calibration.lattice,
-         lambda c: f"evaluation counts <= calibration.lattice={c.calibration.lattice}",
-         when=lambda c: c.get("calibration") is not None),
+    *FITTED_RULES,
     Rule("diffusion.process_options", lambda c: _process_problem(c) is None, _process_problem),
     Rule("mesh.rules", lambda c: _mesh_rules_problem(c) is None, _mesh_rules_problem),
     Rule("distributed.process_id", lambda c: c.distributed.process_id < c.distributed.num_processes,
@@ -358,14 +363,16 @@ GENERATE = dict(
     repaint=dict(jump_length=NONNEG, jump_n_sample=NONNEG), noise_level=NONNEG,
     seed=integer(0, 2**32 - 1), batch_size=COUNT, dtype=text(DTYPES), compilation_cache=text(),
     sampler=dict(name=text(), grid=text(_grids), steps=COUNT, options=Field((Mapping,), optional=True),
-                 guidance_scale=real(0.0), guidance_rescale=real(0.0, 1.0)),
+                 guidance_scale=real(0.0), guidance_rescale=real(0.0, 1.0), calibration=text(optional=True)),
+    calibration=CALIBRATION,
 )
 GENERATE_RULES = (
-    Rule("sampler.name", lambda c: c.sampler.name == "" or c.sampler.name in _solvers(),
-         lambda c: f"'' (the folder's scheduler) or one of {sorted(_solvers())}"),
+    Rule("sampler.name", lambda c: c.sampler.name in ("", FITTED, *_solvers()),
+         lambda c: f"'' (the folder's scheduler), '{FITTED}' (sampler.calibration) or one of {sorted(_solvers())}"),
     Rule("sampler.options", lambda c: solver_options_problem(c.sampler.name, c.sampler.get("options", {})) is None,
          lambda c: solver_options_problem(c.sampler.name, c.sampler.get("options", {})),
-         when=lambda c: bool(c.sampler.name)),
+         when=lambda c: c.sampler.name not in ("", FITTED)),
+    *FITTED_RULES,
     Rule("height", lambda c: c.height > 0, lambda c: "positive (0 only with an init image: its size)",
          when=lambda c: c.task == "txt2img"),
     Rule("width", lambda c: c.width > 0, lambda c: "positive (0 only with an init image: its size)",

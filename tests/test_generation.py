@@ -148,3 +148,31 @@ def test_a_second_job_on_unchanged_files_reuses_the_loaded_pipeline(folder):
   weights = next(folder.glob("unet/*.safetensors"))
   os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
   assert generation.load_cached(str(folder)) is not first  # a changed weight file is read again
+
+
+def test_calibrate_a_pretrained_pipeline_then_generate_with_the_fitted_sampler(folder, tmp_path):
+  """--mode=calibrate of a generation config fits samplers to the folder's pipeline (txt2img, guided as
+  configured); sampler.name=fitted then generates with them, and a run guided otherwise is refused."""
+  from diffjax.samplers import calibration
+
+  config = _config(folder, negative_prompt="blurry")
+  config.calibration.update(dict(budgets=(2, 3), batch=4, validation_batch=4, lattice=8, chunk=4))
+  path = str(tmp_path / "calibration.json")
+  record = generation.calibrate_pretrained(config, path)
+  assert sorted(record["samplers"], key=int) == ["2", "3"]
+  assert record["key"]["negative_prompt"] == "blurry" and record["key"]["height"] == SIZE
+  assert all(np.isfinite(record["samplers"][k]["calib_rmse"]) for k in ("2", "3"))
+  config.sampler.update(dict(name="fitted", calibration=path, steps=3))
+  fitted = generation.generate(config, str(tmp_path / "fitted"))
+  assert fitted["plan"]["solver"] == "fitted" and len(fitted["plan"]["ts"]) == 3
+  images = np.load(tmp_path / "fitted" / "samples.npz")["images"]
+  assert images.shape == (2, SIZE, SIZE, 3) and len({img.tobytes() for img in images}) == 2
+  config.sampler.guidance_scale = 3.0
+  with pytest.raises(calibration.CalibrationError, match="calibrated for guidance_scale = 7.5, this run has 3.0"):
+    generation.generate(config, str(tmp_path / "refused"))
+  config.sampler.update(dict(guidance_scale=7.5, steps=4))
+  with pytest.raises(calibration.CalibrationError, match="no fitted sampler for 4 evaluations"):
+    generation.generate(config, str(tmp_path / "refused"))
+  config.sampler.calibration = ""
+  with pytest.raises(ConfigError, match="sampler.calibration"):
+    generation.generate(config, str(tmp_path / "no_file"))

@@ -120,22 +120,28 @@ def test_fitted_sampler_is_exact_for_gaussian_data_on_fresh_noise():
   assert err < 1e-4 and err_2m > 100 * err, (err, err_2m)
 
 
-def test_search_grid_improves_on_its_start_and_round_trips():
+def _lattice_reference(size: int, seed: int, batch: int):
+  """(denoise, lattice, x, states, target) for MIXTURE: a fine 2M solve from lattice point to lattice point, 40
+  substeps each (its error << a 5-point sampler's)."""
   denoise = jax.jit(MIXTURE.denoiser(SD))
-  lattice = og.log_sigma_lattice(SD, 24)
-  assert np.all(np.diff(np.asarray(lattice)) < 0)
-  ends = SD.edm_sigma(jnp.asarray([SD.t_max, SD.t_min]))
-  # the lattice's ends are t_max and t_min themselves (measured: equal); 1e-4 >> float32 rounding of edm_sigma
-  np.testing.assert_allclose(SD.edm_sigma(lattice[jnp.asarray([0, -1])]), ends, rtol=1e-4)
-  # Reference: a fine 2M solve from lattice point to lattice point, 40 substeps each (error << the 5-point one).
-  x = jax.random.normal(jax.random.key(5), (1024, 2)) * SD.sigma(lattice[0])
+  lattice = og.log_sigma_lattice(SD, size)
+  x = jax.random.normal(jax.random.key(seed), (batch, 2)) * SD.sigma(lattice[0])
   segment = jax.jit(lambda x, a, b: sample(make_solver("dpmpp_2m", SD), denoise, x, jnp.linspace(a, b, 41),
                                            denoise_final=False))
   states, xi = [x / SD.alpha(lattice[0])], x
   for a, b in zip(lattice[:-1], lattice[1:], strict=True):
     xi = segment(xi, a, b)
     states.append(xi / SD.alpha(b))
-  target = denoise(xi, lattice[-1])
+  return denoise, lattice, x, jnp.stack(states), denoise(xi, lattice[-1])
+
+
+def test_search_grid_improves_on_its_start_and_round_trips():
+  denoise, lattice, x, states, target = _lattice_reference(24, 5, 1024)
+  assert np.all(np.diff(np.asarray(lattice)) < 0)
+  ends = SD.edm_sigma(jnp.asarray([SD.t_max, SD.t_min]))
+  # the lattice's ends are t_max and t_min themselves (measured: equal); 1e-4 >> float32 rounding of edm_sigma
+  np.testing.assert_allclose(SD.edm_sigma(lattice[jnp.asarray([0, -1])]), ends, rtol=1e-4)
+  states = list(states)
   init = [og.snap_to_lattice(lattice, grids.karras(SD, 5))]
   assert init[0][0] == 0 and np.all(np.diff(init[0]) > 0)
   res = og.search_grid(SD, denoise, x, lattice, jnp.stack(states), target, 5, history=3, init=init, max_sweeps=2)
@@ -146,6 +152,41 @@ def test_search_grid_improves_on_its_start_and_round_trips():
   back = og.FittedSampler.from_dict(res.sampler.to_dict())
   # the same compiled sampling from the same float64 coefficients (measured: equal); 1e-6 ~ 16 u |x|
   np.testing.assert_allclose(back.sample(SD, denoise, x), res.sampler.sample(SD, denoise, x), rtol=1e-6, atol=1e-6)
+
+
+def test_search_remembers_repeated_evaluations_without_changing_its_result(monkeypatch):
+  """The search's candidates repeat the best grid's first evaluations on identical inputs: remembered, they are
+  not made again, and the search picks the same grid with the same coefficients and scores as without memory."""
+  denoise, lattice, x, states, target = _lattice_reference(16, 12, 256)
+  x_val = jax.random.normal(jax.random.key(13), (256, 2)) * SD.sigma(lattice[0])
+  fine = jax.jit(lambda x: sample(make_solver("dpmpp_2m", SD), denoise, x, grids.log_snr_uniform(SD, 400)))
+  args = (SD, denoise, x, lattice, states, target, 5)
+  kwargs = dict(history=3, validation=(x_val, fine(x_val)), max_sweeps=2)
+  remembered = og.search_grid(*args, **kwargs)
+  forgetful = og._Remembered
+  monkeypatch.setattr(og, "_Remembered", lambda denoise, size: forgetful(denoise, 0))
+  fresh = og.search_grid(*args, **kwargs)
+  assert remembered.indices == fresh.indices and remembered.candidates == fresh.candidates
+  for name in ("ts", "beta", "gamma", "final", "calib_rmse"):  # the same float64 arithmetic on the same outputs
+    np.testing.assert_array_equal(getattr(remembered.sampler, name), getattr(fresh.sampler, name))
+  assert fresh.evaluations == 2 * 5 * fresh.candidates
+  assert remembered.evaluations < 0.75 * fresh.evaluations, (remembered.evaluations, fresh.evaluations)
+
+
+def test_rollout_is_the_fitted_sampler_in_float64():
+  """``rollout`` (the search's validation, step by step in float64) computes what ``FittedSampler.sample`` does."""
+  denoise, lattice, x, states, target = _lattice_reference(12, 14, 512)
+  idx = og.snap_to_lattice(lattice, grids.karras(SD, 6))
+  fitted = og.fit_multistep(SD, denoise, x, lattice[np.asarray(idx)], states[np.asarray(idx)], target, history=3)
+  x_new = jax.random.normal(jax.random.key(15), (512, 2)) * SD.sigma(lattice[0])
+  ours = og.rollout(SD, fitted, denoise, x_new)
+  # The same recursion in float32 vs float64: 5 steps of rounding relative to the state (|x~| <~ sigma_max).
+  scale = float(jnp.max(jnp.abs(x_new / SD.alpha(lattice[0]))))
+  np.testing.assert_allclose(fitted.sample(SD, denoise, x_new), ours, rtol=0,
+                             atol=tolerances.sampler_rtol(len(idx)) * scale)
+  # the fit's own error is its rollout's on the fitting batch
+  own = og.rollout(SD, fitted, denoise, x) - np.asarray(target, np.float64)
+  np.testing.assert_allclose(fitted.calib_rmse, np.sqrt(np.mean(own**2)), rtol=1e-12)
 
 
 def test_bad_arguments_raise():

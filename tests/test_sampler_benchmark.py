@@ -14,7 +14,7 @@ import tolerances
 from benchmarks import sampler_accuracy as sa
 from diffjax.analytic import GaussianMixture
 from diffjax.processes import EDM
-from diffjax.samplers import grids, make_solver, sample
+from diffjax.samplers import calibration, grids, make_solver, sample
 
 GMM = pathlib.Path(sa.__file__).parent / "data" / "gmm2d.npz"
 
@@ -124,7 +124,7 @@ def test_calibration_helpers():
   assert 48 * fit * 256 * 4 <= 2**29 and fit >= 1024 and val >= fit
   lattice = np.asarray(og.log_sigma_lattice(sd, 48))
   for k in (5, 8):
-    starts = sa.calibration_starts(sd, lattice, k)
+    starts = calibration.starting_grids(sd, lattice, k)
     assert len(starts) >= 3 and len({tuple(s) for s in starts}) == len(starts)
     assert all(len(s) == k and s[0] == 0 and all(np.diff(s) > 0) and s[-1] < 48 for s in starts)
 

@@ -2,6 +2,9 @@
 
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from diffjax.evaluate import features, metrics
 from diffjax.samplers import calibration
 from diffjax.schema import ConfigError
 from diffjax.train import trainer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_tiny_run_trains_checkpoints_and_samples(tmp_path):
@@ -68,6 +73,16 @@ def test_tiny_run_trains_checkpoints_and_samples(tmp_path):
   assert json.loads((tmp_path / "fitted" / "samples.json").read_text())["plan"]["solver"] == "fitted"
   trainer.evaluate_checkpoint(config, str(tmp_path), str(tmp_path / "fitted_eval"))
   assert json.loads((tmp_path / "fitted_eval" / "eval.json").read_text())["num_samples"] == 10
+  # the held-out benchmark of a calibration: fitted vs classic on other noise and unseen prompts, and at another
+  # guidance scale (the values are meaningless for a 6-step model: they must exist and be finite)
+  out = tmp_path / "held_out.json"
+  subprocess.run([sys.executable, "benchmarks/calibrated_checkpoint.py", "--config=configs/default.py:tiny",
+                  f"--workdir={tmp_path}", f"--calibration={path}", "--batch=8", "--nfe=2", "--guidance=2,3",
+                  "--sets=unseen", "--solvers=euler", "--check=4", f"--json={out}"], check=True, cwd=ROOT)
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["guidance"], r["transfer"], r["nfe"]) for r in rows] == [(2.0, False, 2), (3.0, True, 2)]
+  assert all(np.isfinite([r["fitted"], r["best"], r["best_2x"], r["reference_error"]]).all() for r in rows)
+  assert rows[0]["best_name"].startswith("euler/") and len(rows[0]["classic"]) == 3  # one solver, three grids
   config.sampler.guidance_scale = 3.0
   with pytest.raises(calibration.CalibrationError, match="calibrated for guidance_scale = 2.0, this run has 3.0"):
     trainer.sample_from_checkpoint(config, str(tmp_path), config.prompts[:1], 1, str(tmp_path / "refused"))

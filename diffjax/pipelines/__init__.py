@@ -8,6 +8,7 @@ blending and RePaint for any network), ``upscale`` the x4 upscaler (``upscale.py
 maps diffusers scheduler configs to diffjax's process, solver and grid.
 """
 
+from diffjax.pipelines import calibrate
 from diffjax.pipelines.core import Guidance, Pipeline, denoiser, img2img, strength_start, txt2img
 from diffjax.pipelines.folders import from_pretrained
 from diffjax.pipelines.generate import Output, generate, plan_for
@@ -19,6 +20,6 @@ from diffjax.pipelines.single_file import from_single_file
 from diffjax.pipelines.upscale import UpscalePipeline, upscale, upscale_image
 
 __all__ = ["DiffusersScheduler", "Guidance", "InpaintingPipeline", "Inverted", "Output", "Pipeline", "Plan", "RePaint",
-           "UpscalePipeline", "assemble_sdxl", "denoiser", "from_pretrained", "from_single_file", "generate", "img2img",
-           "inpaint", "inpaint_blended", "inpaint_conditioned", "invert_images", "plan_for", "sdxl_from_pretrained",
-           "strength_start", "txt2img", "upscale", "upscale_image"]
+           "UpscalePipeline", "assemble_sdxl", "calibrate", "denoiser", "from_pretrained", "from_single_file",
+           "generate", "img2img", "inpaint", "inpaint_blended", "inpaint_conditioned", "invert_images", "plan_for",
+           "sdxl_from_pretrained", "strength_start", "txt2img", "upscale", "upscale_image"]

@@ -3,12 +3,13 @@
 ``calibrate`` does what a calibration job needs for any denoiser ``(x, t, cond) -> x0_hat``
 (a trained network with its guidance, an analytic model):
 
-1. the probability-flow ODE from the calibration noise is solved with ``dopri5`` (rtol = atol
-   = ``tol``) from one point of a lattice of noise levels (uniform in log sigma) to the next,
+1. the probability-flow ODE from the calibration noise is solved by Dormand-Prince 5(4) (rtol = atol
+   = ``tol``; ``adaptive.odeint_through``, ``dopri5``'s variables) through a lattice of noise levels
+   (uniform in log sigma), its steps shortened to land on each,
    ``chunk`` samples at a time, and only the states at the lattice are kept (float32, (L, B, ...));
    the clean target is the denoiser's output at the last lattice point (what every sampler's
-   final jump returns). The reference's own error is measured by solving the first chunk
-   again at ``tol / 10``;
+   final jump returns). The reference's own error is measured by solving the first ``check``
+   samples again at ``tol / 10``;
 2. for each budget k (grid points = denoiser evaluations), ``search_grid`` picks k lattice
    points and fits the multistep and final coefficients on the fitting batch, scoring each
    candidate on a second, validation batch (``starting_grids`` seed the search);
@@ -36,9 +37,10 @@ from diffjax.convert.files import write_atomically
 from diffjax.processes import Process
 from diffjax.samplers import grids
 from diffjax.samplers import optimized_grids as og
-from diffjax.samplers.adaptive import dopri5
+from diffjax.samplers.adaptive import flow_field, odeint_through
 
 FORMAT = 1
+FITTED = "fitted"  # the name of a calibrated sampler (configs' sampler.name, a Plan's name)
 KARRAS_RHO = (3.0, 5.0, 7.0, 10.0)  # Karras grids that seed the search, with uniform log-SNR and uniform t
 
 
@@ -67,21 +69,16 @@ def reference_paths(process: Process, denoise, x, cond, lattice_ts, *, tol: floa
   dopri5's step sizes). Evaluations count batched denoiser calls of one chunk each.
   ``keep_states=False``: the target alone (states None).
   """
-  solver = dopri5(process, rtol=tol, atol=tol)
   ts = jnp.asarray(lattice_ts, jnp.float32)
+  us = jnp.log(process.edm_sigma(ts))
 
   @jax.jit
   def run(xc, cc):
     d = lambda x, t: denoise(x, t, cc)
-
-    def body(carry, pair):
-      x, nfe = carry
-      x_next, stats = solver.step(d, x, pair[0], pair[1], solver.init(x, ts), None)
-      return (x_next, nfe + stats.nfe), x_next / process.alpha(pair[1]) if keep_states else None
-
-    (x_last, nfe), path = jax.lax.scan(body, (xc, jnp.zeros((), jnp.int32)), (ts[:-1], ts[1:]))
-    states = jnp.concatenate([(xc / process.alpha(ts[0]))[None], path]) if keep_states else jnp.zeros(())
-    return states, d(x_last, ts[-1]), nfe + 1
+    x0s = xc / process.alpha(ts[0])
+    path, stats = odeint_through(flow_field(process, d), x0s, us, rtol=tol, atol=tol)
+    states = jnp.concatenate([x0s[None], path]) if keep_states else jnp.zeros(())
+    return states, d(process.alpha(ts[-1]) * path[-1], ts[-1]), stats.nfe + 1
 
   b = x.shape[0]
   states, targets, evaluations = [], [], 0
@@ -147,9 +144,19 @@ def load_fitted(path: str, key: dict, nfe: int) -> og.FittedSampler:
   return og.FittedSampler.from_dict(entry)
 
 
-def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, path: str, cond_fit=None,
-              cond_val=None, lattice: int = 64, history: int = 3, tol: float = 1e-5, chunk: int = 256,
-              moves=(1, 2, 4), max_sweeps: int = 6, progress: bool = True, log=print) -> dict:
+def _reference_error(process, denoise, x, cond, lattice_ts, states, target, tol: float, n: int) -> dict:
+  """RMS differences of the first n samples' target and lattice states (worst point) solved again at tol / 10."""
+  first = jax.tree.map(lambda a: a[:n], cond)
+  tight_states, tight_target, _ = reference_paths(process, denoise, x[:n], first, lattice_ts, tol=tol / 10, chunk=n)
+  error = np.sqrt(np.mean((tight_target.astype(np.float64) - target[:n]) ** 2))
+  path_error = np.sqrt(np.max(np.mean((tight_states.astype(np.float64) - states[:, :n]) ** 2,
+                                      axis=tuple(range(1, states.ndim)))))
+  return {"target_error_rms": float(error), "path_error_rms": float(path_error), "checked": n}
+
+
+def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, path: str | None, cond_fit=None,
+              cond_val=None, lattice: int = 64, history: int = 3, tol: float = 1e-5, chunk: int = 256, check: int = 64,
+              reference=None, moves=(1, 2, 4), max_sweeps: int = 6, progress: bool = True, log=print) -> dict:
   """Fits a sampler for every budget in ``budgets`` and writes the record to ``path`` (module docstring).
 
   Args:
@@ -160,11 +167,17 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
     budgets: denoiser evaluations per sample to fit for (each in [2, lattice]).
     key: JSON-able dict that names what the calibration is valid for (e.g. the model's
       fingerprint, process, guidance scale); checked on restart and by ``load_fitted``.
-    path: the JSON record; ``path + '.reference.npz'`` keeps the reference states.
+    path: the JSON record; ``path + '.reference.npz'`` keeps the reference states. None: nothing
+      is written (and nothing resumed).
     cond_fit, cond_val: pytrees of (B, ...) / (B', ...) conditions for ``denoise`` (or None).
     lattice: noise levels, uniform in log sigma, where reference states are kept (grid points
       are chosen among them); history: denoiser outputs combined per step; tol: dopri5's.
     chunk: samples per reference solve (memory: one chunk's states at the lattice).
+    check: samples whose reference is solved again at ``tol / 10`` to measure its error.
+    reference: ``(x, cond, keep_states) -> (states (L, B, ...) or None, target (B, ...), evaluations)``
+      in place of the Dormand-Prince solve (``reference_paths``' contract, x at the lattice's first
+      time), e.g. for a model whose flow is known in closed form; its error is not measured.
+    moves, max_sweeps: the grid search's (``optimized_grids.search_grid``).
 
   Returns:
     The record: ``key``, ``lattice`` (times), ``reference`` (tol, error, evaluations, seconds)
@@ -176,7 +189,7 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
   if bad:
     raise ValueError(f"budgets {bad} are outside [2, {lattice}] (the lattice size)")
   lattice_ts = np.asarray(og.log_sigma_lattice(process, lattice), np.float64)
-  if os.path.exists(path):
+  if path is not None and os.path.exists(path):
     record = read_record(path)
     message = _mismatch(path, record.get("key", {}), key)
     if message or record.get("lattice") != lattice_ts.tolist() or record.get("history") != history:
@@ -185,31 +198,30 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
   else:
     record = {"format": FORMAT, "key": key, "lattice": lattice_ts.tolist(), "history": history, "samplers": {}}
   x_fit, x_val = (process.prior_std * jnp.asarray(x, jnp.float32) for x in (x_fit, x_val))
-  ref_file = path + ".reference.npz"
+  ref_file = None if path is None else path + ".reference.npz"
   if "reference" in record and os.path.isfile(ref_file):
     with np.load(ref_file) as z:
       states, target, target_val = z["states"], z["target"], z["target_val"]
   else:
     t0 = time.time()
-    solve = functools.partial(reference_paths, process, denoise, lattice_ts=lattice_ts, tol=tol, chunk=chunk,
-                              progress=progress)
-    states, target, nfe_fit = solve(x_fit, cond_fit)
+    solve = reference or functools.partial(reference_paths, process, denoise, lattice_ts=lattice_ts, tol=tol,
+                                           chunk=chunk, progress=progress)
+    states, target, nfe_fit = solve(x_fit, cond_fit, keep_states=True)
     _, target_val, nfe_val = solve(x_val, cond_val, keep_states=False)
-    n = min(chunk, x_fit.shape[0])
-    first = jax.tree.map(lambda a: a[:n], cond_fit)
-    tight_states, tight_target, _ = reference_paths(process, denoise, x_fit[:n], first, lattice_ts, tol=tol / 10,
-                                                    chunk=n)
-    error = float(np.sqrt(np.mean((tight_target.astype(np.float64) - target[:n]) ** 2)))
-    path_error = float(np.sqrt(np.max(np.mean((tight_states.astype(np.float64) - states[:, :n]) ** 2,
-                                              axis=tuple(range(1, states.ndim))))))
-    record["reference"] = {"solver": "dopri5", "tol": tol, "target_error_rms": error, "path_error_rms": path_error,
-                           "evaluations": nfe_fit + nfe_val, "seconds": time.time() - t0,
-                           "fit_batch": int(x_fit.shape[0]), "validation_batch": int(x_val.shape[0])}
-    log(f"reference paths: {record['reference']['seconds']:.0f} s, {nfe_fit + nfe_val} chunk evaluations; "
-        f"error vs tol/10: target {error:.2e}, path {path_error:.2e} (RMS)")
-    write_atomically(ref_file, lambda tmp: np.savez(tmp, states=states, target=target, target_val=target_val),
-                     suffix=".npz")
-    _write_json(path, record)
+    record["reference"] = {"solver": "given" if reference else "dopri5", "tol": None if reference else tol,
+                           "evaluations": nfe_fit + nfe_val, "fit_batch": int(x_fit.shape[0]),
+                           "validation_batch": int(x_val.shape[0])}
+    if reference is None:
+      record["reference"].update(_reference_error(process, denoise, x_fit, cond_fit, lattice_ts, states, target, tol,
+                                                  min(check, x_fit.shape[0])))
+    record["reference"]["seconds"] = time.time() - t0
+    log(f"reference paths: {record['reference']['seconds']:.0f} s, {nfe_fit + nfe_val} batched evaluations"
+        + ("" if reference else f"; error vs tol/10: target {record['reference']['target_error_rms']:.2e}, path "
+           f"{record['reference']['path_error_rms']:.2e} (RMS)"))
+    if path is not None:
+      write_atomically(ref_file, lambda tmp: np.savez(tmp, states=states, target=target, target_val=target_val),
+                       suffix=".npz")
+      _write_json(path, record)
   fit_denoise = jax.jit(lambda x, t: denoise(x, t, cond_fit))
   val_denoise = jax.jit(lambda x, t: denoise(x, t, cond_val))
   for k in tqdm.tqdm([k for k in budgets if str(k) not in record["samplers"]], desc="fitting budgets", unit="budget",
@@ -219,7 +231,8 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
                          init=starting_grids(process, lattice_ts, k), moves=moves, max_sweeps=max_sweeps)
     record["samplers"][str(k)] = res.sampler.to_dict() | {
         "indices": res.indices, "candidates": res.candidates, "evaluations": res.evaluations, "seconds": res.seconds}
-    _write_json(path, record)
+    if path is not None:
+      _write_json(path, record)
     log(f"NFE {k}: validation RMSE {res.sampler.calib_rmse:.3e} ({res.candidates} candidate grids, "
         f"{res.seconds:.0f} s)")
   return record

@@ -39,6 +39,7 @@ multistep solver. Times are process times; all solvers here need alpha(t) > 0.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from typing import Any, NamedTuple
 
@@ -296,13 +297,10 @@ def fit_multistep(process: Process, denoise, x, ts, ref_states, target, history:
   beta = np.zeros((n - 1, max(history - 1, 0)))
   gamma = np.zeros(n - 1)
   for i in range(n - 1):
-    d = _checked(np.asarray(denoise(jnp.asarray(alpha[i] * xs, dtype), jnp.asarray(ts[i], dtype)), np.float64), ts[i])
+    d = _evaluate(denoise, alpha[i] * xs, ts[i], dtype)
     outs.insert(0, d)
     r = s[i + 1] / s[i]
-    base = r * xs + (1.0 - r) * d
-    regs = [(1.0 - r) * (outs[j] - d) for j in range(1, min(history, len(outs)))]
-    if free_ratio:
-      regs.append((1.0 - r) * (xs - d))
+    base, regs = _step_terms(xs, outs[: history], r, free_ratio)
     c = _lstsq(regs, np.asarray(ref_states[i + 1], np.float64) - base)
     if free_ratio:
       gamma[i] = c[-1]
@@ -310,15 +308,87 @@ def fit_multistep(process: Process, denoise, x, ts, ref_states, target, history:
     else:
       beta[i, : c.size] = c
     xs = base + sum((cj * g for cj, g in zip(c, regs, strict=True)), np.zeros_like(base))
-  d = _checked(np.asarray(denoise(jnp.asarray(alpha[-1] * xs, dtype), jnp.asarray(ts[-1], dtype)), np.float64), ts[-1])
-  outs.insert(0, d)
-  regs = [outs[j] - d for j in range(1, min(history, len(outs)))]
-  w = _lstsq(regs, np.asarray(target, np.float64) - d)
-  out = d + sum((wj * g for wj, g in zip(w, regs, strict=True)), np.zeros_like(d))
+  outs.insert(0, _evaluate(denoise, alpha[-1] * xs, ts[-1], dtype))
+  w = _lstsq(_final_terms(outs[: history]), np.asarray(target, np.float64) - outs[0])
   final = np.zeros(max(history - 1, 0))
   final[: w.size] = w
-  rmse = float(np.sqrt(np.mean((out - np.asarray(target, np.float64)) ** 2)))
-  return FittedSampler(ts, beta, final, gamma, rmse)
+  fitted = FittedSampler(ts, beta, final, gamma)
+  fitted.calib_rmse = _rmse(_final_estimate(outs, fitted.final_weights), target)
+  return fitted
+
+
+def _evaluate(denoise, x, t, dtype) -> np.ndarray:
+  """The denoiser's output (float64) at x (float64, cast to ``dtype``) and time t, checked finite."""
+  return _checked(np.asarray(denoise(jnp.asarray(x, dtype), jnp.asarray(t, dtype)), np.float64), t)
+
+
+def _step_terms(xs, outs, r, free_ratio: bool):
+  """(DDIM's x~_{i+1}, the regressors whose fitted weights are beta_i (and gamma_i)) of a ``fitted_multistep``
+  step from x~_i with ratio r = s_{i+1} / s_i; outs: D_i, D_{i-1}, ... (most recent first, at most H)."""
+  d = outs[0]
+  regs = [(1.0 - r) * (prev - d) for prev in outs[1:]]
+  if free_ratio:
+    regs.append((1.0 - r) * (xs - d))
+  return r * xs + (1.0 - r) * d, regs
+
+
+def _final_terms(outs):
+  """Regressors of the final estimate's weights: D_{N-j} - D_N for the outputs before the last (outs: most
+  recent first)."""
+  return [prev - outs[0] for prev in outs[1:]]
+
+
+def _final_estimate(outs, weights) -> np.ndarray:
+  """sum_j weights_j D_{N-j} (outs: most recent first; weights sum to 1, as ``FittedSampler.final_weights``)."""
+  return outs[0] + sum((w * g for w, g in zip(weights[1:], _final_terms(outs[: len(weights)]), strict=False)),
+                       np.zeros_like(outs[0]))
+
+
+def _rmse(x, target) -> float:
+  return float(np.sqrt(np.mean((np.asarray(x, np.float64) - np.asarray(target, np.float64)) ** 2)))
+
+
+def rollout(process: Process, fitted: FittedSampler, denoise, x) -> np.ndarray:
+  """(B, ...) float64 output of ``fitted.sample`` computed step by step in float64 (the denoiser called once per
+  grid point at x cast to x's dtype): what ``fit_multistep`` computes, for a batch it did not fit on."""
+  ts = np.asarray(fitted.ts, np.float64)
+  alpha = np.asarray(process.alpha(jnp.asarray(ts, jnp.float32)), np.float64)
+  s = np.asarray(process.edm_sigma(jnp.asarray(ts, jnp.float32)), np.float64)
+  dtype, history = jnp.asarray(x).dtype, fitted.final.size + 1
+  xs, outs = np.asarray(x, np.float64) / alpha[0], []
+  for i in range(len(ts) - 1):
+    outs.insert(0, _evaluate(denoise, alpha[i] * xs, ts[i], dtype))
+    base, regs = _step_terms(xs, outs[: history], s[i + 1] / s[i], True)
+    coefs = list(fitted.beta[i, : len(regs) - 1]) + [0.0 if fitted.gamma is None else fitted.gamma[i]]
+    xs = base + sum((cj * g for cj, g in zip(coefs, regs, strict=True)), np.zeros_like(base))
+  outs.insert(0, _evaluate(denoise, alpha[-1] * xs, ts[-1], dtype))
+  return _final_estimate(outs, fitted.final_weights[: min(history, len(ts))])
+
+
+class _Remembered:
+  """``denoise`` that returns the stored output for an input it has seen (the same bytes at the same time).
+
+  A greedy fit's first i steps depend only on the first i + 1 grid points, and the search's candidates
+  differ from the best grid in one point: their fits and validation runs repeat the best grid's first
+  evaluations on identical inputs. Keeps the ``size`` most recent outputs.
+  """
+
+  def __init__(self, denoise, size: int):
+    self._denoise, self._size, self._outputs = denoise, size, {}
+    self.calls = 0  # evaluations made (not remembered)
+
+  def __call__(self, x, t):
+    a = np.asarray(x)
+    key = (hashlib.sha256(np.ascontiguousarray(a).view(np.uint8)).hexdigest(), a.shape, float(t))
+    if key in self._outputs:
+      out = self._outputs.pop(key)
+    else:
+      self.calls += 1
+      out = np.asarray(self._denoise(x, t))
+    self._outputs[key] = out  # most recently used last
+    while len(self._outputs) > self._size:
+      del self._outputs[next(iter(self._outputs))]
+    return out
 
 
 # ------------------------------------------------------------------------------------
@@ -358,8 +428,10 @@ def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target
     max_sweeps: passes over the points (stops early when a pass improves nothing).
 
   Returns:
-    ``SearchResult`` (its sampler's ``calib_rmse`` is the score); every candidate costs
-    N batched evaluations, twice with ``validation``.
+    ``SearchResult`` (its sampler's ``calib_rmse`` is the score). A candidate costs at most N
+    batched evaluations, twice with ``validation`` (computed by ``rollout``); evaluations on
+    inputs an earlier candidate already had (the first steps of a grid that differs from the
+    best one in a later point) are remembered, not repeated.
   """
   t0 = time.time()
   lattice_ts = np.asarray(lattice_ts, np.float64)
@@ -368,23 +440,18 @@ def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target
   if n_points < 2 or n_points > size:
     raise ValueError(f"need 2 <= n_points <= lattice size {size}, got {n_points}")
   cache = {}
+  fit_denoise = _Remembered(denoise, 2 * n_points)
   if validation is not None:
     x_val, target_val = validation
-    val_denoise = denoise if validation_denoise is None else validation_denoise
-    run = jax.jit(lambda beta, gamma, final_w, ts: sample(
-        final_estimate_solver(fitted_multistep(process, beta, gamma), process, final_w.shape[0], final_w),
-        val_denoise, x_val, ts, denoise_final=False))
+    val_denoise = _Remembered(denoise if validation_denoise is None else validation_denoise, 2 * n_points)
 
   def score(idx):
     key = tuple(idx)
     if key not in cache:
-      fitted = fit_multistep(process, denoise, x, lattice_ts[list(idx)], lattice_states[list(idx)], target, history,
-                             free_ratio)
+      fitted = fit_multistep(process, fit_denoise, x, lattice_ts[list(idx)], lattice_states[list(idx)], target,
+                             history, free_ratio)
       if validation is not None:
-        m = min(fitted.final.size + 1, n_points)
-        out = run(jnp.asarray(fitted.beta, x_val.dtype), jnp.asarray(fitted.gamma, x_val.dtype),
-                  jnp.asarray(fitted.final_weights[:m], x_val.dtype), jnp.asarray(fitted.ts, x_val.dtype))
-        fitted.calib_rmse = float(jnp.sqrt(jnp.mean((out.astype(jnp.float32) - target_val) ** 2)))
+        fitted.calib_rmse = _rmse(rollout(process, fitted, val_denoise, x_val), target_val)
       cache[key] = fitted
     return cache[key].calib_rmse
 
@@ -408,8 +475,8 @@ def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target
             best, improved = cand, True
     if not improved:
       break
-  per_candidate = n_points * (2 if validation is not None else 1)
-  return SearchResult(cache[tuple(best)], best, evaluations=len(cache) * per_candidate, candidates=len(cache),
+  evaluations = fit_denoise.calls + (val_denoise.calls if validation is not None else 0)
+  return SearchResult(cache[tuple(best)], best, evaluations=evaluations, candidates=len(cache),
                       seconds=time.time() - t0)
 
 

@@ -29,8 +29,7 @@ from diffjax.models.text import CLIPTextConfig
 from diffjax.models.text_to_image import TextToImage
 from diffjax.models.tokenizers import ByteTokenizer
 from diffjax.models.unet import UNetConfig
-from diffjax.pipelines import Pipeline, core, programs, text_to_image
-from diffjax.samplers import calibration
+from diffjax.pipelines import Pipeline, programs, text_to_image
 from diffjax.schema import ConfigError
 from diffjax.train import latent, loop, sharding, steps
 from diffjax.train.checkpoint import Checkpointer
@@ -60,10 +59,7 @@ def sample_plan(config, process, params=None) -> pipelines.Plan:
   if params is None:
     raise ConfigError("sampler.name='fitted' is calibrated for trained weights: use it with --mode=sample, "
                       "evaluate or a sweep of a trained workdir, not while training")
-  fitted = calibration.load_fitted(s.calibration, calibration_key(config, params), s.nfe)
-  # the options name the file and its coefficients (programs stored on disk are keyed by them)
-  return pipelines.Plan(fitted.solver(process), fitted.ts, False, float(process.prior_std), schema.FITTED,
-                        (("calibration", s.calibration), ("sha256", programs.fingerprint(fitted.to_dict()))))
+  return pipelines.calibrate.fitted_plan(process, s.calibration, calibration_key(config, params), s.nfe)
 
 
 def calibration_key(config, params) -> dict:
@@ -576,21 +572,10 @@ def calibrate_checkpoint(config, workdir: str, path: str) -> dict:
   prompts = list(cal.get("prompts") or config.get("prompts") or ())
   if not prompts:
     raise ValueError("calibration.prompts (or config.prompts) must name the prompts to calibrate with")
-  guidance_scale = float(config.sampler.guidance_scale)
-  encode = jax.jit(pipe.encode_text)
-  negative = encode(params, *pipe.tokenize_checked([""]))
-  shape = pipe.latent_shape(config.data.image_size, config.data.image_size)
-
-  def draw(i: int, n: int):
-    k_noise, k_prompt = jax.random.split(jax.random.fold_in(jax.random.key(cal.seed), i))
-    which = np.asarray(jax.random.randint(k_prompt, (n,), 0, len(prompts)))
-    return jax.random.normal(k_noise, (n,) + shape), encode(params, *pipe.tokenize_checked([prompts[j] for j in which]))
-
-  def denoise(x, t, context):
-    return core.denoiser(pipe, params, context, negative, guidance_scale)(x, t)
-
-  (x_fit, c_fit), (x_val, c_val) = draw(0, cal.batch), draw(1, cal.validation_batch)
   logging.info("calibrating step %d for %s evaluations into %s", step, tuple(cal.budgets), path)
-  return calibration.calibrate(pipe.process, denoise, x_fit, x_val, cal.budgets, key=calibration_key(config, params),
-                               path=path, cond_fit=c_fit, cond_val=c_val, lattice=cal.lattice, tol=cal.tol,
-                               chunk=cal.chunk, log=logging.info)
+  size = config.data.image_size
+  return pipelines.calibrate.calibrate(
+      pipe, params, prompts, path, key=calibration_key(config, params),
+      guidance_scale=float(config.sampler.guidance_scale), height=size, width=size, budgets=cal.budgets,
+      batch=cal.batch, validation_batch=cal.validation_batch, seed=cal.seed, lattice=cal.lattice, tol=cal.tol,
+      chunk=cal.chunk, log=logging.info)
