@@ -498,7 +498,7 @@ def generate(sample_fn, params, prompts, plan: pipelines.Plan, guidance_scale: f
   return images.to_uint8(np.asarray(x))
 
 
-def _latest_ema(config, workdir: str):
+def load_components(config, workdir: str):
   """(components, (EMA params, frozen params), step) of the newest checkpoint under ``workdir``."""
   validate(config)
   c = build_components(config)
@@ -513,7 +513,7 @@ def _latest_ema(config, workdir: str):
 def load_pipeline(config, workdir: str) -> tuple[Pipeline, dict, int]:
   """(pipeline, its parameters, step) of the newest checkpoint under ``workdir``: the EMA weights of the
   network the config describes, with its frozen VAE and text encoder (``pipeline_params``)."""
-  c, (ema, frozen), step = _latest_ema(config, workdir)
+  c, (ema, frozen), step = load_components(config, workdir)
   return c.pipe, pipeline_params(ema, frozen), step
 
 
@@ -549,7 +549,7 @@ def evaluate_checkpoint(config, workdir: str, output_dir: str) -> dict:
   from the config (overrides), so one training run serves any number of evaluations.
   Returns the scores written to ``output_dir/eval.json``.
   """
-  c, params, step = _latest_ema(config, workdir)
+  c, params, step = load_components(config, workdir)
   plan = sample_plan(config, c.spec.process, pipeline_params(*params))
   data_dir = dataset_dir(config, workdir)
   scores = evaluate(config, c, make_sample_fn(c, plan), params, plan, data_dir, workdir, output_dir)["scores"]
