@@ -27,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffjax.data import digits
@@ -91,6 +91,7 @@ def rmse(y, target) -> float:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax's and tfds' INFO lines would bury the table
   config = _CONFIG.value
   record = calibration.read_record(_CALIBRATION.value)
   pipe, params, step = trainer.load_pipeline(config, _WORKDIR.value)

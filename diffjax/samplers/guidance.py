@@ -19,7 +19,8 @@ def classifier_free(denoise, cond, uncond, scale, *, process: Process | None = N
                     interval: tuple | None = None, rescale: float = 0.0, rescale_target: str = "eps"):
   """Classifier-free guidance (Ho & Salimans 2022): D = D_u + scale (D_c - D_u).
 
-  Both predictions come from one network call on the batch [x; x] with [cond; uncond].
+  Both predictions come from one network call on the batch of 2B rows (x_0, x_0, x_1, x_1, ...) with
+  (cond_0, uncond_0, cond_1, uncond_1, ...).
   Negative prompts are ``uncond`` set to the negative prompt's conditioning.
 
   Args:
@@ -39,10 +40,16 @@ def classifier_free(denoise, cond, uncond, scale, *, process: Process | None = N
   if (interval is not None or rescale) and process is None:
     raise ValueError("classifier_free: interval and rescale need the process")
 
+  def interleave(c, u):  # (B, ...), (B or 1, ...) -> (2B, ...) rows c_0, u_0, c_1, u_1, ...
+    u = jnp.broadcast_to(u, c.shape)
+    return jnp.stack([c, u], axis=1).reshape((2 * c.shape[0],) + c.shape[1:])
+
   def guided(x, t):
-    b = x.shape[0]
-    both = jax.tree.map(lambda c, u: jnp.concatenate([c, jnp.broadcast_to(u, (b,) + u.shape[1:])]), cond, uncond)
-    d_c, d_u = jnp.split(denoise(jnp.concatenate([x, x]), t, both), 2)
+    # Each sample's two branches are neighbours in the network's batch (not [x; x]): sharded over a batch axis,
+    # a device's rows stay on it (concatenation moved rows between devices at every step).
+    both = jax.tree.map(interleave, cond, uncond)
+    out = denoise(interleave(x, x), t, both).reshape((x.shape[0], 2) + x.shape[1:])
+    d_c, d_u = out[:, 0], out[:, 1]
     d = d_u + scale * (d_c - d_u)
     if rescale:
       pred = lambda d0: parameterization.from_x0(rescale_target, d0, x, t, process)
