@@ -397,28 +397,35 @@ def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine
   lattice = np.asarray(og.log_sigma_lattice(p, lattice_size), np.float64)
   sig = np.asarray(p.edm_sigma(jnp.asarray(lattice, jnp.float32)), np.float64)
   alpha0 = float(p.alpha(jnp.float32(lattice[0])))
-  start_fit, start_val = (np.asarray(p.prior_std * x, np.float64) / alpha0 for x in (x_fit, x_val))  # x~ at t_max
-  nfe0 = problem.ref_nfe
-  states, target = problem.reference_path(start_fit, sig)
-  target_val = np.asarray(problem.reference(start_val, float(sig[0])), np.float32)
-  exact = {True: (states, np.asarray(target, np.float32), problem.ref_nfe - nfe0), False: (None, target_val, 0)}
+  targets = {}  # the exact references the library asked for (the refinement reuses them)
+
+  def exact(x, cond, keep_states):
+    """The mixture's float64 flow from x (at t_max) in the library's reference contract."""
+    del cond
+    start, nfe0 = np.asarray(x, np.float64) / alpha0, problem.ref_nfe
+    if keep_states:
+      states, target = problem.reference_path(start, sig)
+    else:
+      states, target = None, problem.reference(start, float(sig[0]))
+    targets[keep_states] = np.asarray(target, np.float32)
+    return states, targets[keep_states], problem.ref_nfe - nfe0
+
   fast = problem.fast_denoiser()
   budgets = [k for k in nfes if 2 <= k <= min(lattice_size, max_nfe)]
   lib = calibration.calibrate(p, lambda x, t, cond: fast(x, t), x_fit, x_val, budgets, key={}, path=None,
-                              lattice=lattice_size, history=CALIB_HISTORY,
-                              reference=lambda x, cond, keep_states: exact[keep_states], progress=False,
+                              lattice=lattice_size, history=CALIB_HISTORY, reference=exact, progress=False,
                               log=lambda s: log(f"  {s}"))
   record = dict(sha256=_sha256(problem.path), process=problem.process_name, calib_seed=calib_seed, batch=batch,
                 val_batch=val_batch, lattice=lattice_size, history=CALIB_HISTORY,
-                reference_cost=dict(seconds=lib["reference"]["seconds"], evaluations=exact[True][2]),
+                reference_cost=dict(seconds=lib["reference"]["seconds"], evaluations=lib["reference"]["evaluations"]),
                 samplers={}, device=jax.devices()[0].device_kind)
   x_fit_t, x_val_t = p.prior_std * x_fit, p.prior_std * x_val  # at t_max, as the library starts
   for k, entry in lib["samplers"].items():
     fitted, t_refine = og.FittedSampler.from_dict(entry), time.time()
     searched_rmse = fitted.calib_rmse
     if refine_steps:
-      fitted, _ = og.refine(p, fitted, fast, x_fit_t, jnp.asarray(exact[True][1]), steps=refine_steps,
-                            validation=(x_val_t, jnp.asarray(target_val)))
+      fitted, _ = og.refine(p, fitted, fast, x_fit_t, jnp.asarray(targets[True]), steps=refine_steps,
+                            validation=(x_val_t, jnp.asarray(targets[False])))
     t_refine = time.time() - t_refine
     record["samplers"][k] = dict(entry, **fitted.to_dict(), seconds=entry["seconds"] + t_refine,
                                  searched_rmse=searched_rmse, refine_steps=refine_steps,
