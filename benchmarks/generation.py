@@ -19,10 +19,14 @@ The tokenizer is a small BPE vocabulary made here in CLIP's format: token ids di
 CLIP vocabulary, which changes no shape and no cost (the sequence is always padded to 77).
 
 The table also reports how long this machine takes to fault in fresh memory (a child process
-touching 1 GiB), before the first point and after each one. On a virtual machine whose host
-reclaims freed memory this was seen to vary from 0.15 s/GiB to 11 s/GiB within an hour; at more
-than ``SLOW_FAULTS`` s/GiB loading and first calls are dominated by page faults, and the figures
-are not comparable with a quiet machine's (the script says so).
+touching 1 GiB with numpy), before the first point and after each one, with and without numpy's
+transparent-huge-page advice. On the virtual machines this was developed on, numpy's
+``madvise(MADV_HUGEPAGE)`` on large arrays made first touches cost 3-15 s/GiB (each 2 MiB huge
+page faulted in 8-15 ms, counted by ``thp_fault_alloc`` in /proc/vmstat) while 4 KiB pages
+cost 0.15-0.5 s/GiB, varying within minutes. The children therefore run with
+``NUMPY_MADVISE_HUGEPAGE=0`` (both frameworks; ``--numpy_hugepages`` keeps numpy's default),
+and above ``SLOW_FAULTS`` s/GiB for the setting they run with, the script warns that loading
+and first calls are dominated by page faults.
 """
 
 from __future__ import annotations
@@ -49,19 +53,30 @@ SD15_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "sc
 SLOW_FAULTS = 0.5  # s/GiB of first-touch page faults above which the machine is flagged
 
 
-def fresh_memory_s_per_gib() -> float:
-  """Seconds per GiB that a new process takes to allocate and touch 1 GiB (page faults included)."""
+def fresh_memory_s_per_gib(env: dict | None = None) -> float:
+  """Seconds per GiB that a new process (environment ``env``) takes to allocate and touch 1 GiB with numpy."""
   code = ("import time, numpy as np; t = time.perf_counter(); a = np.ones(2**30, np.uint8); "
           "print(time.perf_counter() - t)")
-  return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+  return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env=env).stdout)
+
+
+def child_environment(numpy_hugepages: bool) -> dict:
+  """The children's environment: numpy's huge-page advice off unless asked for (see the module docstring)."""
+  env = dict(os.environ)
+  if not numpy_hugepages:
+    env["NUMPY_MADVISE_HUGEPAGE"] = "0"
+  return env
 
 
 def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def make_folder(folder: str) -> None:
-  """A diffusers StableDiffusionPipeline folder with random weights at SD 1.5's shapes."""
+def make_folder(folder: str, tiny: bool = False) -> None:
+  """A diffusers StableDiffusionPipeline folder with random weights at SD 1.5's shapes, or (``tiny``) SD's
+  architecture at toy widths: a 4-level VAE (8x downsampling, 4 latent channels), diffjax's tiny U-Net, a
+  2-layer CLIP text tower of width 32."""
   import diffusers
   import torch
   import transformers
@@ -71,7 +86,7 @@ def make_folder(folder: str) -> None:
 
   from diffjax.convert.configs import unet_config_to_diffusers, vae_config_to_diffusers
   from diffjax.models.unet import UNET_CONFIGS
-  from diffjax.models.vae import VAE_CONFIGS
+  from diffjax.models.vae import VAE_CONFIGS, VAEConfig
 
   torch.manual_seed(0)
   tok = os.path.join(folder, "_tokenizer_files")
@@ -83,12 +98,18 @@ def make_folder(folder: str) -> None:
     f.write("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
   tokenizer = transformers.CLIPTokenizer(os.path.join(tok, "vocab.json"), os.path.join(tok, "merges.txt"),
                                          model_max_length=77)
-  text = transformers.CLIPTextModel(transformers.CLIPTextConfig(  # CLIP ViT-L/14's text tower
-      vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-      max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=vocab["<|startoftext|>"],
+  widths = (dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4) if tiny else  # CLIP ViT-L/14's text tower
+            dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12))
+  text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      **widths, max_position_embeddings=77, hidden_act="quick_gelu", bos_token_id=vocab["<|startoftext|>"],
       eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]))
-  unet = diffusers.UNet2DConditionModel.from_config(unet_config_to_diffusers(UNET_CONFIGS["sd15"]))
-  vae = diffusers.AutoencoderKL.from_config(vae_config_to_diffusers(VAE_CONFIGS["sd"]))
+  unet_config = UNET_CONFIGS["tiny" if tiny else "sd15"]
+  vae_config = VAEConfig(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8) if tiny else \
+      VAE_CONFIGS["sd"]
+  unet = diffusers.UNet2DConditionModel.from_config(unet_config_to_diffusers(unet_config))
+  vae = diffusers.AutoencoderKL.from_config(vae_config_to_diffusers(vae_config))
   pipe = diffusers.StableDiffusionPipeline(
       vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=diffusers.PNDMScheduler(**SD15_SCHEDULER),
       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -150,7 +171,7 @@ def child_diffjax(args) -> dict:
 def _run_child(args, framework: str, size: int, batch: int, reps: int, cache: str) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--child", framework, "--folder", args.folder, "--size", str(size),
          "--batch", str(batch), "--steps", str(args.steps), "--reps", str(reps), "--cache", cache]
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=child_environment(args.numpy_hugepages))
   if out.returncode != 0:
     raise RuntimeError(f"{framework} {size}px batch {batch} failed:\n{out.stderr[-3000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -165,6 +186,9 @@ def main(argv=None):
   parser.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "diffjax_bench_sd15"),
                       help="the random-weight SD 1.5 folder (made on first use)")
   parser.add_argument("--json", default="", help="also write the results here")
+  parser.add_argument("--numpy_hugepages", action="store_true",
+                      help="keep numpy's transparent-huge-page advice in the children "
+                      "(default: NUMPY_MADVISE_HUGEPAGE=0)")
   parser.add_argument("--child", choices=("diffusers", "diffjax"), help=argparse.SUPPRESS)
   parser.add_argument("--size", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
@@ -177,9 +201,13 @@ def main(argv=None):
   if not os.path.isfile(os.path.join(args.folder, "model_index.json")):
     print(f"making the random-weight SD 1.5 folder {args.folder} ...", flush=True)
     make_folder(args.folder)
-  faults = [fresh_memory_s_per_gib()]
+  env = child_environment(args.numpy_hugepages)
+  faults = [fresh_memory_s_per_gib(env)]
+  advised = fresh_memory_s_per_gib(child_environment(True))
   print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; {args.steps} PNDM steps, CFG 7.5, "
-        f"float32; median of {args.reps} calls after the first; fresh memory {faults[0]:.2f} s/GiB\n")
+        f"float32; median of {args.reps} calls after the first; fresh memory {faults[0]:.2f} s/GiB as the children "
+        f"run ({'numpy huge pages' if args.numpy_hugepages else 'NUMPY_MADVISE_HUGEPAGE=0'}), "
+        f"{advised:.2f} s/GiB with numpy's huge-page advice\n")
   header = (f"{'size':>5} {'batch':>5} | {'diffusers s/img':>15} {'diffjax s/img':>13} | {'img/s ratio':>11} | "
             f"{'cold compile s':>14} {'warm start s':>12} | {'RSS GiB torch':>13} {'jax':>5} | {'faults s/GiB':>12}")
   print(header + "\n" + "-" * len(header), flush=True)
@@ -198,7 +226,7 @@ def main(argv=None):
              "diffusers_load_s": ref["load_s"], "peak_rss_gib": {"diffusers": ref["peak_rss_gib"],
                                                                   "diffjax": warm["peak_rss_gib"]},
              "raw": {"diffusers": ref, "diffjax_cold": cold, "diffjax_warm": warm}}
-      faults.append(fresh_memory_s_per_gib())
+      faults.append(fresh_memory_s_per_gib(env))
       row["fresh_memory_s_per_gib"] = faults[-1]
       rows.append(row)
       print(f"{size:>5} {batch:>5} | {row['diffusers_s_per_image']:>15.2f} {row['diffjax_s_per_image']:>13.2f} | "
@@ -211,6 +239,7 @@ def main(argv=None):
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"steps": args.steps, "reps": args.reps, "cores": os.cpu_count(), "fresh_memory_s_per_gib": faults,
+                 "numpy_hugepages": args.numpy_hugepages, "advised_fresh_memory_s_per_gib": advised,
                  "rows": rows}, f, indent=2)
 
 

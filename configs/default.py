@@ -28,6 +28,12 @@ def get_config(arg: str = ""):
   c.sampler = dict(name="dpmpp_2m", options={}, grid="log_snr", nfe=20, guidance_scale=2.0, calibration="")
   # --mode=calibrate: fitted samplers for these evaluation counts from reference paths (dopri5 at tol) of batch
   # noises with prompts (default config.prompts) drawn by seed, kept at a lattice of noise levels, chunk at a time.
+  # Marks on the samples the evaluation and --mode=sample make (diffjax.watermark; see configs/generate.py):
+  # "pixel+latent" | "pixel" | "latent" | "none"; the pixel mark needs RGB >= 256 x 256, so small images carry the
+  # latent mark alone (the key's pattern in the initial noise)
+  c.watermark = "pixel+latent"
+  c.watermark_seed = 20261206
+  c.watermark_radius = 0.0  # the latent key's radius in frequency units (0: 10/64 of the latent's side)
   c.calibration = dict(budgets=(4, 5, 6, 8, 10), batch=256, validation_batch=256, lattice=48, tol=1e-5, chunk=256,
                        seed=7919, prompts=())
   # Device mesh (data x fsdp = all devices; data=-1: what fsdp leaves) and the rules mapping the parameters'

@@ -17,7 +17,10 @@ fitted to this pipeline: python -m diffjax.main --mode=calibrate --config=config
 --config.pretrained=PATH (writes /tmp/gen/calibration.json), then --config.sampler.name=fitted
 --config.sampler.calibration=/tmp/gen/calibration.json --config.sampler.steps=5.
 Outputs under --workdir: one PNG per image, samples.npz, generation.json (everything needed
-to reproduce each image: seed, sampler, grid, guidance, the weights' SHA-256).
+to reproduce each image: seed, sampler, grid, guidance, the weights' SHA-256, the marks written).
+Every image is marked (--config.watermark=none opts out); which marks images carry:
+python -m diffjax.main --mode=detect --config=configs/generate.py --workdir=/tmp/det \
+    --config.pretrained=PATH --config.detect.images=/tmp/gen (writes /tmp/det/detection.json).
 The arg ``tiny`` (configs/generate.py:tiny) makes small, fast settings for a check.
 """
 
@@ -61,6 +64,16 @@ def get_config(arg: str = ""):
   # (default config.prompts), kept at a lattice of noise levels, chunk samples at a time
   config.calibration = ml_collections.ConfigDict(dict(budgets=(4, 5, 6, 8, 10), batch=64, validation_batch=64,
                                                       lattice=48, tol=1e-5, chunk=8, seed=7919, prompts=()))
+  # Marks on every image (diffjax.watermark): "pixel+latent", "pixel" (dwtDct, RGB >= 256 x 256), "latent" (the
+  # key's pattern in txt2img's initial noise) or "none"; watermark_seed is the latent mark's key (the public default
+  # marks "made with diffjax": set your own to keep it secret)
+  config.watermark = "pixel+latent"
+  config.watermark_seed = 20261206
+  config.watermark_radius = 0.0  # the latent key's radius in frequency units (0: 10/64 of the latent's side)
+  # --mode=detect: the images to read (a folder, a glob or comma-separated files); a mark is reported when its
+  # p-value is below alpha. The latent mark is read by inverting each image with config.pretrained (the empty prompt,
+  # guidance 1, config.sampler's plan, at height x width)
+  config.detect = ml_collections.ConfigDict(dict(images="", alpha=1e-3))
   if arg == "tiny":
     config.height = config.width = 64
     config.sampler.steps = 4

@@ -38,6 +38,12 @@ def get_config(arg: str = ""):
   c.train = dict(num_steps=6000, cond_dropout=0.1, ema_decay=0.999, compute_dtype="float32", log_every=100,
                  checkpoint_every=1000, keep_checkpoints=3)
   c.sampler = dict(name="dpmpp_2m", options={}, grid="log_snr", nfe=25, guidance_scale=3.0, calibration="")
+  # Marks on the samples the evaluation and --mode=sample make (diffjax.watermark; see configs/generate.py):
+  # "pixel+latent" | "pixel" | "latent" | "none"; the pixel mark needs RGB >= 256 x 256, so small images carry the
+  # latent mark alone (the key's pattern in the initial noise)
+  c.watermark = "pixel+latent"
+  c.watermark_seed = 20261206
+  c.watermark_radius = 0.0  # the latent key's radius in frequency units (0: 10/64 of the latent's side)
   c.calibration = dict(budgets=(4, 5, 6, 8, 10), batch=256, validation_batch=256, lattice=48, tol=1e-5, chunk=128,
                        seed=7919, prompts=())  # --mode=calibrate (configs/default.py)
   c.mesh = dict(data=-1, fsdp=1)

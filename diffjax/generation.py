@@ -28,6 +28,7 @@ import tqdm
 from absl import logging
 
 from diffjax import images, pipelines, schema
+from diffjax import watermark as wm
 from diffjax.pipelines import calibrate
 from diffjax.schema import ConfigError
 from diffjax.train import trainer
@@ -223,12 +224,19 @@ def generate(config, output_dir: str) -> dict:
   seeds = [config.seed + i for i in range(len(prompts))]
   os.makedirs(output_dir, exist_ok=True)
   guidance = pipelines.Guidance(rescale=float(s.guidance_rescale))
+  mark = wm.from_config(config.watermark, config.watermark_seed, config.watermark_radius)
+  if mark.latent is not None and config.watermark_radius and config.task == "txt2img":  # the default fits or skips
+    try:
+      mark.latent.record(pipe.latent_shape(height, width))
+    except ValueError as e:
+      raise ConfigError(f"config.watermark_radius: {e}") from None
   records, pixels = [], []
   with tqdm.tqdm(total=len(prompts), unit="image", desc="generating", dynamic_ncols=True) as bar:
     for start in range(0, len(prompts), config.batch_size):
       batch = slice(start, start + config.batch_size)
       kw = dict(negative_prompts=[config.negative_prompt], height=height, width=width, plan=plan,
-                guidance_scale=float(s.guidance_scale), guidance=guidance, seed=seeds[batch], strength=strength)
+                guidance_scale=float(s.guidance_scale), guidance=guidance, seed=seeds[batch], strength=strength,
+                watermark=mark)
       if config.task == "inpaint":
         out = pipelines.inpaint(pipe, params, prompts[batch], image, mask, repaint=repaint, **kw)
       elif config.task == "upscale":

@@ -26,19 +26,21 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffjax import generation, sampler_demo, schema
+from diffjax import detection, generation, sampler_demo, schema
 from diffjax.samplers import calibration
 from diffjax.train import trainer, vae_trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (checkpoints, logs, images).")
-_MODE = flags.DEFINE_enum("mode", "run", ["run", "sample", "evaluate", "generate", "calibrate"],
+_MODE = flags.DEFINE_enum("mode", "run", ["run", "sample", "evaluate", "generate", "calibrate", "detect"],
                           "run: the config's job (train, train_vae, sampler_demo, generate); sample: sample from the "
                           "latest checkpoint in --workdir; evaluate: the config's evaluation of that checkpoint "
                           "(sampler and evaluation overrides apply) into --output; generate: the same as run for a "
                           "generation config (configs/generate.py); calibrate: fit samplers to that checkpoint, or to "
                           "a generation config's pretrained pipeline (config.calibration) into "
-                          "--output/calibration.json (default WORKDIR/calibration.json).")
+                          "--output/calibration.json (default WORKDIR/calibration.json); detect: which marks the "
+                          "images config.detect.images names carry (a generation config) into "
+                          "WORKDIR/detection.json.")
 _PROMPTS = flags.DEFINE_multi_string("prompts", [], "--mode=sample: prompts (repeat the flag).")
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_samples_per_prompt", 4, "--mode=sample: images per prompt.")
 _OUTPUT = flags.DEFINE_string("output", None, "--mode=sample/evaluate: output directory (default WORKDIR/samples, "
@@ -138,6 +140,11 @@ def main(argv):
   os.makedirs(_WORKDIR.value, exist_ok=True)
   if _MODE.value == "generate" and config.job != "generate":
     raise app.UsageError(f"--mode=generate needs a generation config (configs/generate.py), not job {config.job!r}")
+  if _MODE.value == "detect":
+    if config.job != "generate":
+      raise app.UsageError(f"--mode=detect needs a generation config (configs/generate.py), not job {config.job!r}")
+    detection.detect(config, _OUTPUT.value or _WORKDIR.value)
+    return
   if _MODE.value == "calibrate" and config.job in ("train", "generate"):
     path = os.path.join(_OUTPUT.value or _WORKDIR.value, "calibration.json")
     if config.job == "train":

@@ -153,6 +153,12 @@ class Rule:
 # ----------------------------------------------------------------------------------
 # Choices from the registries (imported when checked: the schema stays cheap to import).
 # ----------------------------------------------------------------------------------
+def _watermarks():
+  from diffjax import watermark
+
+  return watermark.KINDS
+
+
 def _solvers():
   from diffjax.samplers import SOLVERS
   return SOLVERS
@@ -301,6 +307,8 @@ TRAIN = dict(
     text=dict(mode=text(_text_modes), path=text(), optional=True),
     distributed=dict(coordinator_address=text(), num_processes=COUNT, process_id=NONNEG, optional=True),
     prompts=sequence(text(), optional=True),
+    watermark=text(_watermarks, optional=True), watermark_seed=integer(0, 2**32 - 1, optional=True),
+    watermark_radius=real(0.0, optional=True, note="0: 10/64 of the latent's side"),
 )
 TRAIN_RULES = (
     Rule("optim.warmup_steps", lambda c: c.optim.warmup_steps < c.train.num_steps,
@@ -365,6 +373,9 @@ GENERATE = dict(
     sampler=dict(name=text(), grid=text(_grids), steps=COUNT, options=Field((Mapping,), optional=True),
                  guidance_scale=real(0.0), guidance_rescale=real(0.0, 1.0), calibration=text(optional=True)),
     calibration=CALIBRATION,
+    watermark=text(_watermarks), watermark_seed=integer(0, 2**32 - 1),
+    watermark_radius=real(0.0, note="0: 10/64 of the latent's side"),
+    detect=dict(images=text(), alpha=real(0.0, 1.0, lo_open=True, hi_open=True)),
 )
 GENERATE_RULES = (
     Rule("sampler.name", lambda c: c.sampler.name in ("", FITTED, *_solvers()),

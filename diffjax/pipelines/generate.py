@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffjax import watermark as wm
 from diffjax.pipelines import core, programs
 from diffjax.pipelines.schedulers import Plan
 from diffjax.samplers import make_solver
@@ -164,17 +165,21 @@ def batched(a: np.ndarray, b: int, what: str) -> np.ndarray:
   return np.broadcast_to(a, (b,) + a.shape[1:])
 
 
-def finish(pipe: core.Pipeline, params, latents, record: dict) -> Output:
-  """Decode (when the pipeline has a decoder) and map [-1, 1] to [0, 1]."""
+def finish(pipe: core.Pipeline, params, latents, record: dict, watermark: wm.Watermark,
+           latent_mark: dict | None = None) -> Output:
+  """Decode (when the pipeline has a decoder), map [-1, 1] to [0, 1] and write the pixel mark; the record
+  gets ``watermark``: what each mark did (``latent_mark``: ``Watermark.mark_noise``'s record, if any)."""
   out = latents if pipe.decode is None else _decoder(pipe)(params, latents)
   images = np.clip(np.asarray(out, np.float32) / 2.0 + 0.5, 0.0, 1.0)
+  images, pixel_mark = watermark.mark_images(images)
+  record = record | {"watermark": {"pixel": pixel_mark, "latent": latent_mark}}
   return Output(images=images, latents=np.asarray(latents), record=record)
 
 
 def generate(pipe: core.Pipeline, params, prompts: str | Sequence[str], *, negative_prompts=None,
              height: int = 512, width: int = 512, plan: Plan | None = None, guidance_scale: float = 7.5,
              guidance: core.Guidance | None = None, seed: int | Sequence[int] = 0, noise=None, image=None,
-             strength: float = 0.8, image_noise=None) -> Output:
+             strength: float = 0.8, image_noise=None, watermark: wm.Watermark = wm.DEFAULT) -> Output:
   """txt2img, or img2img with ``image``, for one image per prompt.
 
   Args:
@@ -189,6 +194,8 @@ def generate(pipe: core.Pipeline, params, prompts: str | Sequence[str], *, negat
     noise: (B, h, w, c) standard normal initial noise (the same arrays as another library's).
     image: (B, H, W, C) float in [0, 1] for img2img; strength in (0, 1] as in diffusers.
     image_noise: (B, h, w, c) standard normal for the VAE posterior sample of ``image``.
+    watermark: the marks every image carries (``diffjax.watermark``; ``watermark.NONE``: none). The
+      latent mark goes into txt2img's initial noise when it is drawn here (not into a given ``noise``).
   """
   if pipe.entry != "generate":
     raise ValueError(f"a {type(pipe).__name__}'s network takes more inputs than a prompt: use "
@@ -196,14 +203,16 @@ def generate(pipe: core.Pipeline, params, prompts: str | Sequence[str], *, negat
   guidance = guidance or core.Guidance()
   plan = plan or plan_for(pipe)
   req = request(pipe, prompts, negative_prompts, seed, height, width)
+  drawn = noise is None
   noise = given_or(req.draws[0], noise, "noise")
   record = req.record(height, width, plan, guidance_scale, guidance)
   key = (plan.name, plan.options, plan.denoise_final, guidance, plan.custom_solver)
   if image is None:
+    noise, latent_mark = watermark.mark_noise(noise, drawn)
     run = _program(pipe, "txt2img", *key)
     latents = run(params, *req.tokens, noise, jnp.asarray(plan.ts), jnp.float32(guidance_scale), req.solver_key,
                   init_scale=jnp.float32(plan.init_scale))
-    return finish(pipe, params, latents, {"task": "txt2img"} | record)
+    return finish(pipe, params, latents, {"task": "txt2img"} | record, watermark, latent_mark)
   if pipe.encode_image is None:
     raise ValueError("img2img needs a pipeline with an image encoder (a VAE)")
   pixels = batched(_check_image(image, height, width, 3), req.shape[0], "init images")
@@ -214,7 +223,7 @@ def generate(pipe: core.Pipeline, params, prompts: str | Sequence[str], *, negat
   latents = run(params, *req.tokens, image_latents, noise, jnp.asarray(plan.ts[start:]),
                 jnp.float32(guidance_scale), req.solver_key)
   return finish(pipe, params, latents,
-                {"task": "img2img"} | record | {"strength": float(strength), "first_step": start})
+                {"task": "img2img"} | record | {"strength": float(strength), "first_step": start}, watermark)
 
 
 def first_step(plan: Plan, strength: float) -> int:

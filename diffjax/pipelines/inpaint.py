@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffjax import watermark as wm
 from diffjax.pipelines import core, programs
 from diffjax.pipelines.generate import (
   Output,
@@ -288,7 +289,7 @@ def _check_mask(mask, height: int, width: int) -> np.ndarray:
 def inpaint(pipe: core.Pipeline, params, prompts, image, mask, *, negative_prompts=None, height: int, width: int,
             plan: Plan | None = None, guidance_scale: float = 7.5, guidance: core.Guidance | None = None,
             seed: int | Sequence[int] = 0, noise=None, image_noise=None, strength: float = 1.0,
-            repaint: RePaint | None = None) -> Output:
+            repaint: RePaint | None = None, watermark: wm.Watermark = wm.DEFAULT) -> Output:
   """Inpaint ``image`` where ``mask`` is set, one image per prompt.
 
   An ``InpaintingPipeline`` (a 9-channel SD inpainting folder) runs ``inpaint_conditioned``;
@@ -306,6 +307,7 @@ def inpaint(pipe: core.Pipeline, params, prompts, image, mask, *, negative_promp
     strength: in (0, 1]; 1 starts from pure noise, less from the image noised to the
       strength's first grid point (diffusers' rounding, ``core.strength_start``).
     repaint: ``RePaint`` options for the blended mode (None: no resampling).
+    watermark: the pixel mark every image carries (``diffjax.watermark``; the latent mark is txt2img's).
   """
   guidance = guidance or core.Guidance()
   if not 0.0 < strength <= 1.0:
@@ -340,4 +342,4 @@ def inpaint(pipe: core.Pipeline, params, prompts, image, mask, *, negative_promp
   record |= req.record(height, width, plan, guidance_scale, guidance)
   record |= {"strength": float(strength), "first_step": start,
              "repaint": None if repaint is None else dataclasses.asdict(repaint)}
-  return finish(pipe, params, latents, record)
+  return finish(pipe, params, latents, record, watermark)

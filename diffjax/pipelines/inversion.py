@@ -64,7 +64,8 @@ def invert_images(pipe: core.Pipeline, params, image, prompts: str | Sequence[st
   """Images -> the initial noise of ``plan`` (default the folder's scheduler, 50 steps) that generates them.
 
   Args:
-    image: (B, H, W, 3) or (H, W, 3) float in [0, 1], H x W = height x width.
+    image: (B, H, W, C) or (H, W, C) float in [0, 1], H x W = height x width; C = 3 for a latent pipeline,
+      the network's channels for a pixel-space one.
     prompts: one per image (or one string for all); the empty prompt by default.
     guidance_scale: 1 (the conditional flow alone, the usual choice: guided inversion drifts).
     image_noise: (B, h, w, c) VAE posterior noise; default zeros (the posterior mean).
@@ -73,7 +74,7 @@ def invert_images(pipe: core.Pipeline, params, image, prompts: str | Sequence[st
   plan = plan or plan_for(pipe)
   if plan.solver.stochastic:
     raise ValueError(f"inversion needs a deterministic (ODE) solver; {plan.name!r} is stochastic")
-  pixels = _check_image(image, height, width, 3)
+  pixels = _check_image(image, height, width, 3 if pipe.encode_image is not None else pipe.latent_channels)
   if isinstance(prompts, str):
     prompts = [prompts] * pixels.shape[0]
   req = request(pipe, prompts, negative_prompts, 0, height, width)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from diffjax import watermark as wm
 from diffjax.convert.files import read_json_config
 from diffjax.pipelines import core, programs
 from diffjax.pipelines.generate import (
@@ -150,7 +151,7 @@ def _low_res_images(image, multiple: int) -> np.ndarray:
 def upscale(pipe: UpscalePipeline, params, prompts: str | Sequence[str], image, *, noise_level: int = 20,
             negative_prompts=None, plan: Plan | None = None, guidance_scale: float = 9.0,
             guidance: core.Guidance | None = None, seed: int | Sequence[int] = 0, noise=None,
-            image_noise=None) -> Output:
+            image_noise=None, watermark: wm.Watermark = wm.DEFAULT) -> Output:
   """Upscale ``image`` 4x (the VAE's factor) guided by ``prompts``, one image per prompt.
 
   Args:
@@ -163,6 +164,7 @@ def upscale(pipe: UpscalePipeline, params, prompts: str | Sequence[str], image, 
     guidance_scale, guidance, seed: as in ``generate.generate``.
     noise: (B, h, w, c) standard normal initial latents; image_noise: (B, h, w, 3) standard normal,
       the draw that noises the low-res image. Both default to draws from each image's seed.
+    watermark: the pixel mark every image carries (``diffjax.watermark``; the latent mark is txt2img's).
 
   Returns:
     ``Output`` with images (B, f h, f w, 3) in [0, 1] (f = ``pipe.downsample``, 4) and latents (B, h, w, c).
@@ -186,7 +188,7 @@ def upscale(pipe: UpscalePipeline, params, prompts: str | Sequence[str], image, 
                 init_scale=jnp.float32(plan.init_scale))
   record = {"task": "upscale"} | req.record(height, width, plan, guidance_scale, guidance)
   record |= {"noise_level": level, "low_res_size": [int(h), int(w)]}
-  return finish(pipe, params, latents, record)
+  return finish(pipe, params, latents, record, watermark)
 
 
 # ----------------------------------------------------------------------------------

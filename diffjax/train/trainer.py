@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffjax import images, pipelines, processes, schema
+from diffjax import watermark as wm
 from diffjax.data import pipeline
 from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy, real_shapes
 from diffjax.models.text import CLIPTextConfig
@@ -240,16 +241,19 @@ def pipeline_params(trained, frozen) -> dict:
   return params if frozen is None else params | {"vae": frozen["vae"]}
 
 
-def make_sample_fn(c: Components, plan: pipelines.Plan, **jit_options):
+def make_sample_fn(c: Components, plan: pipelines.Plan, latent_mark: wm.LatentKey | None = None, **jit_options):
   """jitted ``(params, tokens, mask, key, ts, guidance_scale) -> images`` (B, H, W, C) in the data range:
   ``diffjax.pipelines.txt2img`` of ``c.pipe`` with ``plan``'s solver (ts: its grid) against the empty
   caption, decoded with the VAE of a latent model. ``params`` is the pair (trained params, ``c.frozen``);
-  the initial noise is the standard normal drawn with the first half of ``key``, the solver's randomness
-  the second. ``jit_options`` go to ``jax.jit`` (shardings)."""
+  the initial noise is the standard normal drawn with the first half of ``key`` (with ``latent_mark``'s
+  pattern written into it when given), the solver's randomness the second. ``jit_options`` go to
+  ``jax.jit`` (shardings)."""
 
   def sample_fn(params, tok, m, key, ts, w):
     k_init, k_solver = jax.random.split(key)
     noise = jax.random.normal(k_init, tok.shape[:1] + tuple(c.image_shape))
+    if latent_mark is not None:  # (a key that does not fit the image raises here, at compile time)
+      noise = wm.latent.mark_noise(noise, latent_mark)
     return pipelines.txt2img(c.pipe, pipeline_params(*params), tok, m, c.null_tokens[None], c.null_mask[None],
                              noise, ts, w, k_solver, solver=plan.solver, init_scale=plan.init_scale,
                              denoise_final=plan.denoise_final)
@@ -320,7 +324,8 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
       donate_argnums=0)
   plan = sample_plan(config, spec.process)
   # every process runs sampling (the parameters may be spread over all of them) and gets all images
-  sample_fn = make_sample_fn(c, plan, in_shardings=((params_sharding, replicated),) + (replicated,) * 5,
+  sample_fn = make_sample_fn(c, plan, watermark_of(config).latent,
+                             in_shardings=((params_sharding, replicated),) + (replicated,) * 5,
                              out_shardings=replicated)
 
   def next_batch():
@@ -517,6 +522,13 @@ def load_pipeline(config, workdir: str) -> tuple[Pipeline, dict, int]:
   return c.pipe, pipeline_params(ema, frozen), step
 
 
+def watermark_of(config) -> wm.Watermark:
+  """The marks of the config's samples (``config.watermark``, ``watermark_seed``, ``watermark_radius``; none for a
+  config written before they existed)."""
+  return wm.from_config(config.get("watermark", "none"), config.get("watermark_seed", wm.DEFAULT_LATENT_SEED),
+                        config.get("watermark_radius", 0.0))
+
+
 def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, output_dir: str, seed: int = 0):
   """Samples ``num_per_prompt`` images per prompt with the latest checkpoint's EMA weights.
 
@@ -532,7 +544,7 @@ def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, o
   size = config.data.image_size
   out = pipelines.generate(pipe, params, [p for p in prompts for _ in range(num_per_prompt)], height=size,
                            width=size, plan=sample_plan(config, pipe.process, params),
-                           guidance_scale=config.sampler.guidance_scale, seed=seed)
+                           guidance_scale=config.sampler.guidance_scale, seed=seed, watermark=watermark_of(config))
   imgs = images.to_uint8(out.images, 0.0, 1.0)
   os.makedirs(output_dir, exist_ok=True)
   np.savez(os.path.join(output_dir, "samples.npz"), images=imgs, prompts=np.asarray(out.record["prompts"]))
@@ -552,7 +564,8 @@ def evaluate_checkpoint(config, workdir: str, output_dir: str) -> dict:
   c, params, step = load_components(config, workdir)
   plan = sample_plan(config, c.spec.process, pipeline_params(*params))
   data_dir = dataset_dir(config, workdir)
-  scores = evaluate(config, c, make_sample_fn(c, plan), params, plan, data_dir, workdir, output_dir)["scores"]
+  scores = evaluate(config, c, make_sample_fn(c, plan, watermark_of(config).latent), params, plan, data_dir, workdir,
+                    output_dir)["scores"]
   logging.info("evaluation of step %d written to %s", step, output_dir)
   return scores
 
