@@ -23,6 +23,7 @@ import json
 import os
 
 import numpy as np
+import tqdm
 from absl import logging
 from PIL import Image
 
@@ -84,7 +85,7 @@ def _fit(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def latent_reports(pipe, params, batch: list[np.ndarray], key: wm.LatentKey, plan, height: int, width: int,
                    alpha: float) -> list[dict]:
-  """Images (each (H, W, 3) in [0, 1]) -> their latent-mark reports (inverted in one call)."""
+  """Images (each (H, W, C) in [0, 1], C the pipeline's) -> their latent-mark reports (inverted in one call)."""
   fitted = np.stack([_fit(x, height, width) for x in batch])
   inverted = pipelines.invert_images(pipe, params, fitted, "", height=height, width=width, plan=plan)
   found = wm.latent.detect(inverted.noise, key)
@@ -133,8 +134,14 @@ def detect(config, output_dir: str) -> dict:
       plan = pipelines.plan_for(pipe, s.steps, s.name or None, s.grid, **s.get("options", {}))
     except (ValueError, NotImplementedError) as e:
       raise ConfigError(f"config.sampler (the inversion's plan): {e}") from None
-    for start in range(0, len(loaded), config.batch_size):
-      chunk = loaded[start:start + config.batch_size]
+    channels = 3 if pipe.encode_image is not None else pipe.latent_channels
+    for row, image in loaded:
+      if image.shape[-1] != channels:
+        row["latent"] = {"error": f"the pipeline inverts {channels}-channel images, this one has {image.shape[-1]}"}
+    invertible = [(row, image) for row, image in loaded if "latent" not in row]
+    for start in tqdm.trange(0, len(invertible), config.batch_size, desc="inverting", unit="batch",
+                             dynamic_ncols=True):
+      chunk = invertible[start:start + config.batch_size]
       reports = latent_reports(pipe, params, [x for _, x in chunk], mark.latent, plan, config.height, config.width,
                                alpha)
       for (row, _), report in zip(chunk, reports, strict=True):

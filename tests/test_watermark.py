@@ -181,3 +181,29 @@ def test_detect_mode_needs_marks_to_look_for(tmp_path):
                         f"--workdir={tmp_path}", "--config.watermark=none", f"--config.detect.images={tmp_path}"],
                        cwd=ROOT, capture_output=True, text=True)
   assert out.returncode != 0 and "config.watermark = 'none'" in out.stderr
+
+
+def test_detect_job_finds_the_latent_mark_by_inverting_the_pipeline(tmp_path, monkeypatch):
+  """--mode=detect with the latent mark: marked PNGs of the Gaussian pipeline are found, unmarked ones are not, a
+  grey file the RGB pipeline cannot invert gets its own error (the pipeline is handed to the job in place of a
+  folder's)."""
+  from diffjax import detection, generation
+
+  plan = pipelines.Plan.native(PROCESS, "dpmpp_2m", 20, "karras")
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for name, mark, seed in (("marked", wm.Watermark(pixel_bits=None, latent=KEY), 0), ("plain", wm.NONE, 10)):
+    out = pipelines.generate(PIPE, {}, [""] * 3, height=H, width=W, plan=plan, guidance_scale=1.0, seed=seed,
+                             watermark=mark)
+    for i, image in enumerate(out.images):
+      images.save_png(images.to_uint8(image, 0.0, 1.0), str(folder / f"{name}{i}.png"))
+  Image.new("L", (H, W), 7).save(folder / "grey.png")
+  monkeypatch.setattr(generation, "load_cached", lambda *args: (PIPE, {}, {}))
+  config = _generate_config(detect=dict(images=str(folder), alpha=1e-6), watermark="latent", watermark_radius=3.0,
+                            watermark_seed=KEY.seed, pretrained=str(tmp_path), height=H, width=W, compilation_cache="")
+  config.sampler.update(dict(name="dpmpp_2m", grid="karras", steps=20))
+  rows = {os.path.basename(r["file"]): r for r in detection.detect(config, str(tmp_path / "out"))["images"]}
+  print({k: r.get("latent") for k, r in rows.items()})
+  assert all(rows[f"marked{i}.png"]["marked"] for i in range(3))
+  assert not any(rows[f"plain{i}.png"]["marked"] for i in range(3))
+  assert "3-channel" in rows["grey.png"]["latent"]["error"] and not rows["grey.png"]["marked"]
