@@ -211,7 +211,7 @@ def main(argv=None):
         f"{args.invert_nfe} NFE", flush=True)
   results = {"args": vars(args), "latent_shape": list(shape), "radii": {}}
   for radius in (float(r) for r in args.radii.split(",")):
-    key = wm.LatentKey(seed=args.seed, radius=radius or None)
+    key = wm.LatentKey(seed=args.seed, radius=radius or None, min_rank=0)  # any rank: the study is the point
     rec = key.record(shape)
     t0 = time.perf_counter()
     marked, plain, mark_noise_s = generate_sets(pipe, params, prompts, args, key)

@@ -29,8 +29,8 @@ def get_config(arg: str = ""):
   # --mode=calibrate: fitted samplers for these evaluation counts from reference paths (dopri5 at tol) of batch
   # noises with prompts (default config.prompts) drawn by seed, kept at a lattice of noise levels, chunk at a time.
   # Marks on the samples the evaluation and --mode=sample make (diffjax.watermark; see configs/generate.py):
-  # "pixel+latent" | "pixel" | "latent" | "none"; the pixel mark needs RGB >= 256 x 256, so small images carry the
-  # latent mark alone (the key's pattern in the initial noise)
+  # "pixel+latent" | "pixel" | "latent" | "none"; the pixel mark needs RGB >= 256 x 256 and the latent mark a latent
+  # that can carry a detectable one (rank >= 64), so these small models' samples stay unmarked (the record says why)
   c.watermark = "pixel+latent"
   c.watermark_seed = 20261206
   c.watermark_radius = 0.0  # the latent key's radius in frequency units (0: 10/64 of the latent's side)

@@ -39,8 +39,8 @@ def get_config(arg: str = ""):
                  checkpoint_every=1000, keep_checkpoints=3)
   c.sampler = dict(name="dpmpp_2m", options={}, grid="log_snr", nfe=25, guidance_scale=3.0, calibration="")
   # Marks on the samples the evaluation and --mode=sample make (diffjax.watermark; see configs/generate.py):
-  # "pixel+latent" | "pixel" | "latent" | "none"; the pixel mark needs RGB >= 256 x 256, so small images carry the
-  # latent mark alone (the key's pattern in the initial noise)
+  # "pixel+latent" | "pixel" | "latent" | "none"; the pixel mark needs RGB >= 256 x 256 and the latent mark a latent
+  # that can carry a detectable one (rank >= 64), so these small models' samples stay unmarked (the record says why)
   c.watermark = "pixel+latent"
   c.watermark_seed = 20261206
   c.watermark_radius = 0.0  # the latent key's radius in frequency units (0: 10/64 of the latent's side)

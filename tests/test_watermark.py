@@ -38,7 +38,7 @@ def test_marked_noise_is_standard_normal_over_keys_and_fixes_only_the_low_freque
   noise = np.random.default_rng(0).standard_normal((n,) + shape).astype(np.float32)
   keys = np.stack([latent.key_field(latent.LatentKey(seed=s), shape) for s in range(n)])
   marked = np.asarray(latent.project(jnp.asarray(noise), mask) * -1 + noise + latent.project(jnp.asarray(keys), mask))
-  one = np.asarray(latent.mark_noise(noise[:1], latent.LatentKey(seed=0, radius=2.0)))
+  one = np.asarray(latent.mark_noise(noise[:1], latent.LatentKey(seed=0, radius=2.0, min_rank=0)))
   np.testing.assert_allclose(one, marked[:1], atol=1e-5)  # mark_noise is this formula
   flat = marked.reshape(n, -1).astype(np.float64)
   # Sample covariance of N standard normal vectors: entries have std sqrt(2 / N) (diagonal) and sqrt(1 / N); 5.5
@@ -47,7 +47,7 @@ def test_marked_noise_is_standard_normal_over_keys_and_fixes_only_the_low_freque
   assert np.abs(cov - np.eye(64)).max() < 5.5 * np.sqrt(2.0 / n)
   assert np.abs(flat.mean(0)).max() < 5.5 / np.sqrt(n)
   # For one fixed key the mark is exactly the key's low-pass part; the rest of the noise is untouched.
-  key = latent.LatentKey(seed=5, radius=2.0)
+  key = latent.LatentKey(seed=5, radius=2.0, min_rank=0)
   out = latent.mark_noise(noise[:16], key)
   low = latent.project(jnp.asarray(latent.key_field(key, shape)), mask)
   np.testing.assert_allclose(latent.project(out, mask), np.broadcast_to(low, out.shape), atol=1e-5)
@@ -99,6 +99,12 @@ def test_bad_latent_keys_and_noise_shapes_are_refused():
   with pytest.raises(ValueError, match="watermark must be"):
     wm.from_config("pixel+stamp", 0)
   assert wm.from_config("none", 0) == wm.NONE and wm.from_config("pixel+latent", 7).latent.seed == 7
+  # A latent too small to carry a detectable mark (rank < MIN_RANK: the digits' 8 x 8 x 1) is left unmarked, said so.
+  noise = np.ones((1, 8, 8, 1), np.float32)
+  same, record = wm.DEFAULT.mark_noise(noise, drawn=True)
+  assert same is noise and not record["applied"] and "below the 64" in record["reason"]
+  with pytest.raises(ValueError, match="below the 64"):
+    latent.mark_noise(noise, wm.DEFAULT.latent)
 
 
 def test_pixel_mark_of_float_images_and_what_cannot_carry_it():

@@ -44,7 +44,7 @@ class Watermark:
       return noise, None
     try:
       record = self.latent.record(np.shape(noise)[1:])
-    except ValueError as e:  # a latent too small for the key's radius (a few pixels)
+    except ValueError as e:  # a latent too small to carry a detectable mark
       return noise, {"scheme": latent.NAME, "applied": False, "reason": str(e)}
     if not drawn:
       return noise, record | {"applied": False, "reason": "the initial noise was given by the caller"}
