@@ -249,17 +249,11 @@ def make_sample_fn(c: Components, plan: pipelines.Plan, latent_mark: wm.LatentKe
   pattern written into it when given), the solver's randomness the second. ``jit_options`` go to
   ``jax.jit`` (shardings)."""
 
-  if latent_mark is not None:
-    try:
-      latent_mark.record(tuple(c.image_shape))
-    except ValueError:  # too small to carry a detectable mark (watermark.latent.MIN_RANK): sample unmarked
-      latent_mark = None
-
   def sample_fn(params, tok, m, key, ts, w):
     k_init, k_solver = jax.random.split(key)
     noise = jax.random.normal(k_init, tok.shape[:1] + tuple(c.image_shape))
-    if latent_mark is not None:
-      noise = wm.latent.mark_noise(noise, latent_mark)
+    # (a latent too small to carry a detectable mark, watermark.latent.MIN_RANK, is left unmarked)
+    noise, _ = wm.Watermark(pixel_bits=None, latent=latent_mark).mark_noise(noise, drawn=True)
     return pipelines.txt2img(c.pipe, pipeline_params(*params), tok, m, c.null_tokens[None], c.null_mask[None],
                              noise, ts, w, k_solver, solver=plan.solver, init_scale=plan.init_scale,
                              denoise_final=plan.denoise_final)

@@ -12,10 +12,11 @@ marked noise is exactly standard normal; for one fixed key a fraction ``m / (h w
 degrees of freedom is fixed (``m``: the rank of ``P``), which is what a detector needs and no more.
 
 Detection inverts an image to its noise ``z`` (``pipelines.invert_images``) and correlates it with
-the key: ``S = <P g, T z>`` for each geometric hypothesis ``T`` (the identity; a centre crop of
-fraction s scaled back up). ``S`` is linear in ``g``; for an image made without this key, ``g`` is
-independent of ``z``, so over the key's draw ``S ~ N(0, |P T^t z|^2)`` exactly, whatever the
-image: ``score = S / |P T^t z|`` is standard normal and ``p = Phi(-score)`` is an exact p-value
+the key moved as the image was: ``S = <T P g, z> = <g, P T^t z>`` for each geometric hypothesis ``T``
+(the identity; a centre crop of fraction s scaled back up). ``S`` is linear in ``g``; for an image
+made without this key, ``g`` is independent of ``z``, so over the key's draw
+``S ~ N(0, |P T^t z|^2)`` exactly, whatever the image: ``score = S / |P T^t z|`` is standard
+normal and ``p = Phi(-score)`` is an exact p-value
 (one-sided), Bonferroni-corrected over the hypotheses. A marked image whose inversion recovers the
 noise exactly gives ``score = |P g| ~ sqrt(m)``; an image whose projected noise is zero (a constant
 image) gets ``p = 1``, never a claim.
