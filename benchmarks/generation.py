@@ -5,12 +5,15 @@ guidance (the U-Net on a batch of 2B), VAE decoding, images back on the host. Bo
 the same saved diffusers folder (random weights at SD 1.5's shapes; scheduler: SD 1.5's PNDM
 config) and run the same scheduler and steps in float32 on this machine's cores.
 
-Every measurement runs in a fresh child process, so that peak host memory (``ru_maxrss``) and
-start-up costs are each framework's own; for each point the order is diffusers, diffjax with an
-empty persistent compilation cache ("cold"), diffjax again with the cache that run filled
-("warm"). Reported per point: seconds per image and images/s (median of ``--reps`` calls after
-the first), the diffjax/diffusers throughput ratio, diffjax's first-call overhead (first call minus
-a steady call: compilation when cold, cache loading when warm), and peak RSS of each process.
+Each framework runs in its own child process, so that peak host memory (``ru_maxrss``) and
+start-up costs are each framework's own. For each point: diffjax with an empty persistent
+compilation cache ("cold": its first call minus a steady call is compilation); then diffusers
+and diffjax on the cache the cold run filled ("warm": first call minus a steady call is the
+warm start), both kept alive and called in turn, diffusers then diffjax, ``--reps`` times, so
+that the load of a shared host drifting over minutes moves both sides of every pair alike.
+Reported per point: seconds per image (median of the steady calls), the diffjax/diffusers
+throughput ratio of those medians with the range of the per-pair ratios, cold compile, warm
+start, and peak RSS of each process.
 
   python benchmarks/generation.py                                  # 256 and 512 px, batch 1 and 4, 10 steps
   python benchmarks/generation.py --sizes 256 --batches 1 --steps 4 --reps 1   # a quick look
@@ -116,19 +119,22 @@ def make_folder(folder: str, tiny: bool = False) -> None:
   pipe.save_pretrained(folder)
 
 
-def _time_calls(call, reps: int) -> tuple[float, list[float]]:
+def _serve(call, load_s: float) -> None:
+  """The child's side of the protocol: time the first call, report, then one timed call per ``call`` line on
+  stdin until ``quit`` (or end of input), each reported as a JSON line on stdout."""
   t0 = time.perf_counter()
   call()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(reps):
+  print(json.dumps({"load_s": load_s, "first_s": time.perf_counter() - t0}), flush=True)
+  for line in sys.stdin:
+    if line.strip() != "call":
+      break
     t0 = time.perf_counter()
     call()
-    times.append(time.perf_counter() - t0)
-  return first, times
+    print(json.dumps({"t": time.perf_counter() - t0}), flush=True)
+  print(json.dumps({"peak_rss_gib": _peak_rss_gib()}), flush=True)
 
 
-def child_diffusers(args) -> dict:
+def child_diffusers(args) -> None:
   import diffusers
   import torch
 
@@ -143,11 +149,10 @@ def child_diffusers(args) -> dict:
       return pipe([PROMPT] * args.batch, negative_prompt=[NEGATIVE] * args.batch, height=args.size, width=args.size,
                   num_inference_steps=args.steps, guidance_scale=7.5, output_type="np").images
 
-  first, times = _time_calls(call, args.reps)
-  return {"load_s": load, "first_s": first, "times": times}
+  _serve(call, load)
 
 
-def child_diffjax(args) -> dict:
+def child_diffjax(args) -> None:
   import jax
 
   jax.config.update("jax_compilation_cache_dir", args.cache)
@@ -164,17 +169,44 @@ def child_diffjax(args) -> dict:
     return pipelines.generate(pipe, params, [PROMPT] * args.batch, negative_prompts=[NEGATIVE] * args.batch,
                               height=args.size, width=args.size, plan=plan, guidance_scale=7.5).images
 
-  first, times = _time_calls(call, args.reps)
-  return {"load_s": load, "first_s": first, "times": times}
+  _serve(call, load)
 
 
-def _run_child(args, framework: str, size: int, batch: int, reps: int, cache: str) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), "--child", framework, "--folder", args.folder, "--size", str(size),
-         "--batch", str(batch), "--steps", str(args.steps), "--reps", str(reps), "--cache", cache]
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=child_environment(args.numpy_hugepages))
-  if out.returncode != 0:
-    raise RuntimeError(f"{framework} {size}px batch {batch} failed:\n{out.stderr[-3000:]}")
-  return json.loads(out.stdout.strip().splitlines()[-1])
+class _Child:
+  """One framework's child process, loaded and past its first call, answering ``call()`` with a timed call."""
+
+  def __init__(self, args, framework: str, size: int, batch: int, cache: str):
+    self.name = f"{framework} {size}px batch {batch}"
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", framework, "--folder", args.folder, "--size",
+           str(size), "--batch", str(batch), "--steps", str(args.steps), "--cache", cache]
+    self.stderr = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty child never blocks on it
+    self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+                                 env=child_environment(args.numpy_hugepages))
+    self.ready = self._answer()
+    self.times: list[float] = []
+
+  def _answer(self) -> dict:
+    line = self.proc.stdout.readline()
+    if not line:
+      self.proc.wait()
+      self.stderr.seek(0)
+      raise RuntimeError(f"{self.name} failed:\n{self.stderr.read()[-3000:]}")
+    return json.loads(line)
+
+  def call(self) -> float:
+    self.proc.stdin.write("call\n")
+    self.proc.stdin.flush()
+    self.times.append(self._answer()["t"])
+    return self.times[-1]
+
+  def close(self) -> dict:
+    """Ends the child; returns its load time, first call, steady calls and peak RSS."""
+    self.proc.stdin.write("quit\n")
+    self.proc.stdin.flush()
+    out = self.ready | {"times": self.times} | self._answer()
+    self.proc.communicate()
+    self.stderr.close()
+    return out
 
 
 def main(argv=None):
@@ -182,7 +214,7 @@ def main(argv=None):
   parser.add_argument("--sizes", default="256,512")
   parser.add_argument("--batches", default="1,4")
   parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--reps", type=int, default=2, help="timed calls after the first")
+  parser.add_argument("--reps", type=int, default=3, help="timed calls after the first, per framework")
   parser.add_argument("--folder", default=os.path.join(tempfile.gettempdir(), "diffjax_bench_sd15"),
                       help="the random-weight SD 1.5 folder (made on first use)")
   parser.add_argument("--json", default="", help="also write the results here")
@@ -195,8 +227,7 @@ def main(argv=None):
   parser.add_argument("--cache", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.child:
-    result = (child_diffusers if args.child == "diffusers" else child_diffjax)(args)
-    print(json.dumps(result | {"peak_rss_gib": _peak_rss_gib()}))
+    (child_diffusers if args.child == "diffusers" else child_diffjax)(args)
     return
   if not os.path.isfile(os.path.join(args.folder, "model_index.json")):
     print(f"making the random-weight SD 1.5 folder {args.folder} ...", flush=True)
@@ -205,22 +236,28 @@ def main(argv=None):
   faults = [fresh_memory_s_per_gib(env)]
   advised = fresh_memory_s_per_gib(child_environment(True))
   print(f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}; {args.steps} PNDM steps, CFG 7.5, "
-        f"float32; median of {args.reps} calls after the first; fresh memory {faults[0]:.2f} s/GiB as the children "
-        f"run ({'numpy huge pages' if args.numpy_hugepages else 'NUMPY_MADVISE_HUGEPAGE=0'}), "
+        f"float32; {args.reps} paired calls after the first (median); fresh memory {faults[0]:.2f} s/GiB as "
+        f"the children run ({'numpy huge pages' if args.numpy_hugepages else 'NUMPY_MADVISE_HUGEPAGE=0'}), "
         f"{advised:.2f} s/GiB with numpy's huge-page advice\n")
-  header = (f"{'size':>5} {'batch':>5} | {'diffusers s/img':>15} {'diffjax s/img':>13} | {'img/s ratio':>11} | "
+  header = (f"{'size':>5} {'batch':>5} | {'diffusers s/img':>15} {'diffjax s/img':>13} | {'img/s ratio (pairs)':>19} | "
             f"{'cold compile s':>14} {'warm start s':>12} | {'RSS GiB torch':>13} {'jax':>5} | {'faults s/GiB':>12}")
   print(header + "\n" + "-" * len(header), flush=True)
   rows = []
   for size in (int(s) for s in args.sizes.split(",")):
     for batch in (int(b) for b in args.batches.split(",")):
-      ref = _run_child(args, "diffusers", size, batch, args.reps, "")
       with tempfile.TemporaryDirectory() as cache:
-        cold = _run_child(args, "diffjax", size, batch, 1, cache)
-        warm = _run_child(args, "diffjax", size, batch, args.reps, cache)
+        cold = _Child(args, "diffjax", size, batch, cache)
+        cold.call()
+        cold = cold.close()
+        ref = _Child(args, "diffusers", size, batch, "")  # loads and makes its first call alone
+        warm = _Child(args, "diffjax", size, batch, cache)
+        pairs = [(ref.call(), warm.call()) for _ in range(args.reps)]
+        ref, warm = ref.close(), warm.close()
       t_ref, t_jax = statistics.median(ref["times"]), statistics.median(warm["times"])
+      ratios = [a / b for a, b in pairs]
       row = {"size": size, "batch": batch, "diffusers_s_per_image": t_ref / batch,
              "diffjax_s_per_image": t_jax / batch, "throughput_ratio": t_ref / t_jax,
+             "pair_ratio_range": [min(ratios), max(ratios)],
              "cold_compile_s": cold["first_s"] - statistics.median(cold["times"]),
              "warm_start_s": warm["first_s"] - t_jax, "diffjax_load_s": warm["load_s"],
              "diffusers_load_s": ref["load_s"], "peak_rss_gib": {"diffusers": ref["peak_rss_gib"],
@@ -230,7 +267,8 @@ def main(argv=None):
       row["fresh_memory_s_per_gib"] = faults[-1]
       rows.append(row)
       print(f"{size:>5} {batch:>5} | {row['diffusers_s_per_image']:>15.2f} {row['diffjax_s_per_image']:>13.2f} | "
-            f"{row['throughput_ratio']:>10.2f}x | {row['cold_compile_s']:>14.1f} {row['warm_start_s']:>12.1f} | "
+            f"{row['throughput_ratio']:>5.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
+            f"{row['cold_compile_s']:>14.1f} {row['warm_start_s']:>12.1f} | "
             f"{ref['peak_rss_gib']:>13.1f} {warm['peak_rss_gib']:>5.1f} | {faults[-1]:>12.2f}", flush=True)
   print(f"\nload average at the end {os.getloadavg()[0]:.2f}")
   if max(faults) > SLOW_FAULTS:
