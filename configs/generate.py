@@ -21,6 +21,7 @@ to reproduce each image: seed, sampler, grid, guidance, the weights' SHA-256, th
 Every image is marked (--config.watermark=none opts out); which marks images carry:
 python -m diffjax.main --mode=detect --config=configs/generate.py --workdir=/tmp/det \
     --config.pretrained=PATH --config.detect.images=/tmp/gen (writes /tmp/det/detection.json).
+LoRA files merged into the weights: --config.lora="('style.safetensors', 'detail.safetensors:0.5')".
 The arg ``tiny`` (configs/generate.py:tiny) makes small, fast settings for a check.
 """
 
@@ -33,6 +34,8 @@ def get_config(arg: str = ""):
   config.pretrained = ""  # a diffusers folder (model_index.json), a diffjax workdir (config.json) or an SD file
   config.tokenizer = ""  # single-file checkpoints only: the CLIP tokenizer folder
   config.prediction_type = ""  # single-file checkpoints only: "" = the family's default (SD 1 epsilon, SD 2 v)
+  # LoRA files (diffusers/peft or kohya safetensors) merged into the weights: "FILE" or "FILE:SCALE" each
+  config.lora = ()
   config.task = "txt2img"  # txt2img | img2img | inpaint | upscale
   config.prompts = ("a photograph of an astronaut riding a horse",)
   config.negative_prompt = ""  # one for all prompts ("" = unconditional)

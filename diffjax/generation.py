@@ -10,7 +10,8 @@ The config (``configs/generate.py``) is read and checked here, then turned into 
 Outputs in ``output_dir``: ``NNNN.png`` per image; ``samples.npz`` (``images`` uint8
 (N, H, W, 3), ``prompts`` (N,), ``seeds`` (N,)); ``generation.json`` with everything needed
 to reproduce each image (the config, the sampling plan, per-image prompt and seed, the
-SHA-256 of every weight file read).
+SHA-256 of every weight file read). ``config.lora``: LoRA files (diffusers or kohya format) merged
+into the pipeline's weights, each with its scale.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ from absl import logging
 
 from diffjax import images, pipelines, schema
 from diffjax import watermark as wm
+from diffjax.adapters import lora_files
+from diffjax.convert.files import WeightFileError
+from diffjax.convert.keys import WeightMismatchError
 from diffjax.pipelines import calibrate
 from diffjax.schema import ConfigError
 from diffjax.train import trainer
@@ -131,6 +135,32 @@ def load_cached(path: str, dtype=jnp.float32, tokenizer: str = "", prediction_ty
   return _LOADED[key]
 
 
+def lora_entry(entry: str) -> tuple[str, float]:
+  """(path, scale) of a ``config.lora`` entry: ``"FILE"`` (scale 1) or ``"FILE:SCALE"``."""
+  path, sep, scale = entry.rpartition(":")
+  try:
+    return (path, float(scale)) if sep else (entry, 1.0)
+  except ValueError:
+    return entry, 1.0  # a ':' inside the path
+
+
+def with_loras(config, params: dict, provenance: dict) -> tuple[dict, dict]:
+  """``params`` with the LoRA files of ``config.lora`` merged in (``lora_files.merge_lora_files``), and
+  ``provenance`` with each file's path, scale and SHA-256 (so a record or a calibration names them)."""
+  entries = [lora_entry(e) for e in config.get("lora") or ()]
+  if not entries:
+    return params, provenance
+  for path, _ in entries:
+    if not os.path.isfile(path):
+      raise ConfigError(f"config.lora: {path} is not a file (entries are FILE or FILE:SCALE)")
+  try:
+    params = lora_files.merge_lora_files(params, *entries)
+  except (WeightMismatchError, WeightFileError, ValueError) as e:
+    raise ConfigError(f"config.lora: {e}") from None
+  files = [{"file": os.path.abspath(p), "scale": scale, "sha256": _sha256(p)} for p, scale in entries]
+  return params, {**provenance, "lora": files}
+
+
 def _image_file(config, field: str, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
   """The image of ``config.<field>`` (H, W, channels) in [0, 1], checked to be ``size`` (H, W) if given."""
   try:
@@ -160,11 +190,11 @@ def _inputs(config) -> tuple[np.ndarray | None, np.ndarray | None, int, int]:
 
 def calibration_key(config, pipe: pipelines.Pipeline, provenance: dict, height: int, width: int) -> dict:
   """What a calibration of a pretrained pipeline is valid for: its weight files (SHA-256), the pipeline's
-  fingerprint, the image size and the guidance (scale, rescale, negative prompt)."""
+  fingerprint, the image size, the guidance (scale, rescale, negative prompt) and the LoRA files merged."""
   s = config.sampler
   return {"weights_sha256": provenance["weights_sha256"], "pipeline": pipe.fingerprint, "height": height,
           "width": width, "guidance_scale": float(s.guidance_scale), "guidance_rescale": float(s.guidance_rescale),
-          "negative_prompt": config.negative_prompt}
+          "negative_prompt": config.negative_prompt, **({"lora": provenance["lora"]} if "lora" in provenance else {})}
 
 
 def calibrate_pretrained(config, path: str) -> dict:
@@ -179,6 +209,7 @@ def calibrate_pretrained(config, path: str) -> dict:
   use_compilation_cache(config.compilation_cache)
   pipe, params, provenance = load_cached(config.pretrained, DTYPES[config.dtype], config.tokenizer,
                                          config.prediction_type)
+  params, provenance = with_loras(config, params, provenance)
   if isinstance(pipe, pipelines.InpaintingPipeline | pipelines.UpscalePipeline):
     raise ConfigError(f"config.pretrained = {config.pretrained}: calibration covers text-to-image pipelines, not "
                       f"{type(pipe).__name__}")
@@ -199,6 +230,7 @@ def generate(config, output_dir: str) -> dict:
   use_compilation_cache(config.compilation_cache)
   pipe, params, provenance = load_cached(config.pretrained, DTYPES[config.dtype], config.tokenizer,
                                          config.prediction_type)
+  params, provenance = with_loras(config, params, provenance)
   s = config.sampler
   image, mask, height, width = _inputs(config)
   if s.name == calibrate.FITTED:

@@ -365,7 +365,8 @@ TRAIN_VAE_RULES = (
 
 GENERATE = dict(
     job=text(("generate",)), pretrained=text(), tokenizer=text(), prediction_type=text(
-        ("", "epsilon", "v_prediction", "sample")), task=text(("txt2img", "img2img", "inpaint", "upscale")),
+        ("", "epsilon", "v_prediction", "sample")), lora=sequence(text(), optional=True),
+    task=text(("txt2img", "img2img", "inpaint", "upscale")),
     prompts=sequence(text(), min_len=1), negative_prompt=text(), num_per_prompt=COUNT, height=NONNEG, width=NONNEG,
     init_image=text(), mask_image=text(), strength=real(0.0, 1.0, note="0: the task's default"),
     repaint=dict(jump_length=NONNEG, jump_n_sample=NONNEG), noise_level=NONNEG,

@@ -128,6 +128,36 @@ def test_bad_files_name_the_file(folder, tmp_path):
                                                      guidance_rescale=0.0)), str(tmp_path / "out"))
 
 
+def test_lora_files_are_merged_with_their_scales_and_recorded(folder, tmp_path):
+  import jax
+
+  from diffjax.adapters import LoraConfig, init_lora, lora_files
+
+  _, params, _ = generation.load_cached(str(folder))
+  adapters = init_lora(params["unet"], LoraConfig(rank=2), jax.random.key(0))
+  adapters = {p: a.replace(up=jax.random.normal(jax.random.key(i), a.up.shape)) for i, (p, a) in
+              enumerate(sorted(adapters.items()))}  # a fresh adapter is the identity: give it an effect
+  lora = tmp_path / "style.safetensors"
+  lora_files.write_lora(lora, {"unet": adapters})
+  prompts = dict(prompts=("a photo of a cat",))
+  plain = generation.generate(_config(folder, **prompts), str(tmp_path / "plain"))
+  zero = generation.generate(_config(folder, lora=(f"{lora}:0",), **prompts), str(tmp_path / "zero"))
+  full = generation.generate(_config(folder, lora=(str(lora),), **prompts), str(tmp_path / "full"))
+  npz = {k: np.load(tmp_path / k / "samples.npz")["images"] for k in ("plain", "zero", "full")}
+  np.testing.assert_array_equal(npz["zero"], npz["plain"])  # scale 0 adds exactly 0 to every kernel
+  assert np.abs(npz["full"].astype(int) - npz["plain"]).max() > 10
+  assert "lora" not in plain and [(f["scale"], f["file"]) for f in zero["lora"]] == [(0.0, str(lora))]
+  assert full["lora"][0]["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
+  assert generation.lora_entry("C:/a:b.safetensors") == ("C:/a:b.safetensors", 1.0)
+  # A file for other layers, or no file: one line naming config.lora.
+  bad = tmp_path / "bad.safetensors"
+  lora_files.write_lora(bad, {"unet": {"no/such/layer/kernel": next(iter(adapters.values()))}})
+  with pytest.raises(ConfigError, match=r"(?s)config\.lora: .*bad\.safetensors.*no such layer"):
+    generation.generate(_config(folder, lora=(str(bad),)), str(tmp_path / "bad"))
+  with pytest.raises(ConfigError, match=r"config\.lora: .*missing\.safetensors is not a file"):
+    generation.generate(_config(folder, lora=(str(tmp_path / "missing.safetensors"),)), str(tmp_path / "bad"))
+
+
 def test_command_line(folder, tmp_path):
   """``--mode=generate`` runs the job, quietly, and fills the compilation cache."""
   base = [sys.executable, "-m", "diffjax.main", "--config=configs/generate.py:tiny", f"--workdir={tmp_path}",
