@@ -124,8 +124,9 @@ def detect(config, output_dir: str) -> dict:
   if mark.latent is not None and loaded:
     generation.validate(config)  # the pretrained pipeline inverts the images
     generation.use_compilation_cache(config.compilation_cache)
-    pipe, params, _ = generation.load_cached(config.pretrained, generation.DTYPES[config.dtype], config.tokenizer,
-                                             config.prediction_type)
+    pipe, params, provenance = generation.load_cached(config.pretrained, generation.DTYPES[config.dtype],
+                                                      config.tokenizer, config.prediction_type)
+    params, _ = generation.with_loras(config, params, provenance)  # invert with the weights that generated
     if isinstance(pipe, pipelines.InpaintingPipeline | pipelines.UpscalePipeline):
       raise ConfigError(f"config.pretrained = {config.pretrained}: the latent mark is read by inverting a "
                         f"text-to-image pipeline, not a {type(pipe).__name__}")

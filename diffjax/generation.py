@@ -194,7 +194,9 @@ def calibration_key(config, pipe: pipelines.Pipeline, provenance: dict, height: 
   s = config.sampler
   return {"weights_sha256": provenance["weights_sha256"], "pipeline": pipe.fingerprint, "height": height,
           "width": width, "guidance_scale": float(s.guidance_scale), "guidance_rescale": float(s.guidance_rescale),
-          "negative_prompt": config.negative_prompt, **({"lora": provenance["lora"]} if "lora" in provenance else {})}
+          "negative_prompt": config.negative_prompt,
+          **({"lora": [{k: f[k] for k in ("sha256", "scale")} for f in provenance["lora"]]} if "lora" in provenance
+             else {})}  # the files' contents and scales, wherever the files lie
 
 
 def calibrate_pretrained(config, path: str) -> dict:
