@@ -251,10 +251,12 @@ def main(argv=None):
         cold = cold.close()
         ref = _Child(args, "diffusers", size, batch, "")  # loads and makes its first call alone
         warm = _Child(args, "diffjax", size, batch, cache)
-        pairs = [(ref.call(), warm.call()) for _ in range(args.reps)]
+        for _ in range(args.reps):  # in turn: the i-th calls of both form a pair
+          ref.call()
+          warm.call()
         ref, warm = ref.close(), warm.close()
       t_ref, t_jax = statistics.median(ref["times"]), statistics.median(warm["times"])
-      ratios = [a / b for a, b in pairs]
+      ratios = [a / b for a, b in zip(ref["times"], warm["times"], strict=True)]
       row = {"size": size, "batch": batch, "diffusers_s_per_image": t_ref / batch,
              "diffjax_s_per_image": t_jax / batch, "throughput_ratio": t_ref / t_jax,
              "pair_ratio_range": [min(ratios), max(ratios)],

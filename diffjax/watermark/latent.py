@@ -54,12 +54,12 @@ class LatentKey:
   def record(self, shape: Sequence[int]) -> dict:
     """What the key does to noise of ``shape`` (h, w, c); ValueError if it cannot (radius, or rank < min_rank)."""
     h, w, c = shape
-    rank = int(low_pass_mask(h, w, self.radius_for(h, w)).sum() * c)
+    radius = self.radius_for(h, w)
+    rank = int(low_pass_mask(h, w, radius).sum() * c)
     if rank < self.min_rank:
-      raise ValueError(f"a {h} x {w} x {c} latent holds a mark of rank {rank} at radius {self.radius_for(h, w):g}, "
+      raise ValueError(f"a {h} x {w} x {c} latent holds a mark of rank {rank} at radius {radius:g}, "
                        f"below the {self.min_rank} a detectable mark needs (its score cannot exceed sqrt(rank))")
-    return {"scheme": NAME, "seed": int(self.seed), "radius": float(self.radius_for(h, w)),
-            "crops": list(self.crops), "rank": rank}
+    return {"scheme": NAME, "seed": int(self.seed), "radius": float(radius), "crops": list(self.crops), "rank": rank}
 
   def radius_for(self, h: int, w: int) -> float:
     return default_radius(h, w) if self.radius is None else float(self.radius)
