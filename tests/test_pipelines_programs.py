@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,32 @@ def test_a_program_is_loaded_from_disk_without_tracing(tmp_path, monkeypatch):
   assert len(traces) == 4 and len(list(tmp_path.glob("*.pkl"))) == 3
 
 
+def test_preload_reads_the_most_recently_used_programs_ahead(tmp_path, monkeypatch):
+  monkeypatch.setattr(programs, "_folder", lambda: str(tmp_path))
+  monkeypatch.setattr(programs, "_preloaded", {})
+  traces, files = [], {}
+  for n in (3, 4, 5):  # three programs (three shapes), stored at distinct times: 5 most recently
+    programs.Program(_counted(traces), key="k")(jnp.arange(float(n)), jnp.float32(2.0), shift=jnp.float32(0.0))
+    (files[n],) = set(tmp_path.glob("*.pkl")) - set(files.values())
+    os.utime(files[n], (1000.0 + n, 1000.0 + n))
+  assert programs.preload(limit=2) == 2
+  assert set(programs._preloaded) == {str(files[4]), str(files[5])}
+  for future in programs._preloaded.values():
+    future.result()
+  files[4].unlink(), files[5].unlink()  # read ahead: the files are no longer needed
+
+  def no_compiling(lowered):
+    raise AssertionError("compiled a program that was read ahead or stored")
+
+  monkeypatch.setattr(programs, "_compile_bypassing_jax_cache", no_compiling)
+  for n in (3, 4, 5):  # 4 and 5 from memory, 3 from its file (not read ahead)
+    y = programs.Program(_counted(traces), key="k")(jnp.arange(float(n)), jnp.float32(2.0), shift=jnp.float32(0.0))
+    _assert_sin(y["y"], jnp.arange(float(n)), 2.0, 0.0)
+  assert len(traces) == 3 and not programs._preloaded
+  assert os.path.getmtime(files[3]) > 1003.0  # marked as used: the next preload picks it first
+  assert programs.preload(limit=0) == 0
+
+
 def test_a_damaged_program_file_is_compiled_again_and_replaced(tmp_path, monkeypatch):
   monkeypatch.setattr(programs, "_folder", lambda: str(tmp_path))
   traces = []
@@ -78,6 +105,8 @@ def test_a_damaged_program_file_is_compiled_again_and_replaced(tmp_path, monkeyp
   programs.Program(_counted(traces), key="k")(x, jnp.float32(2.0), shift=jnp.float32(0.0))
   (path,) = tmp_path.glob("*.pkl")
   path.write_bytes(path.read_bytes()[:100])  # a truncated write
+  monkeypatch.setattr(programs, "_preloaded", {})
+  assert programs.preload() == 1  # read ahead, it fails in the background and is reported when needed
   y = programs.Program(_counted(traces), key="k")(x, jnp.float32(2.0), shift=jnp.float32(0.0))["y"]
   assert len(traces) == 2
   _assert_sin(y, x, 2.0, 0.0)
@@ -120,7 +149,7 @@ def test_a_program_jax_had_cached_is_stored_whole(tmp_path, processes):
   for i, how in enumerate(steps):
     subprocess.run([sys.executable, str(script), cache, how, str(tmp_path / f"{i}.npy")], check=True,
                    env=os.environ | {programs.ENABLE: "1"})
-  assert len(os.listdir(os.path.join(cache, programs.FOLDER))) == 1
+  assert len(list(pathlib.Path(cache, programs.FOLDER).glob("*/*.pkl"))) == 1  # one environment, one program
   np.testing.assert_array_equal(np.load(tmp_path / f"{len(steps) - 1}.npy"), np.load(tmp_path / "0.npy"))
 
 
@@ -139,6 +168,7 @@ def test_a_folder_pipeline_reloads_its_programs_and_a_changed_folder_does_not(tm
   def run(pipe, params):
     return pipelines.generate(pipe, params, PROMPTS, height=SIZE, width=SIZE, plan=pipelines.plan_for(pipe, 3)).images
 
+  monkeypatch.setattr(programs, "_preloaded", {})
   pipe, params = pipelines.from_pretrained(folder)
   first = run(pipe, params)
   assert not loads and len(list((tmp_path / "programs").glob("*.pkl"))) == 2  # txt2img and the decoder
@@ -155,4 +185,4 @@ def test_a_folder_pipeline_reloads_its_programs_and_a_changed_folder_does_not(tm
   pipe_changed, params = pipelines.from_pretrained(changed)
   assert pipe_changed.fingerprint != pipe.fingerprint
   assert np.abs(run(pipe_changed, params) - first).max() > 1e-4
-  assert len(loads) == 2 and len(list((tmp_path / "programs").glob("*.pkl"))) == 4  # compiled, not loaded
+  assert len(list((tmp_path / "programs").glob("*.pkl"))) == 4  # compiled and stored beside the others

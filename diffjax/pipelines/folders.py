@@ -12,6 +12,7 @@ import os
 
 import jax.numpy as jnp
 
+from diffjax.pipelines import programs
 from diffjax.pipelines.core import Pipeline
 from diffjax.pipelines.sdxl import sdxl_from_pretrained
 from diffjax.pipelines.stable_diffusion import UPSCALER, check_folder, is_sdxl, sd_from_pretrained
@@ -26,6 +27,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=j
   the folder's networks ({"unet", "vae", "text_encoder"} and SDXL's "text_encoder_2").
   """
   index = check_folder(os.fspath(path))
+  programs.preload()  # read the recently used compiled programs while the weights load
   if is_sdxl(index):
     load = sdxl_from_pretrained
   elif index.get("_class_name") == UPSCALER:

@@ -26,6 +26,7 @@ import numpy as np
 from diffjax.convert import ldm
 from diffjax.convert.files import read_weights
 from diffjax.convert.pretrained import models_from_ldm
+from diffjax.pipelines import programs
 from diffjax.pipelines.core import Pipeline
 from diffjax.pipelines.schedulers import DiffusersScheduler
 from diffjax.pipelines.stable_diffusion import assemble, load_tokenizer
@@ -63,6 +64,7 @@ def from_single_file(path: str | os.PathLike, *, tokenizer: str | os.PathLike, p
   file = os.fspath(path)
   if not os.path.isfile(file):
     raise FileNotFoundError(f"{file} does not exist")
+  programs.preload()  # read the recently used compiled programs while the weights load
   state = read_weights(file, allow_pickle)
   step = state.get("global_step")
   step = int(np.asarray(step).reshape(-1)[0]) if step is not None and np.size(step) == 1 else None
