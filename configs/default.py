@@ -17,7 +17,8 @@ def get_config(arg: str = ""):
   c.data = dict(name="digits_captions", data_dir="", train_split="train", batch_size=64, image_size=8, channels=1,
                 max_shift=0, max_caption_length=40)
   c.model = dict(channels=(32, 64), layers_per_block=1, attention_levels=(False, True), num_heads=4, text_width=64,
-                 text_layers=2, text_heads=4, norm_groups=8, dropout=0.0, mid_block_attention=True, remat=False)
+                 text_layers=2, text_heads=4, norm_groups=8, dropout=0.0, mid_block_attention=True, remat=False,
+                 attention="auto")  # diffjax.models.attention: auto, xla, einsum, blocked, cudnn, splash
   c.diffusion = dict(process="vp_cosine", process_options={}, target="v", weighting="uniform", weighting_options={},
                      time_sampler="uniform", time_sampler_options={}, time_scale=1000.0)
   c.optim = dict(learning_rate=2e-3, warmup_steps=100, final_lr_fraction=0.05, grad_clip=1.0, b1=0.9, b2=0.99,

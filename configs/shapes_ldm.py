@@ -30,7 +30,8 @@ def get_config(arg: str = ""):
   c.vae = dict(workdir="")
   c.text = dict(mode="joint", path="")
   c.model = dict(channels=(64, 128), layers_per_block=1, attention_levels=(False, True), num_heads=4, text_width=128,
-                 text_layers=2, text_heads=4, norm_groups=16, dropout=0.0, mid_block_attention=True, remat=False)
+                 text_layers=2, text_heads=4, norm_groups=16, dropout=0.0, mid_block_attention=True, remat=False,
+                 attention="auto")  # diffjax.models.attention: auto, xla, einsum, blocked, cudnn, splash
   c.diffusion = dict(process="vp_cosine", process_options={}, target="v", weighting="uniform", weighting_options={},
                      time_sampler="uniform", time_sampler_options={}, time_scale=1000.0)
   c.optim = dict(learning_rate=1e-3, warmup_steps=300, final_lr_fraction=0.05, grad_clip=1.0, b1=0.9, b2=0.99,

@@ -179,6 +179,11 @@ def _processes():
   return list(processes.PROCESSES) + ["sd"] + [f"discrete_{s}" for s in processes.BETA_SCHEDULES]
 
 
+def _attention_implementations():
+  from diffjax.models import attention
+  return list(attention.IMPLEMENTATIONS)
+
+
 def _targets():
   from diffjax import parameterization
   return parameterization.TARGETS
@@ -286,7 +291,8 @@ TRAIN = dict(
               max_shift=NONNEG, max_caption_length=integer(2), cache_latents=Field((bool,), optional=True)),
     model=dict(channels=CHANNELS, layers_per_block=COUNT, attention_levels=sequence(FLAG, min_len=1),
                num_heads=COUNT, text_width=COUNT, text_layers=COUNT, text_heads=COUNT, norm_groups=COUNT,
-               dropout=PROBABILITY, mid_block_attention=FLAG, remat=FLAG),
+               dropout=PROBABILITY, mid_block_attention=FLAG, remat=FLAG,
+               attention=text(_attention_implementations, optional=True)),
     diffusion=dict(process=text(_processes), process_options=Field((Mapping,), optional=True), target=text(_targets),
                    weighting=text(_weightings), weighting_options=Field((Mapping,), optional=True),
                    time_sampler=text(_time_samplers), time_sampler_options=Field((Mapping,), optional=True),

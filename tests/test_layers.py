@@ -149,36 +149,3 @@ def test_upsample_parameters_and_outputs_match_conv_on_the_upsampled_image():
   bf16_bound = (tolerances.multilinear_bound(apply_abs, params, x, n=3, u=tolerances.BF16) + bound
                 + tolerances.gamma(1, tolerances.BF16) * np.abs(np.asarray(bf16, np.float64)))
   tolerances.assert_within(bf16, ref.apply({'params': params}, x), bf16_bound, "bfloat16")
-
-
-def _attention_inputs(tokens, seed=0):
-  rng = np.random.default_rng(seed)
-  return [jnp.asarray(rng.standard_normal((2, tokens, 4, 16)), jnp.float32) for _ in range(3)]
-
-
-def test_blocked_attention_matches_float64_attention(x64):
-  """The online-softmax tiles against softmax attention in float64, within float32's bound.
-
-  Each output is sum_s w_s v_s with softmax weights: the logits (H-term dots), exp, the
-  normaliser and the weighted sum (S terms) round at most gamma(S + H + 8 + transcendentals)
-  times sum_s w_s |v_s| <= max |v| (the block rescalings add one multiply per block).
-  """
-  from diffjax.models import layers
-
-  q, k, v = _attention_inputs(1024)
-  s, h = k.shape[1], k.shape[-1]
-  ref = jax.nn.dot_product_attention(*(a.astype(jnp.float64) for a in (q, k, v)))
-  out = jax.jit(layers.blocked_attention)(q, k, v)
-  assert out.dtype == jnp.float32
-  bound = tolerances.gamma(s + h + 8 + 2 * s // layers.ATTENTION_BLOCK + tolerances.TRANSCENDENTAL_OPS)
-  np.testing.assert_allclose(out, ref, rtol=0, atol=bound * float(jnp.abs(v).max()))
-  # The dispatch: long self-attention on the CPU takes the tiles; short or masked attention does not.
-  np.testing.assert_array_equal(layers.dot_product_attention(q, k, v), out)
-  short = [a[:, :256] for a in (q, k, v)]
-  np.testing.assert_array_equal(layers.dot_product_attention(*short), jax.nn.dot_product_attention(*short))
-  # Gradients (through the scan) agree with float64's to the same relative order.
-  loss = lambda f: (lambda q, k, v: jnp.sum(f(q, k, v) * v))
-  g64 = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(*(a.astype(jnp.float64) for a in (q, k, v)))
-  g32 = jax.jit(jax.grad(loss(layers.blocked_attention), argnums=(0, 1, 2)))(q, k, v)
-  for a, b in zip(g32, g64, strict=True):
-    np.testing.assert_allclose(a, b, rtol=0, atol=4 * bound * float(jnp.abs(b).max()))

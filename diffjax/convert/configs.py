@@ -15,6 +15,11 @@ from typing import Any
 
 from diffjax.convert.files import WeightFileError
 from diffjax.models.clip import CLIPConfig, CLIPVisionConfig
+from diffjax.models.dit import DiTConfig
+from diffjax.models.flux import FluxConfig
+from diffjax.models.mmdit import MMDiTConfig
+from diffjax.models.pixart import PixArtConfig
+from diffjax.models.t5 import T5Config
 from diffjax.models.text import BertConfig, CLIPTextConfig
 from diffjax.models.unet import UNetConfig
 from diffjax.models.vae import VAEConfig
@@ -301,4 +306,154 @@ def bert_config_to_transformers(c: BertConfig) -> dict:
       'max_position_embeddings': c.max_positions, 'type_vocab_size': c.type_vocab_size, 'hidden_act': c.hidden_act,
       'layer_norm_eps': c.layer_norm_eps, 'position_embedding_type': 'absolute', 'pad_token_id': 0,
       'torch_dtype': 'float32',
+  }
+
+
+def t5_config_from_transformers(cfg: Mapping, where: str = 'config') -> T5Config:
+  """A transformers ``T5Config`` dict (``T5EncoderModel``, ``T5ForConditionalGeneration``, UMT5 excluded) ->
+  ``T5Config``. ``feed_forward_proj`` is ``[gated-]ACT``; ``gated-gelu`` means tanh GELU, as in transformers."""
+  f = _Fields(cfg, where)
+  proj = f('feed_forward_proj', 'str', 'relu')
+  gated, act = proj.startswith('gated-'), proj.removeprefix('gated-')
+  act = 'gelu_new' if proj == 'gated-gelu' else act
+  if '-' in act or act not in ('relu', 'gelu', 'gelu_new'):
+    raise ValueError(f'{where}: feed_forward_proj {proj!r} is not supported (relu, gelu, gated-gelu, gated-relu, '
+                     f'gated-gelu_new)')
+  return T5Config(
+      vocab_size=f('vocab_size', 'int', 32128), d_model=f('d_model', 'int', 512), d_kv=f('d_kv', 'int', 64),
+      d_ff=f('d_ff', 'int', 2048), num_layers=f('num_layers', 'int', 6), num_heads=f('num_heads', 'int', 8),
+      relative_attention_num_buckets=f('relative_attention_num_buckets', 'int', 32),
+      relative_attention_max_distance=f('relative_attention_max_distance', 'int', 128),
+      layer_norm_epsilon=float(f('layer_norm_epsilon', 'float', 1e-6)), act=act, gated=gated)
+
+
+def t5_config_to_transformers(c: T5Config) -> dict:
+  """``T5Config`` -> a transformers ``T5Config`` dict of a ``T5EncoderModel``."""
+  proj = ('gated-gelu' if c.act == 'gelu_new' else f'gated-{c.act}') if c.gated else c.act
+  return {
+      'architectures': ['T5EncoderModel'], 'model_type': 't5', 'transformers_version': TRANSFORMERS_VERSION,
+      'vocab_size': c.vocab_size, 'd_model': c.d_model, 'd_kv': c.d_kv, 'd_ff': c.d_ff, 'num_layers': c.num_layers,
+      'num_heads': c.num_heads, 'relative_attention_num_buckets': c.relative_attention_num_buckets,
+      'relative_attention_max_distance': c.relative_attention_max_distance,
+      'layer_norm_epsilon': c.layer_norm_epsilon, 'feed_forward_proj': proj, 'dropout_rate': 0.0,
+      'is_encoder_decoder': False, 'use_cache': False, 'tie_word_embeddings': False, 'pad_token_id': 0,
+      'eos_token_id': 1, 'torch_dtype': 'float32',
+  }
+
+
+def dit_config_from_diffusers(cfg: Mapping, where: str = 'config') -> DiTConfig:
+  """A diffusers ``DiTTransformer2DModel`` config dict -> ``DiTConfig``."""
+  f = _Fields(cfg, where)
+  f.check_fixed({'norm_type': 'ada_norm_zero', 'norm_elementwise_affine': False}, 'DiTTransformer2DModel')
+  classes = f('num_embeds_ada_norm', 'int', 1000, nullable=True)
+  if classes is None:
+    raise ValueError(f'{where}: a DiT needs num_embeds_ada_norm (its number of classes)')
+  return DiTConfig(
+      num_heads=f('num_attention_heads', 'int', 16), head_dim=f('attention_head_dim', 'int', 72),
+      in_channels=f('in_channels', 'int', 4), out_channels=f('out_channels', 'int', None, nullable=True),
+      num_layers=f('num_layers', 'int', 28), sample_size=f('sample_size', 'int', 32),
+      patch_size=f('patch_size', 'int', 2), num_classes=classes, norm_eps=float(f('norm_eps', 'float', 1e-5)),
+      attention_bias=f('attention_bias', 'bool', True), activation=f('activation_fn', 'str', 'gelu-approximate'))
+
+
+def dit_config_to_diffusers(c: DiTConfig) -> dict:
+  """``DiTConfig`` -> a diffusers ``DiTTransformer2DModel`` config dict."""
+  return {
+      '_class_name': 'DiTTransformer2DModel', '_diffusers_version': DIFFUSERS_VERSION,
+      'num_attention_heads': c.num_heads, 'attention_head_dim': c.head_dim, 'in_channels': c.in_channels,
+      'out_channels': c.out_channels, 'num_layers': c.num_layers, 'dropout': 0.0, 'norm_num_groups': 32,
+      'attention_bias': c.attention_bias, 'sample_size': c.sample_size, 'patch_size': c.patch_size,
+      'activation_fn': c.activation, 'num_embeds_ada_norm': c.num_classes, 'upcast_attention': False,
+      'norm_type': 'ada_norm_zero', 'norm_elementwise_affine': False, 'norm_eps': c.norm_eps,
+  }
+
+
+def mmdit_config_from_diffusers(cfg: Mapping, where: str = 'config') -> MMDiTConfig:
+  """A diffusers ``SD3Transformer2DModel`` config dict (SD3, SD3.5) -> ``MMDiTConfig``."""
+  f = _Fields(cfg, where)
+  qk_norm = f('qk_norm', 'str', None, nullable=True)
+  if qk_norm not in (None, 'rms_norm'):
+    raise ValueError(f"{where}: qk_norm {qk_norm!r} is not supported (None or 'rms_norm')")
+  return MMDiTConfig(
+      sample_size=f('sample_size', 'int', 128), patch_size=f('patch_size', 'int', 2),
+      in_channels=f('in_channels', 'int', 16), out_channels=f('out_channels', 'int', 16, nullable=True),
+      num_layers=f('num_layers', 'int', 18), head_dim=f('attention_head_dim', 'int', 64),
+      num_heads=f('num_attention_heads', 'int', 18), joint_attention_dim=f('joint_attention_dim', 'int', 4096),
+      caption_projection_dim=f('caption_projection_dim', 'int', 1152),
+      pooled_projection_dim=f('pooled_projection_dim', 'int', 2048),
+      pos_embed_max_size=f('pos_embed_max_size', 'int', 96),
+      dual_attention_layers=tuple(f('dual_attention_layers', 'ints', ())), qk_norm=qk_norm)
+
+
+def mmdit_config_to_diffusers(c: MMDiTConfig) -> dict:
+  """``MMDiTConfig`` -> a diffusers ``SD3Transformer2DModel`` config dict."""
+  return {
+      '_class_name': 'SD3Transformer2DModel', '_diffusers_version': DIFFUSERS_VERSION,
+      'sample_size': c.sample_size, 'patch_size': c.patch_size, 'in_channels': c.in_channels,
+      'out_channels': c.out_channels, 'num_layers': c.num_layers, 'attention_head_dim': c.head_dim,
+      'num_attention_heads': c.num_heads, 'joint_attention_dim': c.joint_attention_dim,
+      'caption_projection_dim': c.caption_projection_dim, 'pooled_projection_dim': c.pooled_projection_dim,
+      'pos_embed_max_size': c.pos_embed_max_size, 'dual_attention_layers': list(c.dual_attention_layers),
+      'qk_norm': c.qk_norm,
+  }
+
+
+def pixart_config_from_diffusers(cfg: Mapping, where: str = 'config') -> PixArtConfig:
+  """A diffusers ``PixArtTransformer2DModel`` config dict (PixArt-alpha, PixArt-Sigma) -> ``PixArtConfig``."""
+  f = _Fields(cfg, where)
+  f.check_fixed({'norm_type': 'ada_norm_single', 'norm_elementwise_affine': False, 'attention_type': 'default'},
+                'PixArtTransformer2DModel')
+  caption = f('caption_channels', 'int', None, nullable=True)
+  cross = f('cross_attention_dim', 'int', 1152, nullable=True)
+  if caption is None or cross is None:
+    raise ValueError(f'{where}: diffjax loads PixArt with a caption projection and cross-attention '
+                     f'(caption_channels and cross_attention_dim set)')
+  scale = f('interpolation_scale', 'float', None, nullable=True)
+  return PixArtConfig(
+      num_heads=f('num_attention_heads', 'int', 16), head_dim=f('attention_head_dim', 'int', 72),
+      in_channels=f('in_channels', 'int', 4), out_channels=f('out_channels', 'int', 8, nullable=True),
+      num_layers=f('num_layers', 'int', 28), cross_attention_dim=cross, sample_size=f('sample_size', 'int', 128),
+      patch_size=f('patch_size', 'int', 2), caption_channels=caption,
+      interpolation_scale=None if scale is None else float(scale),
+      use_additional_conditions=f('use_additional_conditions', 'bool', None, nullable=True),
+      norm_eps=float(f('norm_eps', 'float', 1e-6)), attention_bias=f('attention_bias', 'bool', True))
+
+
+def pixart_config_to_diffusers(c: PixArtConfig) -> dict:
+  """``PixArtConfig`` -> a diffusers ``PixArtTransformer2DModel`` config dict."""
+  return {
+      '_class_name': 'PixArtTransformer2DModel', '_diffusers_version': DIFFUSERS_VERSION,
+      'num_attention_heads': c.num_heads, 'attention_head_dim': c.head_dim, 'in_channels': c.in_channels,
+      'out_channels': c.out_channels, 'num_layers': c.num_layers, 'dropout': 0.0, 'norm_num_groups': 32,
+      'cross_attention_dim': c.cross_attention_dim, 'attention_bias': c.attention_bias,
+      'sample_size': c.sample_size, 'patch_size': c.patch_size, 'activation_fn': 'gelu-approximate',
+      'num_embeds_ada_norm': 1000, 'upcast_attention': False, 'norm_type': 'ada_norm_single',
+      'norm_elementwise_affine': False, 'norm_eps': c.norm_eps, 'interpolation_scale': c.interpolation_scale,
+      'use_additional_conditions': c.use_additional_conditions, 'caption_channels': c.caption_channels,
+      'attention_type': 'default',
+  }
+
+
+def flux_config_from_diffusers(cfg: Mapping, where: str = 'config') -> FluxConfig:
+  """A diffusers ``FluxTransformer2DModel`` config dict (FLUX.1 dev / schnell) -> ``FluxConfig``."""
+  f = _Fields(cfg, where)
+  return FluxConfig(
+      patch_size=f('patch_size', 'int', 1), in_channels=f('in_channels', 'int', 64),
+      out_channels=f('out_channels', 'int', None, nullable=True), num_layers=f('num_layers', 'int', 19),
+      num_single_layers=f('num_single_layers', 'int', 38), head_dim=f('attention_head_dim', 'int', 128),
+      num_heads=f('num_attention_heads', 'int', 24), joint_attention_dim=f('joint_attention_dim', 'int', 4096),
+      pooled_projection_dim=f('pooled_projection_dim', 'int', 768),
+      guidance_embeds=f('guidance_embeds', 'bool', False), axes_dims_rope=tuple(f('axes_dims_rope', 'ints',
+                                                                                    (16, 56, 56))))
+
+
+def flux_config_to_diffusers(c: FluxConfig) -> dict:
+  """``FluxConfig`` -> a diffusers ``FluxTransformer2DModel`` config dict."""
+  return {
+      '_class_name': 'FluxTransformer2DModel', '_diffusers_version': DIFFUSERS_VERSION,
+      'patch_size': c.patch_size, 'in_channels': c.in_channels, 'out_channels': c.out_channels,
+      'num_layers': c.num_layers, 'num_single_layers': c.num_single_layers, 'attention_head_dim': c.head_dim,
+      'num_attention_heads': c.num_heads, 'joint_attention_dim': c.joint_attention_dim,
+      'pooled_projection_dim': c.pooled_projection_dim, 'guidance_embeds': c.guidance_embeds,
+      'axes_dims_rope': list(c.axes_dims_rope),
   }

@@ -19,11 +19,14 @@ from flax import traverse_util
 # Module names that are lists in PyTorch (``name.3``) and ``name_3`` in diffjax.
 LIST_NAMES = frozenset({
     'down_blocks', 'up_blocks', 'resnets', 'attentions', 'downsamplers', 'upsamplers', 'transformer_blocks',
-    'to_out', 'net', 'layers', 'layer',
+    'to_out', 'net', 'layers', 'layer', 'block',  # block: T5's encoder.block.N
+    'single_transformer_blocks',  # Flux
 })
 _LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'embedding': 'weight', 'bias': 'bias',
                   'mean': 'running_mean', 'var': 'running_var',  # inference BatchNorm statistics
-                  'class_embedding': 'class_embedding', 'logit_scale': 'logit_scale'}  # CLIP's raw parameters
+                  'class_embedding': 'class_embedding', 'logit_scale': 'logit_scale',  # CLIP's raw parameters
+                  'pos_embed': 'pos_embed',  # SD3's stored position table
+                  'scale_shift_table': 'scale_shift_table'}  # PixArt's adaLN-single offsets
 # Buffers that PyTorch modules save but that are not parameters.
 IGNORED_KEYS = (re.compile(r'(^|\.)position_ids$'), re.compile(r'(^|\.)num_batches_tracked$'))
 
@@ -88,7 +91,7 @@ def flax_from_state_dict(state: Mapping[str, np.ndarray], target: Mapping, *, ke
       continue
     used.add(key)
     w = np.asarray(state.pop(key) if consume else state[key])
-    arr = w if path[-1] == 'embedding' else to_flax_array(w, tuple(leaf.shape))
+    arr = to_flax_array(w, tuple(leaf.shape)) if path[-1] == 'kernel' else w  # only kernels change layout
     if arr is None or arr.shape != tuple(leaf.shape):
       bad.append(f'{key}: checkpoint {tuple(w.shape)}, model {tuple(leaf.shape)} ({"/".join(path)})')
       continue

@@ -17,6 +17,11 @@ import numpy as np
 from diffjax.convert import configs, ldm
 from diffjax.convert.files import find_weights, read_json_config, read_weights, write_safetensors
 from diffjax.convert.keys import IGNORED_KEYS, flax_from_state_dict, state_dict_from_flax
+from diffjax.models.dit import DiT, init_dit
+from diffjax.models.flux import Flux, init_flux
+from diffjax.models.mmdit import MMDiT, init_mmdit
+from diffjax.models.pixart import PixArt, init_pixart
+from diffjax.models.t5 import T5EncoderModel
 from diffjax.models.text import BertEncoder, CLIPTextTransformer
 from diffjax.models.unet import UNet, init_unet
 from diffjax.models.vae import AutoencoderKL, init_vae
@@ -26,12 +31,16 @@ Loaded = tuple[nn.Module, dict]
 
 
 # -- building modules and their parameters ----------------------------------------------------------------------
+# Each image network's own initialiser (dummy inputs of its kind); text encoders take (1, 4) token ids.
+_INITIALISERS = {UNet: init_unet, AutoencoderKL: init_vae, DiT: init_dit, MMDiT: init_mmdit, PixArt: init_pixart,
+                 Flux: init_flux}
+
+
 def _target_shapes(module: nn.Module) -> dict:
   """The module's parameter tree as ShapeDtypeStructs (no computation)."""
-  if isinstance(module, UNet):
-    init = lambda: init_unet(module, jax.random.key(0))
-  elif isinstance(module, AutoencoderKL):
-    init = lambda: init_vae(module, jax.random.key(0))
+  own = _INITIALISERS.get(type(module))
+  if own is not None:
+    init = lambda: own(module, jax.random.key(0))
   else:
     init = lambda: module.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
   return nn.meta.unbox(jax.eval_shape(init))
@@ -55,9 +64,27 @@ def _bert_prefix(state: Mapping) -> str:
   return 'bert.' if any(k.startswith('bert.') for k in state) else ''
 
 
+def _t5_state(state: Mapping[str, np.ndarray], in_place: bool) -> Mapping[str, np.ndarray]:
+  """T5's token table under ``shared.weight``: transformers ties ``encoder.embed_tokens.weight`` to it and a
+  file may hold either name or both (then the same tensor); a ``T5ForConditionalGeneration``'s decoder and
+  head are not the encoder's and are dropped by the caller's ignore list. ``in_place``: rename in ``state``
+  (a dict the caller gave away) rather than in a copy."""
+  if 'encoder.embed_tokens.weight' not in state:
+    return state
+  state = state if in_place else dict(state)
+  tokens = state.pop('encoder.embed_tokens.weight')
+  state.setdefault('shared.weight', tokens)
+  return state
+
+
+_T5_IGNORE = IGNORED_KEYS + (re.compile(r'^(decoder\.|lm_head\.)'),)
+
+
 def build(kind: str, config: Any, state: Mapping[str, np.ndarray], *, dtype=jnp.float32, param_dtype=jnp.float32,
           what: str = 'checkpoint', consume: bool = False) -> Loaded:
-  """(module, params) for ``kind`` in {'unet', 'vae', 'clip', 'bert'} from a state dict with reference key names.
+  """(module, params) for ``kind`` in {'unet', 'vae', 'dit', 'mmdit', 'pixart', 'flux',
+  'clip', 'bert', 't5'} from a state dict with reference key
+  names.
 
   ``consume``: empty ``state`` (a dict) tensor by tensor while converting, so the checkpoint
   and the parameters are not both held in host memory.
@@ -69,6 +96,9 @@ def build(kind: str, config: Any, state: Mapping[str, np.ndarray], *, dtype=jnp.
   if kind == 'vae':
     m = AutoencoderKL(config, **kw)
     return m, _params_from_state(m, state, param_dtype, what, consume=consume)
+  if kind in ('dit', 'mmdit', 'pixart', 'flux'):
+    m = {'dit': DiT, 'mmdit': MMDiT, 'pixart': PixArt, 'flux': Flux}[kind](config, **kw)
+    return m, _params_from_state(m, state, param_dtype, what, consume=consume)
   if kind == 'clip':
     m = CLIPTextTransformer(config, **kw)
     return m, _params_from_state(m, state, param_dtype, what, _clip_prefix_fn(state), _CLIP_IGNORE, consume)
@@ -77,6 +107,9 @@ def build(kind: str, config: Any, state: Mapping[str, np.ndarray], *, dtype=jnp.
     ignore = IGNORED_KEYS + ((re.compile(r'^(?!bert\.)'),) if prefix else ())  # task heads (cls., ...) dropped
     m = BertEncoder(config, **kw)
     return m, _params_from_state(m, state, param_dtype, what, lambda k: prefix + k, ignore, consume)
+  if kind == 't5':
+    m = T5EncoderModel(config, **kw)
+    return m, _params_from_state(m, _t5_state(state, consume), param_dtype, what, str, _T5_IGNORE, consume)
   raise ValueError(f'unknown model kind {kind!r}')
 
 
@@ -91,13 +124,25 @@ def _load_folder(folder: str, allow_pickle: bool, **kw) -> Loaded:
     kind, config, stem = 'unet', configs.unet_config_from_diffusers(cfg, where), 'diffusion_pytorch_model'
   elif cls == 'AutoencoderKL':
     kind, config, stem = 'vae', configs.vae_config_from_diffusers(cfg, where), 'diffusion_pytorch_model'
+  elif cls == 'DiTTransformer2DModel':
+    kind, config, stem = 'dit', configs.dit_config_from_diffusers(cfg, where), 'diffusion_pytorch_model'
+  elif cls == 'SD3Transformer2DModel':
+    kind, config, stem = 'mmdit', configs.mmdit_config_from_diffusers(cfg, where), 'diffusion_pytorch_model'
+  elif cls == 'PixArtTransformer2DModel':
+    kind, config, stem = 'pixart', configs.pixart_config_from_diffusers(cfg, where), 'diffusion_pytorch_model'
+  elif cls == 'FluxTransformer2DModel':
+    kind, config, stem = 'flux', configs.flux_config_from_diffusers(cfg, where), 'diffusion_pytorch_model'
   elif model_type in ('clip_text_model', 'clip'):
     kind, config, stem = 'clip', configs.clip_text_config_from_transformers(cfg, where), 'model'
   elif model_type == 'bert':
     kind, config, stem = 'bert', configs.bert_config_from_transformers(cfg, where=where), 'model'
+  elif model_type == 't5':
+    kind, config, stem = 't5', configs.t5_config_from_transformers(cfg, where), 'model'
   else:
     raise ValueError(f'{where}: unsupported model (_class_name={cls!r}, model_type={model_type!r}); '
-                     f'diffjax loads UNet2DConditionModel, AutoencoderKL, CLIPTextModel and BertModel')
+                     f'diffjax loads UNet2DConditionModel, AutoencoderKL, DiTTransformer2DModel, '
+                     f'SD3Transformer2DModel, PixArtTransformer2DModel, FluxTransformer2DModel, CLIPTextModel, '
+                     f'BertModel and T5EncoderModel')
   state = find_weights(folder, (stem,), allow_pickle)
   if kind == 'bert':
     config = dataclasses.replace(config, add_pooler=any(k.endswith('pooler.dense.weight') for k in state))
@@ -137,10 +182,13 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=j
   Args:
     path: one of
       * a diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)
-        of a ``UNet2DConditionModel`` or ``AutoencoderKL``;
+        of a ``UNet2DConditionModel``, ``AutoencoderKL``, ``DiTTransformer2DModel``,
+        ``SD3Transformer2DModel`` (SD3, SD3.5), ``PixArtTransformer2DModel`` or
+        ``FluxTransformer2DModel``;
       * a transformers model folder (``config.json`` + ``model.safetensors``) of a
-        ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` or ``BertModel`` (keys with
-        or without the ``text_model.`` / ``bert.`` prefixes; task heads are ignored);
+        ``CLIPTextModel`` / ``CLIPTextModelWithProjection``, ``BertModel`` (keys with
+        or without the ``text_model.`` / ``bert.`` prefixes; task heads are ignored) or
+        ``T5EncoderModel`` (a ``T5ForConditionalGeneration``'s encoder);
       * a diffusers pipeline folder with ``unet/``, ``vae/``, ``text_encoder/`` (and
         ``text_encoder_2/``) subfolders;
       * an original single-file Stable Diffusion 1.x/2.x checkpoint (``.safetensors``
@@ -197,11 +245,21 @@ def save_pretrained(module: nn.Module | Mapping[str, Loaded], params: Mapping | 
     cfg = configs.unet_config_to_diffusers(module.config)
   elif isinstance(module, AutoencoderKL):
     cfg = configs.vae_config_to_diffusers(module.config)
+  elif isinstance(module, DiT):
+    cfg = configs.dit_config_to_diffusers(module.config)
+  elif isinstance(module, MMDiT):
+    cfg = configs.mmdit_config_to_diffusers(module.config)
+  elif isinstance(module, PixArt):
+    cfg = configs.pixart_config_to_diffusers(module.config)
+  elif isinstance(module, Flux):
+    cfg = configs.flux_config_to_diffusers(module.config)
   elif isinstance(module, CLIPTextTransformer):
     cfg, weights = configs.clip_text_config_to_transformers(module.config), 'model.safetensors'
     key_fn = lambda k: k if k.startswith('text_projection.') else 'text_model.' + k
   elif isinstance(module, BertEncoder):
     cfg, weights = configs.bert_config_to_transformers(module.config), 'model.safetensors'
+  elif isinstance(module, T5EncoderModel):
+    cfg, weights = configs.t5_config_to_transformers(module.config), 'model.safetensors'
   else:
     raise TypeError(f'cannot export {type(module).__name__}')
   os.makedirs(folder, exist_ok=True)

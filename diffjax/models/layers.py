@@ -29,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffjax.models.attention import dot_product_attention
+
 Dtype = Any
 Array = jax.Array
 
@@ -98,6 +100,24 @@ class GroupNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+class RMSNorm(nn.Module):
+  """Root-mean-square normalisation over the last axis (Zhang & Sennrich 2019), as T5's ``T5LayerNorm`` and
+  diffusers' ``RMSNorm`` compute it: x / sqrt(mean(x^2) + eps) * scale, no mean subtraction, no bias;
+  statistics in float32; ``scale``: (C,)."""
+
+  eps: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param('scale', _partitioned(nn.initializers.ones_init(), NORM_AXES), (x.shape[-1],),
+                       self.param_dtype)
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale.astype(y.dtype)).astype(self.dtype)
+
+
 def group_norm(groups: int, eps: float, *, dtype: Dtype, param_dtype: Dtype, name: str | None = None):
   """``GroupNorm`` with logical axis names on its parameters."""
   return GroupNorm(groups, eps, dtype=dtype, param_dtype=param_dtype, name=name)
@@ -116,91 +136,6 @@ def embed(num: int, features: int, *, dtype: Dtype, param_dtype: Dtype, name: st
   return nn.Embed(
       num, features, dtype=dtype, param_dtype=param_dtype,
       embedding_init=_partitioned(nn.initializers.normal(0.02), EMBED_AXES), name=name)
-
-
-# -- attention -----------------------------------------------------------------------------
-def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None, is_causal: bool = False,
-                          implementation: str | None = None) -> Array:
-  """Multi-head attention on (B, T, N, H) queries and (B, S, N, H) keys/values -> (B, T, N, H).
-
-  Calls ``jax.nn.dot_product_attention``. ``implementation=None`` picks cuDNN flash
-  attention on GPU for 16-bit inputs (falling back to XLA where cuDNN rejects the
-  shapes at trace time) and XLA elsewhere; pass ``'xla'`` or ``'cudnn'`` to force one.
-  ``mask``: boolean, broadcastable to (B, N, T, S), True = attend.
-  """
-  impl = implementation
-  if impl is None:
-    half = q.dtype in (jnp.bfloat16, jnp.float16)
-    if half and jax.default_backend() == 'gpu':
-      try:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation='cudnn')
-      except (ValueError, NotImplementedError, RuntimeError):
-        pass
-    if (jax.default_backend() == 'cpu' and mask is None and not is_causal and k.shape[1] >= BLOCKED_MIN_KEYS
-        and q.shape[1] % ATTENTION_BLOCK == 0 and k.shape[1] % ATTENTION_BLOCK == 0):
-      return blocked_attention(q, k, v)
-    impl = 'xla'
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
-
-
-# On XLA:CPU the (B, N, T, S) logits of long self-attention make several passes over memory
-# (4096 tokens at batch 2, 8 heads: 1 GB): blocking with an online softmax keeps each block smaller.
-# Measured for (2, 4096, 8, 40) on a 2-core CPU in session 7: 1.60 s (jax.nn.dot_product_attention,
-# XLA) -> 0.31 s; torch's scaled_dot_product_attention 0.30 s. Session 13, same shape on a slower
-# host: 0.54 -> 0.38 s (torch 0.24 s) from the two reductions below; (8, 4096, 8, 40): 2.99 -> 1.73 s
-# (torch 1.04 s); (8, 1024, 8, 80): 0.34 -> 0.27 s (torch 0.10 s).
-ATTENTION_BLOCK = 512
-BLOCKED_MIN_KEYS = 1024  # also 3x faster at 1024 keys (0.082 -> 0.026 s at batch 2, 8 heads)
-
-
-def _row_max(s: Array) -> Array:
-  """``s.max(-1)``, by halving the last axis with elementwise maxima down to 32 entries first.
-
-  XLA:CPU rewrites a reduction over more than 32 entries into a windowed reduction that it
-  runs an order of magnitude slower than an elementwise loop (120 ms for a (8, 8, 512, 512)
-  block, 40% of the attention's time); elementwise maxima of the two halves are exact.
-  """
-  while s.shape[-1] > 32 and s.shape[-1] % 2 == 0:
-    half = s.shape[-1] // 2
-    s = jnp.maximum(s[..., :half], s[..., half:])
-  return s.max(-1)
-
-
-def blocked_attention(q: Array, k: Array, v: Array, block: int = ATTENTION_BLOCK) -> Array:
-  """Softmax attention (B, T, N, H) x (B, S, N, H) -> (B, T, N, H) in (block x block) tiles, no mask.
-
-  Per query block, a scan over key blocks keeps the running maximum m and the unnormalised
-  output of the online softmax (Milakov & Gimelshein 2018): with a new block's logits s,
-  m' = max(m, max s), acc' = acc e^(m - m') + e^(s - m') [v, 1]. The values carry a column of
-  ones, so the softmax normaliser (its last column) comes out of the same matrix product
-  instead of a separate reduction. T and S must be multiples of ``block``.
-  Exact up to rounding (float32 accumulation); differentiable (the scan is).
-  """
-  dtype = q.dtype
-  B, T, N, H = q.shape
-  S = k.shape[1]
-  qt, kt, vt = (jnp.swapaxes(a, 1, 2).astype(jnp.float32) for a in (q, k, v))  # (B, N, L, H)
-  qt = qt * H ** -0.5
-  vt = jnp.concatenate([vt, jnp.ones((B, N, S, 1), jnp.float32)], axis=-1)
-  # Blocks along a leading axis, for lax.map / lax.scan to step through: (L / block, B, N, block, H).
-  blocks = lambda a: jnp.moveaxis(a.reshape(B, N, a.shape[2] // block, block, a.shape[3]), 2, 0)
-  kb, vb = blocks(kt), blocks(vt)
-
-  def one_query_block(qc):  # (B, N, block, H)
-    def step(carry, kv):
-      m, acc = carry
-      kc, vc = kv
-      s = jnp.einsum('bnth,bnsh->bnts', qc, kc)
-      m_new = jnp.maximum(m, _row_max(s))
-      p, decay = jnp.exp(s - m_new[..., None]), jnp.exp(m - m_new)
-      return (m_new, acc * decay[..., None] + jnp.einsum('bnts,bnsh->bnth', p, vc)), None
-
-    init = (jnp.full(qc.shape[:3], -jnp.inf), jnp.zeros((*qc.shape[:3], H + 1)))
-    (_, acc), _ = jax.lax.scan(step, init, (kb, vb))
-    return acc[..., :H] / acc[..., H:]
-
-  out = jax.lax.map(one_query_block, blocks(qt))  # (T / block, B, N, block, H)
-  return jnp.moveaxis(out, 0, 2).reshape(B, N, T, H).swapaxes(1, 2).astype(dtype)
 
 
 def split_heads(x: Array, heads: int) -> Array:
@@ -469,18 +404,43 @@ class GEGLU(nn.Module):
     return h * nn.gelu(gate, approximate=False)
 
 
+class GELU(nn.Module):
+  """A projection then GELU: (…, C) -> (…, features); ``proj``; tanh approximation with ``approximate``."""
+
+  features: int
+  approximate: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    h = dense(self.features, name='proj', dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    return nn.gelu(h, approximate=self.approximate)
+
+
+FEED_FORWARD_ACTIVATIONS = ('geglu', 'gelu', 'gelu-approximate')  # diffusers' activation_fn names
+
+
 class FeedForward(nn.Module):
-  """GEGLU feed-forward: (…, C) -> (…, C) with inner width ``mult * C`` (``net_0``: GEGLU, ``net_2``: out)."""
+  """Feed-forward (…, C) -> (…, C) with inner width ``mult * C``: ``net_0`` (GEGLU, or a projection and GELU,
+  exact or tanh-approximate: diffusers' ``activation_fn``), ``net_2``: out."""
 
   mult: int = 4
   dropout: float = 0.0
+  activation: str = 'geglu'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = GEGLU(self.mult * x.shape[-1], name='net_0', **kw)(x)
+    inner = self.mult * x.shape[-1]
+    if self.activation == 'geglu':
+      h = GEGLU(inner, name='net_0', **kw)(x)
+    elif self.activation in ('gelu', 'gelu-approximate'):
+      h = GELU(inner, self.activation == 'gelu-approximate', name='net_0', **kw)(x)
+    else:
+      raise ValueError(f'FeedForward activation {self.activation!r} is not one of {FEED_FORWARD_ACTIVATIONS}')
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     return dense(x.shape[-1], name='net_2', **kw)(h)
 

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from diffjax.models.layers import Dtype, dense, dot_product_attention, embed, layer_norm, split_heads
+from diffjax.models.attention import dot_product_attention
+from diffjax.models.layers import Dtype, dense, embed, layer_norm, split_heads
 
 Array = jax.Array
 

@@ -26,11 +26,12 @@ class TextToImage(nn.Module):
   text: CLIPTextConfig | BertConfig
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
+  attention_impl: str | None = None  # a diffjax.models.attention implementation name; None: 'auto'
 
   def setup(self):
     encoder = BertEncoder if isinstance(self.text, BertConfig) else CLIPTextTransformer
-    self.text_encoder = encoder(self.text, remat=self.remat, dtype=self.dtype)
-    self.denoiser = UNet(self.unet, remat=self.remat, dtype=self.dtype)
+    self.text_encoder = encoder(self.text, remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype)
+    self.denoiser = UNet(self.unet, remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype)
 
   def encode_text(self, tokens: Array, mask: Array) -> Array:
     """(B, L, text width) token states, the U-Net's cross-attention context."""

@@ -237,8 +237,8 @@ class UNet(nn.Module):
     config: the architecture.
     remat: gradient checkpointing of every ResNet and transformer block (same outputs
       and gradients, less activation memory, ~30% more compute).
-    attention_impl: ``jax.nn.dot_product_attention`` implementation (None: cuDNN on GPU
-      for 16-bit dtypes, else XLA).
+    attention_impl: a ``diffjax.models.attention`` implementation name (None: 'auto': cuDNN on
+      GPU for 16-bit dtypes, splash on TPU, tiles for long self-attention on CPU, else XLA).
     dtype: computation dtype (e.g. bfloat16); param_dtype: parameter storage dtype.
   """
 

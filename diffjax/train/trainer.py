@@ -92,7 +92,8 @@ def build_model(config, latent=None) -> TextToImage:
                         max_positions=config.data.max_caption_length, eos_token_id=ByteTokenizer.eos_id)
   if latent is not None and latent.text_config is not None:
     text = latent.text_config
-  return TextToImage(unet=unet, text=text, remat=m.remat, dtype=jnp.dtype(config.train.compute_dtype))
+  return TextToImage(unet=unet, text=text, remat=m.remat, dtype=jnp.dtype(config.train.compute_dtype),
+                     attention_impl=m.get("attention", "auto"))
 
 
 def build_optimizer(config) -> optax.GradientTransformation:

@@ -1,0 +1,25 @@
+"""Helpers for parity tests against PyTorch reference models (the ``reference`` extra)."""
+
+from diffjax.convert import save_pretrained
+
+
+def jiggle(module, scale: float = 0.05, seed: int = 0):
+  """Adds seeded Gaussian noise (std ``scale``) to every parameter of a torch module (so that zero-initialised
+  gates and biases take part in the comparison); returns it in eval mode."""
+  import torch
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for p in module.parameters():
+      p.add_(scale * torch.randn_like(p))
+  return module.eval()
+
+
+def assert_exports_back(module, params, reference, folder) -> None:
+  """diffjax's ``save_pretrained`` of ``module`` writes a folder that the reference class reads back with the
+  reference's own state dict, bit for bit."""
+  import torch
+  save_pretrained(module, params, folder)
+  back = type(reference).from_pretrained(folder).eval()
+  sa, sb = reference.state_dict(), back.state_dict()
+  assert sa.keys() == sb.keys()
+  assert all(torch.equal(sa[k], sb[k]) for k in sa)
