@@ -39,7 +39,7 @@ def _torch_call(q, k, v):
     import torch
   except ImportError:
     return None
-  tq, tk, tv = (torch.from_numpy(np.asarray(a, np.float32)).transpose(1, 2).contiguous() for a in (q, k, v))
+  tq, tk, tv = (torch.from_numpy(np.array(a, np.float32)).transpose(1, 2).contiguous() for a in (q, k, v))
 
   def call():
     with torch.no_grad():
