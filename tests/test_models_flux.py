@@ -9,7 +9,8 @@ import pytest
 import tolerances
 from reference_models import assert_exports_back, jiggle
 
-from diffjax.convert import load_pretrained
+from diffjax.convert import load_pretrained, save_pretrained
+from diffjax.convert.keys import WeightMismatchError
 from diffjax.models.flux import (
     FLUX_CONFIGS,
     Flux,
@@ -90,3 +91,22 @@ def test_flux_matches_diffusers(guidance, tmp_path):
   assert worst <= 2 * 3 * 3 * math.sqrt(256) * tolerances.U32 * 3
   assert_exports_back(m, params, ref, tmp_path / 'back')
   assert init_flux(m, jax.random.key(0)).keys() == params.keys()
+
+
+def test_a_checkpoint_of_another_variant_is_one_error_naming_what_differs(tmp_path):
+  """A FLUX.1 [dev] file under a [schnell] config (no guidance embedder), and the reverse."""
+  import json
+  dev = Flux(FLUX_CONFIGS['tiny'])
+  save_pretrained(dev, init_flux(dev, jax.random.key(0)), tmp_path / 'dev')
+  config = json.loads((tmp_path / 'dev' / 'config.json').read_text())
+  config['guidance_embeds'] = False
+  (tmp_path / 'dev' / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(WeightMismatchError, match='4 unexpected') as e:
+    load_pretrained(tmp_path / 'dev')
+  assert str(tmp_path / 'dev') in str(e.value) and 'time_text_embed.guidance_embedder.linear_1.weight' in str(e.value)
+  config['guidance_embeds'] = True
+  config['num_single_layers'] = 3  # a file with fewer blocks than its config says
+  (tmp_path / 'dev' / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(WeightMismatchError, match='missing') as e:
+    load_pretrained(tmp_path / 'dev')
+  assert 'single_transformer_blocks.2.proj_out.weight' in str(e.value)

@@ -10,7 +10,8 @@ import pytest
 import tolerances
 from reference_models import assert_exports_back, jiggle
 
-from diffjax.convert import load_pretrained
+from diffjax.convert import load_pretrained, save_pretrained
+from diffjax.convert.keys import WeightMismatchError
 from diffjax.models.mmdit import MMDIT_CONFIGS, MMDiT, MMDiTConfig, init_mmdit
 
 TINY = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
@@ -63,3 +64,15 @@ def test_mmdit_matches_diffusers(variant, tmp_path):
   # As for DiT: 2 L 3 sqrt(k) u per unit of output, k = 256 (the timestep sinusoid), 2 blocks, factor 3.
   assert worst <= 2 * 2 * 3 * math.sqrt(256) * tolerances.U32 * 3
   assert_exports_back(m, params, ref, tmp_path / 'back')
+
+
+def test_an_sd35_checkpoint_under_an_sd3_config_is_one_error_naming_what_differs(tmp_path):
+  import json
+  sd35 = MMDiT(dataclasses.replace(MMDIT_CONFIGS['tiny'], qk_norm='rms_norm'))
+  save_pretrained(sd35, init_mmdit(sd35, jax.random.key(0)), tmp_path / 'sd35')
+  config = json.loads((tmp_path / 'sd35' / 'config.json').read_text())
+  config['qk_norm'] = None
+  (tmp_path / 'sd35' / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(WeightMismatchError, match='8 unexpected') as e:  # norm_q/k, norm_added_q/k of 2 blocks
+    load_pretrained(tmp_path / 'sd35')
+  assert str(tmp_path / 'sd35') in str(e.value) and 'transformer_blocks.0.attn.norm_added_k.weight' in str(e.value)

@@ -144,3 +144,57 @@ def test_wordpiece_matches_bert_tokenizer_on_real_vocab():
     got = ours(text)
     assert got.input_ids[0].tolist() == want['input_ids'], text
     assert got.attention_mask[0].tolist() == want['attention_mask'], text
+
+
+T5_CORPUS = ['a photo of a cat', 'a painting of a red fox in the snow', 'an astronaut riding a horse on the moon',
+             'two dogs playing with a ball', 'a watercolor of mountains at dawn', 'the quick brown fox jumps'] * 20
+
+
+@pytest.fixture(scope='module')
+def t5_folder(tmp_path_factory):
+  """A T5-style tokenizer.json trained here: NFKC, spaces collapsed, Metaspace, unigram; <pad> 0, </s> 1, <unk> 2."""
+  from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+  tok = Tokenizer(models.Unigram())
+  tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(' {2,}'), ' ')])
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='always')
+  tok.decoder = decoders.Metaspace(replacement='\u2581', prepend_scheme='always')
+  tok.train_from_iterator(T5_CORPUS, trainers.UnigramTrainer(vocab_size=120, special_tokens=['<pad>', '</s>', '<unk>'],
+                                                             unk_token='<unk>'))
+  tok.post_processor = processors.TemplateProcessing(single='$A </s>', special_tokens=[('</s>', 1)])
+  folder = tmp_path_factory.mktemp('t5_tokenizer')
+  tok.save(str(folder / 'tokenizer.json'))
+  return folder
+
+
+def test_t5_tokenizer_appends_eos_pads_and_truncates(t5_folder, tmp_path):
+  from diffjax.models.tokenizers import T5Tokenizer
+  tok = T5Tokenizer.from_folder(t5_folder, max_length=24)
+  out = tok(['a photo of a cat', 'an astronaut riding a horse on the moon over a red fox in the snow'])
+  assert out.input_ids.shape == (2, 24) and out.input_ids.dtype == np.int32
+  body = tok.encode('a photo of a cat')
+  n = len(body) + 1
+  np.testing.assert_array_equal(out.input_ids[0, :n], body + [1])
+  assert (out.input_ids[0, n:] == 0).all() and out.attention_mask[0].sum() == n
+  assert out.input_ids[1, -1] == 1 and out.attention_mask[1].all()  # truncated: </s> kept last
+  assert tok.decode(out.input_ids[0]) == 'a photo of a cat'
+  assert tok('a  photo   of a cat', max_length=None).input_ids.shape[1] == n  # spaces collapsed, no padding limit
+  (tmp_path / 'spiece.model').write_bytes(b'')
+  with pytest.raises(FileNotFoundError, match='only spiece.model'):
+    T5Tokenizer.from_folder(tmp_path)
+  (tmp_path / 'tokenizer.json').write_text('{"not": "a tokenizer"}')
+  with pytest.raises(ValueError, match='not a readable tokenizer.json'):
+    T5Tokenizer.from_folder(tmp_path)
+
+
+@pytest.mark.reference
+def test_t5_tokenizer_matches_transformers(t5_folder, tmp_path):
+  transformers = pytest.importorskip('transformers')
+  from diffjax.models.tokenizers import T5Tokenizer
+  ref = transformers.T5TokenizerFast(tokenizer_file=str(t5_folder / 'tokenizer.json'), eos_token='</s>',
+                                     pad_token='<pad>', unk_token='<unk>', extra_ids=0)
+  prompts = ['a photo of a cat', 'An astronaut riding a horse on the moon, detailed!', 'zebra xylophone',
+             'two dogs   playing with a ball at dawn over the mountains in watercolor', '']
+  want = ref(prompts, padding='max_length', max_length=16, truncation=True)  # as SD3's and Flux's pipelines call it
+  got = T5Tokenizer.from_folder(t5_folder, max_length=16)(prompts)
+  np.testing.assert_array_equal(got.input_ids, np.asarray(want['input_ids']))
+  np.testing.assert_array_equal(got.attention_mask, np.asarray(want['attention_mask']))

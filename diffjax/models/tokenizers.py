@@ -1,4 +1,4 @@
-"""Tokenizers for the text encoders, pure Python + NumPy.
+"""Tokenizers for the text encoders, pure Python + NumPy (T5's through the ``tokenizers`` library).
 
 * ``CLIPTokenizer``: CLIP's byte-level BPE from the ``vocab.json`` / ``merges.txt`` you
   supply (Radford et al. 2021; Sennrich et al. 2016): NFC, whitespace collapsed,
@@ -6,6 +6,8 @@
   ``<|startoftext|> ... <|endoftext|>``, padded / truncated to 77.
 * ``WordPieceTokenizer``: BERT (uncased) basic tokenization and greedy
   longest-match-first WordPiece from a ``vocab.txt`` (Devlin et al. 2019).
+* ``T5Tokenizer``: T5's SentencePiece unigram model from a ``tokenizer.json``, run by the
+  ``tokenizers`` library (as transformers' ``T5TokenizerFast``), ``</s>`` appended, ``<pad>``-padded.
 * ``ByteTokenizer``: UTF-8 bytes + 3 special ids; needs no file (models trained from scratch).
 
 Each is called on a string or a list of strings and returns a ``Tokens`` of int32
@@ -173,6 +175,61 @@ class CLIPTokenizer:
     if cur:
       words.append(bytes(cur).decode('utf-8', errors='replace'))
     return ' '.join(words)
+
+
+# -- T5 SentencePiece unigram ------------------------------------------------------------------------------------
+class T5Tokenizer:
+  """T5's tokenizer (SD3's third text encoder, Flux's and PixArt's only one).
+
+  Args:
+    tokenizer: a ``tokenizers.Tokenizer`` (from a ``tokenizer.json``: its normalizer, Metaspace
+      pre-tokenizer and unigram model; its post-processor is not used, ``</s>`` is appended here).
+    max_length: pad / truncate to this many ids including ``</s>`` (SD3: 256, Flux dev: 512).
+  """
+
+  def __init__(self, tokenizer, max_length: int = 256, eos_token: str = '</s>', pad_token: str = '<pad>'):
+    self.tokenizer = tokenizer
+    self.max_length = max_length
+    ids = {t: tokenizer.token_to_id(t) for t in (eos_token, pad_token)}
+    missing = [t for t, i in ids.items() if i is None]
+    if missing:
+      raise ValueError(f'the T5 tokenizer has no {" or ".join(missing)} token')
+    self.eos_id, self.pad_id = ids[eos_token], ids[pad_token]
+
+  @classmethod
+  def from_folder(cls, folder: str | os.PathLike, max_length: int = 256) -> T5Tokenizer:
+    """From a tokenizer folder's ``tokenizer.json`` (a diffusers pipeline's ``tokenizer_3/`` for SD3,
+    ``tokenizer_2/`` for Flux)."""
+    from tokenizers import Tokenizer
+    path = os.path.join(os.fspath(folder), 'tokenizer.json')
+    if not os.path.isfile(path):
+      spiece = os.path.isfile(os.path.join(os.fspath(folder), 'spiece.model'))
+      raise FileNotFoundError(f'{folder}: no tokenizer.json' + (
+          ' (only spiece.model: write one with transformers, T5TokenizerFast.from_pretrained(folder)'
+          '.save_pretrained(folder))' if spiece else ''))
+    try:
+      return cls(Tokenizer.from_file(path), max_length)
+    except Exception as e:  # the library raises its own exception type for a malformed file
+      raise ValueError(f'{path}: not a readable tokenizer.json ({e})') from e
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.get_vocab_size()
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of ``text`` without ``</s>``."""
+    return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+  def __call__(self, texts: str | Sequence[str], max_length: int | None = -1, padding: bool = True) -> Tokens:
+    """Ids (B, max_length) ending in ``</s>``, truncated to ``max_length`` (default ``self.max_length``; None: no
+    limit), padded with ``<pad>`` (attention_mask 0)."""
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    n = self.max_length if max_length == -1 else max_length
+    bodies = [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+    return _batch([_wrap(b, None, self.eos_id, n) for b in bodies], n, self.pad_id, padding)
+
+  def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
 
 # -- BERT WordPiece -----------------------------------------------------------------------------------------------
