@@ -360,6 +360,14 @@ class RectifiedFlow(Process):
   def log_sigma(self, t):
     return jnp.log(self.shifted(t))
 
+  # alpha and sigma directly rather than exp(log ...): their derivatives stay finite at t = 1 (alpha = 0),
+  # where the flow samplers of SD3 and Flux start (exp(-inf) * -inf would be nan).
+  def alpha(self, t):
+    return 1.0 - self.shifted(t)
+
+  def sigma(self, t):
+    return self.shifted(t)
+
   def t_from_log_snr(self, log_snr):
     s = jax.nn.sigmoid(-0.5 * jnp.asarray(log_snr))  # sigma/alpha = s/(1-s)
     return s / (self.shift - (self.shift - 1.0) * s)

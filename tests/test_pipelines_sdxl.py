@@ -13,13 +13,11 @@ Each scheduler compiles one program: four txt2img cases and one img2img keep the
 
 from __future__ import annotations
 
-import json
-
 import jax
 import numpy as np
 import pytest
 from test_pipelines_parity import ATOL, NEGATIVE, PROMPTS, SCHEDULERS, SD_SCHEDULER, SIZE, _nhwc, _perturb, _torch_draws
-from test_tokenizers import CORPUS, _train_bpe
+from test_tokenizers import CORPUS, write_clip_files
 
 from diffjax import pipelines
 
@@ -46,11 +44,7 @@ def sdxl(tmp_path_factory):
   """(diffusers pipeline, diffjax pipeline, params) of one tiny SDXL folder (its scheduler: Euler, as the release)."""
   folder = tmp_path_factory.mktemp("sdxl")
   torch.manual_seed(0)
-  vocab, merges = _train_bpe(CORPUS + PROMPTS + NEGATIVE, 120)
-  (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-  (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
-                                     encoding="utf-8")
-  files = (str(folder / "vocab.json"), str(folder / "merges.txt"))
+  vocab, files = write_clip_files(str(folder), CORPUS + PROMPTS + NEGATIVE)
   unet = _perturb(diffusers.UNet2DConditionModel(
       sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
       down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),

@@ -146,24 +146,39 @@ def test_wordpiece_matches_bert_tokenizer_on_real_vocab():
     assert got.attention_mask[0].tolist() == want['attention_mask'], text
 
 
+def write_clip_files(folder, corpus, n_merges=120):
+  """(vocab, (vocab.json path, merges.txt path)) of a BPE trained on ``corpus``, written into ``folder``."""
+  vocab, merges = _train_bpe(corpus, n_merges)
+  paths = (os.path.join(folder, 'vocab.json'), os.path.join(folder, 'merges.txt'))
+  with open(paths[0], 'w', encoding='utf-8') as f:
+    json.dump(vocab, f)
+  with open(paths[1], 'w', encoding='utf-8') as f:
+    f.write('#version: 0.2\n' + '\n'.join(f'{a} {b}' for a, b in merges) + '\n')
+  return vocab, paths
+
+
 T5_CORPUS = ['a photo of a cat', 'a painting of a red fox in the snow', 'an astronaut riding a horse on the moon',
              'two dogs playing with a ball', 'a watercolor of mountains at dawn', 'the quick brown fox jumps'] * 20
 
 
-@pytest.fixture(scope='module')
-def t5_folder(tmp_path_factory):
-  """A T5-style tokenizer.json trained here: NFKC, spaces collapsed, Metaspace, unigram; <pad> 0, </s> 1, <unk> 2."""
+def write_t5_tokenizer(folder, corpus=T5_CORPUS, vocab_size=120):
+  """Writes ``folder/tokenizer.json``: a T5-style tokenizer trained on ``corpus`` (NFKC, spaces collapsed,
+  Metaspace, unigram; <pad> 0, </s> 1, <unk> 2, ``</s>`` appended by its post-processor)."""
   from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
   tok = Tokenizer(models.Unigram())
   tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(' {2,}'), ' ')])
   tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement='\u2581', prepend_scheme='always')
   tok.decoder = decoders.Metaspace(replacement='\u2581', prepend_scheme='always')
-  tok.train_from_iterator(T5_CORPUS, trainers.UnigramTrainer(vocab_size=120, special_tokens=['<pad>', '</s>', '<unk>'],
-                                                             unk_token='<unk>'))
+  tok.train_from_iterator(corpus, trainers.UnigramTrainer(vocab_size=vocab_size,
+                                                          special_tokens=['<pad>', '</s>', '<unk>'], unk_token='<unk>'))
   tok.post_processor = processors.TemplateProcessing(single='$A </s>', special_tokens=[('</s>', 1)])
-  folder = tmp_path_factory.mktemp('t5_tokenizer')
-  tok.save(str(folder / 'tokenizer.json'))
+  tok.save(os.path.join(folder, 'tokenizer.json'))
   return folder
+
+
+@pytest.fixture(scope='module')
+def t5_folder(tmp_path_factory):
+  return write_t5_tokenizer(tmp_path_factory.mktemp('t5_tokenizer'))
 
 
 def test_t5_tokenizer_appends_eos_pads_and_truncates(t5_folder, tmp_path):

@@ -26,7 +26,7 @@ from diffjax.models.text import BertEncoder, CLIPTextTransformer
 from diffjax.models.unet import UNet, init_unet
 from diffjax.models.vae import AutoencoderKL, init_vae
 
-PIPELINE_PARTS = ('unet', 'vae', 'text_encoder', 'text_encoder_2')
+PIPELINE_PARTS = ('unet', 'transformer', 'vae', 'text_encoder', 'text_encoder_2', 'text_encoder_3')
 Loaded = tuple[nn.Module, dict]
 
 
@@ -189,8 +189,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=j
         ``CLIPTextModel`` / ``CLIPTextModelWithProjection``, ``BertModel`` (keys with
         or without the ``text_model.`` / ``bert.`` prefixes; task heads are ignored) or
         ``T5EncoderModel`` (a ``T5ForConditionalGeneration``'s encoder);
-      * a diffusers pipeline folder with ``unet/``, ``vae/``, ``text_encoder/`` (and
-        ``text_encoder_2/``) subfolders;
+      * a diffusers pipeline folder with ``unet/`` (or ``transformer/``), ``vae/``, ``text_encoder/``
+        (and ``text_encoder_2/``, ``text_encoder_3/``) subfolders;
       * an original single-file Stable Diffusion 1.x/2.x checkpoint (``.safetensors``
         with ``model.diffusion_model.*``, ``first_stage_model.*`` and
         ``cond_stage_model.*`` keys); the architecture is inferred from tensor shapes.

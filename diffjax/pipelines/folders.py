@@ -1,7 +1,8 @@
 """``from_pretrained``: any supported diffusers pipeline folder -> (pipeline, params), by its model_index.
 
-SDXL base (a second text encoder, or an SDXL class name): ``sdxl.sdxl_from_pretrained``; the x4
-upscaler (``StableDiffusionUpscalePipeline``): ``upscale.upscaler_from_pretrained``; anything else
+SD3 / SD3.5 (an SD3 class name): ``sd3.sd3_from_pretrained``; SDXL base (a second text encoder,
+or an SDXL class name): ``sdxl.sdxl_from_pretrained``; the x4 upscaler
+(``StableDiffusionUpscalePipeline``): ``upscale.upscaler_from_pretrained``; anything else
 (SD 1.x/2.x, SD inpainting): ``stable_diffusion.sd_from_pretrained``. Each loader checks the
 folder's components itself; this module only dispatches, so the loaders need not know each other.
 """
@@ -14,13 +15,14 @@ import jax.numpy as jnp
 
 from diffjax.pipelines import programs
 from diffjax.pipelines.core import Pipeline
+from diffjax.pipelines.sd3 import sd3_from_pretrained
 from diffjax.pipelines.sdxl import sdxl_from_pretrained
-from diffjax.pipelines.stable_diffusion import UPSCALER, check_folder, is_sdxl, sd_from_pretrained
+from diffjax.pipelines.stable_diffusion import UPSCALER, check_folder, is_sd3, is_sdxl, sd_from_pretrained
 from diffjax.pipelines.upscale import upscaler_from_pretrained
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32) -> tuple[Pipeline, dict]:
-  """(pipeline, params) of a diffusers folder: SD 1.x/2.x, SD inpainting, SDXL base or the x4 upscaler.
+  """(pipeline, params) of a diffusers folder: SD 1.x/2.x, SD inpainting, SDXL base, the x4 upscaler or SD3.
 
   ``dtype`` is the networks' computation dtype (e.g. ``jnp.bfloat16``; VAEs decode in float32 as
   diffusers' ``force_upcast`` does), ``param_dtype`` that of the parameters. The params' keys are
@@ -28,7 +30,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=j
   """
   index = check_folder(os.fspath(path))
   programs.preload()  # read the recently used compiled programs while the weights load
-  if is_sdxl(index):
+  if is_sd3(index):
+    load = sd3_from_pretrained
+  elif is_sdxl(index):
     load = sdxl_from_pretrained
   elif index.get("_class_name") == UPSCALER:
     load = upscaler_from_pretrained

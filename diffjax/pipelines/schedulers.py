@@ -10,7 +10,9 @@ the run ends with the jump to sigma = 0, and the scale of the initial noise. Run
 
 Supported: ``DDIMScheduler`` (eta = 0), ``PNDMScheduler`` (PLMS, ``skip_prk_steps``),
 ``EulerDiscreteScheduler`` and ``DPMSolverMultistepScheduler`` (dpmsolver++, orders 2
-and 3), with "leading", "trailing" and "linspace" spacing. (Karras sigmas are not mapped:
+and 3), with "leading", "trailing" and "linspace" spacing; and SD3's / Flux's
+``FlowMatchEulerDiscreteScheduler`` (a ``RectifiedFlow`` without shift whose times are the
+scheduler's shifted sigmas, the velocity target, Euler; static or dynamic shift). (Karras sigmas are not mapped:
 diffusers then feeds the network rounded timesteps at unrounded noise levels, which a
 process time cannot express; use a diffjax grid instead.) Any diffjax solver and grid
 runs on the same process with ``Plan.native``.
@@ -19,16 +21,18 @@ runs on the same process with ``Plan.native``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.processes import DiscreteVP, Process
+from diffjax.processes import DiscreteVP, Process, RectifiedFlow
 from diffjax.samplers import SOLVERS, Solver, grids, make_solver, points_for_budget
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler")
+FLOW_MATCH = "FlowMatchEulerDiscreteScheduler"
+SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler", FLOW_MATCH)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,12 +90,15 @@ class DiffusersScheduler:
   """A diffusers scheduler config, read once (``from_config``); ``plan(num_steps)`` per run."""
 
   class_name: str
-  process: DiscreteVP
+  process: DiscreteVP | RectifiedFlow
   target: str
   spacing: str
   steps_offset: int
   set_alpha_to_one: bool
   solver_order: int
+  shift: float = 1.0  # flow matching: the static time shift
+  dynamic_shift: bool = False  # flow matching: the shift exp(mu) comes with each run (Flux)
+  train_timesteps: int = 1000  # flow matching: the network's time is sigma * this
 
   @classmethod
   def from_config(cls, config: Mapping, where: str = "scheduler config") -> DiffusersScheduler:
@@ -101,6 +108,8 @@ class DiffusersScheduler:
       raise NotImplementedError(
           f"{where}: scheduler {name!r} is not mapped to diffjax (supported: {', '.join(SCHEDULERS)}); "
           f"choose any diffjax solver instead (e.g. sampler='dpmpp_2m')")
+    if name == FLOW_MATCH:
+      return cls._flow_match(config, where)
     prediction = config.get("prediction_type", "epsilon")
     if prediction not in PREDICTION_TYPES:
       raise ValueError(f"{where}: prediction_type {prediction!r} is not one of {sorted(PREDICTION_TYPES)}")
@@ -128,14 +137,67 @@ class DiffusersScheduler:
     return cls(name, process, PREDICTION_TYPES[prediction], spacing, int(config.get("steps_offset", 0)),
                bool(config.get("set_alpha_to_one", True)), int(config.get("solver_order", 2)))
 
+  @classmethod
+  def _flow_match(cls, config: Mapping, where: str) -> DiffusersScheduler:
+    unsupported = {k: config.get(k) for k in ("invert_sigmas", "shift_terminal", "use_karras_sigmas",
+                                              "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling")
+                   if config.get(k)}
+    if config.get("time_shift_type", "exponential") != "exponential":
+      unsupported["time_shift_type"] = config["time_shift_type"]
+    if unsupported:
+      raise NotImplementedError(f"{where}: {FLOW_MATCH} with {unsupported} is not mapped to diffjax")
+    return cls(FLOW_MATCH, RectifiedFlow(), "velocity", "linspace", 0, True, 1,
+               float(config.get("shift", 1.0)), bool(config.get("use_dynamic_shifting", False)),
+               int(config.get("num_train_timesteps", 1000)))
+
   @property
   def num_train_timesteps(self) -> int:
-    return self.process.num_train_timesteps
+    return self.train_timesteps if self.class_name == FLOW_MATCH else self.process.num_train_timesteps
 
-  def plan(self, num_steps: int) -> Plan:
-    """The diffjax equivalent of ``scheduler.set_timesteps(num_steps)`` and its denoising loop."""
+  @property
+  def time_scale(self) -> float:
+    """The network's time over the process time (a pipeline's ``time_scale``): flow matching's networks see
+    sigma * num_train_timesteps (float32, as diffusers multiplies it), the VP schedulers' the timestep itself."""
+    return float(self.train_timesteps) if self.class_name == FLOW_MATCH else 1.0
+
+  def flow_sigmas(self, num_steps: int, *, mu: float | None = None, sigmas=None) -> np.ndarray:
+    """The flow-matching scheduler's N sigmas (float32 values, as float64), without the final 0.
+
+    As ``set_timesteps(num_steps, sigmas=sigmas, mu=mu)``: without ``sigmas``, N points from the
+    largest to the smallest of its training sigmas (those already shifted, with a static shift) are
+    spaced linearly and shifted, by ``shift`` or, with dynamic shifting, by exp(``mu``) (Flux's
+    pipeline passes sigmas linspace(1, 1 / N, N) and mu from the image's token count).
+    """
+    if self.dynamic_shift and mu is None:
+      raise ValueError("this flow-matching scheduler shifts dynamically: pass mu (e.g. from the token count)")
+    t_total, shift = self.train_timesteps, float(self.shift)
+    # The arithmetic keeps diffusers' dtypes (NumPy 2 keeps a float32 array float32 against Python floats):
+    # its training sigmas in float32, a grid it spaces itself in float64, sigmas it is given in float32.
+    if sigmas is None:
+      train = np.linspace(1, t_total, t_total, dtype=np.float32)[::-1] / np.float32(t_total)
+      if not self.dynamic_shift:
+        train = shift * train / (1.0 + (shift - 1.0) * train)
+      grid = np.linspace(float(train[0]) * t_total, float(train[-1]) * t_total, num_steps) / t_total
+    else:
+      grid = np.asarray(sigmas, np.float32)
+    if self.dynamic_shift:
+      grid = math.exp(mu) / (math.exp(mu) + (1.0 / grid - 1.0))
+    else:
+      grid = shift * grid / (1.0 + (shift - 1.0) * grid)
+    return grid.astype(np.float32).astype(np.float64)
+
+  def plan(self, num_steps: int, *, mu: float | None = None, sigmas=None) -> Plan:
+    """The diffjax equivalent of ``scheduler.set_timesteps(num_steps)`` and its denoising loop
+    (``mu``, ``sigmas``: the flow-matching scheduler's, ``flow_sigmas``)."""
     if num_steps < 1:
       raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if self.class_name == FLOW_MATCH:
+      # Euler on x = (1 - sigma) x0 + sigma eps is x + (sigma' - sigma) v: diffjax's euler (DDIM) step; the last
+      # step, to sigma = 0, is the jump to the denoised x0 = x - sigma v. The start is pure noise (sigma = 1).
+      ts = self.flow_sigmas(num_steps, mu=mu, sigmas=sigmas)
+      return Plan(make_solver("euler", self.process), ts, True, 1.0, "euler")
+    if mu is not None or sigmas is not None:
+      raise ValueError(f"{self.class_name} takes no mu or sigmas")
     t_total, p = self.num_train_timesteps, self.process
     if self.class_name in ("DDIMScheduler", "PNDMScheduler"):
       ts = grids.ddim_timesteps(t_total, num_steps, self.spacing, self.steps_offset)

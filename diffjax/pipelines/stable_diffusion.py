@@ -31,12 +31,18 @@ from diffjax.pipelines.schedulers import DiffusersScheduler
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 UPSCALER = "StableDiffusionUpscalePipeline"  # its folder also has a low_res_scheduler (upscale.py)
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")  # what an SDXL folder has besides REQUIRED (sdxl.py)
+SD3_REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def is_sd3(index: dict) -> bool:
+  """Whether a model_index names an SD3 / SD3.5 pipeline class (sd3.py)."""
+  return str(index.get("_class_name", "")).startswith("StableDiffusion3")
 
 
 def is_sdxl(index: dict) -> bool:
-  """Whether a model_index names a second text encoder or an SDXL pipeline class."""
+  """Whether a model_index names a second text encoder or an SDXL pipeline class (and is not SD3's)."""
   named = isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None
-  return named or str(index.get("_class_name", "")).startswith("StableDiffusionXL")
+  return not is_sd3(index) and (named or str(index.get("_class_name", "")).startswith("StableDiffusionXL"))
 
 
 def check_folder(folder: str) -> dict:
@@ -47,8 +53,12 @@ def check_folder(folder: str) -> dict:
   if not os.path.isfile(index_path):
     raise ValueError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
   index = read_json_config(index_path)
-  required = REQUIRED + (("low_res_scheduler",) if index.get("_class_name") == UPSCALER else ())
-  required += SDXL_PARTS if is_sdxl(index) else ()
+  if is_sd3(index):
+    t5 = isinstance(index.get("text_encoder_3"), list) and index["text_encoder_3"][0] is not None
+    required = SD3_REQUIRED + (("text_encoder_3", "tokenizer_3") if t5 else ())
+  else:
+    required = REQUIRED + (("low_res_scheduler",) if index.get("_class_name") == UPSCALER else ())
+    required += SDXL_PARTS if is_sdxl(index) else ()
   missing = [c for c in required if not (isinstance(index.get(c), list) and index[c][0] is not None)
              or not os.path.isdir(os.path.join(folder, c))]
   if missing:
