@@ -240,7 +240,8 @@ def generate(config, output_dir: str) -> dict:
                                  s.steps)
   else:
     try:
-      plan = pipelines.plan_for(pipe, s.steps, s.name or None, s.grid, **s.get("options", {}))
+      plan = pipelines.plan_for(pipe, s.steps, s.name or None, s.grid, height=height, width=width,
+                                **s.get("options", {}))
     except (ValueError, NotImplementedError) as e:
       raise ConfigError(f"config.sampler: {e}") from None
   strength = float(config.strength or DEFAULT_STRENGTH.get(config.task, 1.0))

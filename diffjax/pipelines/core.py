@@ -72,6 +72,9 @@ class Pipeline:
       ``force_zeros_for_empty_prompt``: zeros). None: no negative prompt means the empty one.
     fingerprint: ``programs.fingerprint`` of everything but the parameters that decides the
       pipeline's compiled programs (set by the loaders); None: programs are not stored on disk.
+    embedded_guidance: the network takes the guidance scale as an input (guidance-distilled FLUX.1
+      [dev]): ``predict`` gets ``(conditioning, scale)`` and no classifier-free branch runs, so no
+      negative prompt is taken.
   """
 
   tokenize: Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
@@ -90,6 +93,7 @@ class Pipeline:
   entry: ClassVar[str] = "generate"  # the host function that runs this kind (subclasses' networks take more)
   default_negative: Callable[[Any], Any] | None = None
   fingerprint: str | None = None
+  embedded_guidance: bool = False
 
   def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
     """(h, w, c) of the denoised space for images of height x width pixels (checked)."""
@@ -124,6 +128,8 @@ def denoiser(pipe: Pipeline, params, context, negative_context, guidance_scale, 
     out = pipe.predict(params, x, pipe.time_scale * t_b, cond)
     return parameterization.to_x0(pipe.target, out, x, t_b, pipe.process)
 
+  if pipe.embedded_guidance:  # the scale is the network's input: one branch
+    return lambda x, t: denoise(x, t, (context, guidance_scale))
   return guidance.classifier_free(denoise, context, negative_context, guidance_scale, process=pipe.process,
                                   interval=options.interval, rescale=options.rescale,
                                   rescale_target=pipe.target)
@@ -132,6 +138,8 @@ def denoiser(pipe: Pipeline, params, context, negative_context, guidance_scale, 
 def _sample_from(pipe: Pipeline, params, ids, mask, negative_ids, negative_mask, x, ts, guidance_scale, key, *,
                  solver: Solver, denoise_final: bool, options: Guidance, decode: bool):
   """The shared body of the tasks: encode both prompts, sample from x at ts[0] with guidance, decode."""
+  if pipe.embedded_guidance and negative_ids is not None:
+    raise ValueError("this pipeline's guidance is an input of its network: it takes no negative prompt")
   if negative_ids is None:  # no negative prompt: the pipeline's own default
     if pipe.default_negative is None:
       raise ValueError("negative_ids=None needs a pipeline with a default_negative; tokenize the empty prompt")

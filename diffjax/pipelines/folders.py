@@ -1,6 +1,7 @@
 """``from_pretrained``: any supported diffusers pipeline folder -> (pipeline, params), by its model_index.
 
-SD3 / SD3.5 (an SD3 class name): ``sd3.sd3_from_pretrained``; SDXL base (a second text encoder,
+SD3 / SD3.5 (an SD3 class name): ``sd3.sd3_from_pretrained``; FLUX.1 (a Flux class name):
+``flux.flux_from_pretrained``; SDXL base (a second text encoder,
 or an SDXL class name): ``sdxl.sdxl_from_pretrained``; the x4 upscaler
 (``StableDiffusionUpscalePipeline``): ``upscale.upscaler_from_pretrained``; anything else
 (SD 1.x/2.x, SD inpainting): ``stable_diffusion.sd_from_pretrained``. Each loader checks the
@@ -15,14 +16,15 @@ import jax.numpy as jnp
 
 from diffjax.pipelines import programs
 from diffjax.pipelines.core import Pipeline
+from diffjax.pipelines.flux import flux_from_pretrained
 from diffjax.pipelines.sd3 import sd3_from_pretrained
 from diffjax.pipelines.sdxl import sdxl_from_pretrained
-from diffjax.pipelines.stable_diffusion import UPSCALER, check_folder, is_sd3, is_sdxl, sd_from_pretrained
+from diffjax.pipelines.stable_diffusion import UPSCALER, check_folder, is_flux, is_sd3, is_sdxl, sd_from_pretrained
 from diffjax.pipelines.upscale import upscaler_from_pretrained
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=jnp.float32) -> tuple[Pipeline, dict]:
-  """(pipeline, params) of a diffusers folder: SD 1.x/2.x, SD inpainting, SDXL base, the x4 upscaler or SD3.
+  """(pipeline, params) of a diffusers folder: SD 1.x/2.x, SD inpainting, SDXL base, the x4 upscaler, SD3 or FLUX.1.
 
   ``dtype`` is the networks' computation dtype (e.g. ``jnp.bfloat16``; VAEs decode in float32 as
   diffusers' ``force_upcast`` does), ``param_dtype`` that of the parameters. The params' keys are
@@ -32,6 +34,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=j
   programs.preload()  # read the recently used compiled programs while the weights load
   if is_sd3(index):
     load = sd3_from_pretrained
+  elif is_flux(index):
+    load = flux_from_pretrained
   elif is_sdxl(index):
     load = sdxl_from_pretrained
   elif index.get("_class_name") == UPSCALER:

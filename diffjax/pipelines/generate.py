@@ -22,15 +22,23 @@ from diffjax.pipelines.schedulers import Plan
 from diffjax.samplers import make_solver
 
 
-def plan_for(pipe: core.Pipeline, num_steps: int = 50, sampler: str | None = None, grid: str = "karras",
-             **options) -> Plan:
+def plan_for(pipe: core.Pipeline, num_steps: int = 50, sampler: str | None = None, grid: str = "karras", *,
+             height: int | None = None, width: int | None = None, **options) -> Plan:
   """The folder's scheduler for ``num_steps`` (``sampler=None``), else diffjax's ``sampler`` on ``grid``
-  within ``num_steps`` denoiser evaluations."""
+  within ``num_steps`` denoiser evaluations. A flow scheduler that shifts with the image size (Flux's)
+  needs ``height`` and ``width``: its shift follows the packed 2 x 2 latent tokens, and it runs on the
+  sigmas linspace(1, 1 / N, N) that FluxPipeline passes."""
   if sampler is None:
     if pipe.scheduler is None:
       raise ValueError("this pipeline names no scheduler: choose a diffjax sampler (e.g. sampler='dpmpp_2m')")
     if options:
       raise ValueError(f"solver options {sorted(options)} need a diffjax sampler name")
+    if getattr(pipe.scheduler, "dynamic_shift", False):
+      if height is None or width is None:
+        raise ValueError("this scheduler's shift depends on the image size: pass plan_for(..., height=, width=)")
+      f = 2 * pipe.downsample
+      mu = pipe.scheduler.mu_for((height // f) * (width // f))
+      return pipe.scheduler.plan(num_steps, mu=mu, sigmas=np.linspace(1.0, 1.0 / num_steps, num_steps))
     return pipe.scheduler.plan(num_steps)
   return Plan.native(pipe.process, sampler, num_steps, grid, **options)
 

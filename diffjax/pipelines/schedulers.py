@@ -99,6 +99,9 @@ class DiffusersScheduler:
   shift: float = 1.0  # flow matching: the static time shift
   dynamic_shift: bool = False  # flow matching: the shift exp(mu) comes with each run (Flux)
   train_timesteps: int = 1000  # flow matching: the network's time is sigma * this
+  # flow matching with a dynamic shift: mu linear in the image's tokens, base_shift at base_seq_len tokens,
+  # max_shift at max_seq_len (diffusers' calculate_shift, with the config's values)
+  shift_range: tuple[float, float, int, int] = (0.5, 1.15, 256, 4096)
 
   @classmethod
   def from_config(cls, config: Mapping, where: str = "scheduler config") -> DiffusersScheduler:
@@ -146,9 +149,17 @@ class DiffusersScheduler:
       unsupported["time_shift_type"] = config["time_shift_type"]
     if unsupported:
       raise NotImplementedError(f"{where}: {FLOW_MATCH} with {unsupported} is not mapped to diffjax")
+    shift_range = (float(config.get("base_shift", 0.5)), float(config.get("max_shift", 1.15)),
+                   int(config.get("base_image_seq_len", 256)), int(config.get("max_image_seq_len", 4096)))
     return cls(FLOW_MATCH, RectifiedFlow(), "velocity", "linspace", 0, True, 1,
                float(config.get("shift", 1.0)), bool(config.get("use_dynamic_shifting", False)),
-               int(config.get("num_train_timesteps", 1000)))
+               int(config.get("num_train_timesteps", 1000)), shift_range)
+
+  def mu_for(self, image_tokens: int) -> float:
+    """The dynamic shift's mu for an image of ``image_tokens`` transformer tokens (diffusers' calculate_shift)."""
+    base_shift, max_shift, base_len, max_len = self.shift_range
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return image_tokens * slope + (base_shift - slope * base_len)
 
   @property
   def num_train_timesteps(self) -> int:

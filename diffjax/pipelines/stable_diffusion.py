@@ -31,7 +31,9 @@ from diffjax.pipelines.schedulers import DiffusersScheduler
 REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 UPSCALER = "StableDiffusionUpscalePipeline"  # its folder also has a low_res_scheduler (upscale.py)
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")  # what an SDXL folder has besides REQUIRED (sdxl.py)
-SD3_REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+# SD3's and Flux's folders (sd3.py, flux.py): a transformer and two text encoders at least
+TRANSFORMER_REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                        "scheduler")
 
 
 def is_sd3(index: dict) -> bool:
@@ -39,10 +41,16 @@ def is_sd3(index: dict) -> bool:
   return str(index.get("_class_name", "")).startswith("StableDiffusion3")
 
 
+def is_flux(index: dict) -> bool:
+  """Whether a model_index names a FLUX.1 pipeline class (flux.py)."""
+  return str(index.get("_class_name", "")).startswith("Flux")
+
+
 def is_sdxl(index: dict) -> bool:
-  """Whether a model_index names a second text encoder or an SDXL pipeline class (and is not SD3's)."""
+  """Whether a model_index names a second text encoder or an SDXL pipeline class (and is not SD3's or Flux's)."""
   named = isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None
-  return not is_sd3(index) and (named or str(index.get("_class_name", "")).startswith("StableDiffusionXL"))
+  transformer = is_sd3(index) or is_flux(index)
+  return not transformer and (named or str(index.get("_class_name", "")).startswith("StableDiffusionXL"))
 
 
 def check_folder(folder: str) -> dict:
@@ -55,7 +63,9 @@ def check_folder(folder: str) -> dict:
   index = read_json_config(index_path)
   if is_sd3(index):
     t5 = isinstance(index.get("text_encoder_3"), list) and index["text_encoder_3"][0] is not None
-    required = SD3_REQUIRED + (("text_encoder_3", "tokenizer_3") if t5 else ())
+    required = TRANSFORMER_REQUIRED + (("text_encoder_3", "tokenizer_3") if t5 else ())
+  elif is_flux(index):
+    required = TRANSFORMER_REQUIRED
   else:
     required = REQUIRED + (("low_res_scheduler",) if index.get("_class_name") == UPSCALER else ())
     required += SDXL_PARTS if is_sdxl(index) else ()
