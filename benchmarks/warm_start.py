@@ -3,8 +3,8 @@
 Each run is a new process on the same JAX persistent cache (``--cache``): it loads the folder, then calls
 ``pipelines.generate`` twice (txt2img, one prompt with a negative prompt, CFG 7.5) and prints one JSON line:
 load, first call, steady call, their difference (the warm start) and load + first call. ``--modes`` lists
-the runs in order: ``on`` (the loaders read the most recently used programs ahead, the default) or
-``off`` (``programs.preload`` replaced by a no-op). The first run of an empty cache compiles.
+the runs in order: ``on`` (the loaders read the most recently used programs ahead:
+``DIFFJAX_READ_AHEAD=1``) or ``off`` (the default). The first run of an empty cache compiles.
 
   python benchmarks/warm_start.py --folder /tmp/diffjax_bench_sd15 --modes on,off,on,off,on
 """
@@ -27,8 +27,7 @@ def _child(args) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   from diffjax import pipelines
   from diffjax.pipelines import folders
-  if args.child == "off":
-    folders.programs.preload = lambda *a, **k: 0
+  os.environ[folders.programs.READ_AHEAD] = "1" if args.child == "on" else "0"
   start = time.perf_counter()
   pipe, params = pipelines.from_pretrained(args.folder)
   load = time.perf_counter() - start

@@ -74,6 +74,7 @@ def test_a_program_is_loaded_from_disk_without_tracing(tmp_path, monkeypatch):
 
 def test_preload_reads_the_most_recently_used_programs_ahead(tmp_path, monkeypatch):
   monkeypatch.setattr(programs, "_folder", lambda: str(tmp_path))
+  monkeypatch.setenv(programs.READ_AHEAD, "1")
   monkeypatch.setattr(programs, "_preloaded", {})
   traces, files = [], {}
   for n in (3, 4, 5):  # three programs (three shapes), stored at distinct times: 5 most recently
@@ -106,6 +107,8 @@ def test_a_damaged_program_file_is_compiled_again_and_replaced(tmp_path, monkeyp
   (path,) = tmp_path.glob("*.pkl")
   path.write_bytes(path.read_bytes()[:100])  # a truncated write
   monkeypatch.setattr(programs, "_preloaded", {})
+  assert programs.preload() == 0  # off by default
+  monkeypatch.setenv(programs.READ_AHEAD, "1")
   assert programs.preload() == 1  # read ahead, it fails in the background and is reported when needed
   y = programs.Program(_counted(traces), key="k")(x, jnp.float32(2.0), shift=jnp.float32(0.0))["y"]
   assert len(traces) == 2
