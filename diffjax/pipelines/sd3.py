@@ -1,7 +1,8 @@
 """Stable Diffusion 3 / 3.5 (Esser et al. 2024) from a diffusers folder: a ``Pipeline`` and its parameters.
 
 What diffusers' ``StableDiffusion3Pipeline`` computes, as one ``core.Pipeline`` that
-``generate.generate`` runs for txt2img (and img2img):
+``generate.generate`` runs for txt2img (tested against it; img2img runs through the same generic
+path but is not compared with ``StableDiffusion3Img2ImgPipeline`` yet):
 
 * Three text encoders see the same prompt: CLIP-L and CLIP-G (``CLIPTextModelWithProjection``,
   77 tokens, no attention mask) give their penultimate hidden states, concatenated per token
