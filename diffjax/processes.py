@@ -373,15 +373,20 @@ class RectifiedFlow(Process):
     return s / (self.shift - (self.shift - 1.0) * s)
 
 
+def resolution_mu(num_tokens, base_tokens=256, max_tokens=4096, base_shift=0.5, max_shift=1.15) -> float:
+  """Flux's mu, linear in the number of latent tokens: ``base_shift`` at ``base_tokens``, ``max_shift`` at
+  ``max_tokens`` (evaluated as diffusers' ``calculate_shift`` does: tokens * slope + intercept)."""
+  slope = (max_shift - base_shift) / (max_tokens - base_tokens)
+  return num_tokens * slope + (base_shift - slope * base_tokens)
+
+
 def resolution_shift(num_tokens, base_tokens=256, max_tokens=4096, base_shift=0.5,
                      max_shift=1.15) -> float:
-  """Flux's resolution-dependent shift exp(mu), mu linear in the number of latent tokens.
+  """Flux's resolution-dependent shift exp(mu) (``resolution_mu``).
 
-  mu goes from ``base_shift`` at ``base_tokens`` to ``max_shift`` at ``max_tokens``.
   SD3 instead uses shift = sqrt(num_pixels / 256**2) (``shift=3.0`` at 1024^2).
   """
-  slope = (max_shift - base_shift) / (max_tokens - base_tokens)
-  return float(math.exp(base_shift + slope * (num_tokens - base_tokens)))
+  return float(math.exp(resolution_mu(num_tokens, base_tokens, max_tokens, base_shift, max_shift)))
 
 
 PROCESSES = {

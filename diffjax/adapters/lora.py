@@ -132,7 +132,10 @@ def _weighted(adapters) -> list[tuple[Adapters, object]]:
 
 def check_adapters(params: Mapping, adapters: Adapters, what: str = 'adapters') -> None:
   """ValueError naming every adapter whose path is not a kernel of ``params`` or whose factors do not fit it."""
-  ks = kernels(params)
+  _check_fit(kernels(params), adapters, what)
+
+
+def _check_fit(ks: Mapping[str, jax.Array], adapters: Adapters, what: str) -> None:
   missing = sorted(p for p in adapters if p not in ks)
   bad = []
   for p, a in sorted(adapters.items()):
@@ -148,9 +151,10 @@ def check_adapters(params: Mapping, adapters: Adapters, what: str = 'adapters') 
 
 
 def _apply(params: Mapping, adapters, sign: float) -> dict:
+  ks = kernels(params)  # once, for every adapter set
   deltas = {}
   for a, scale in _weighted(adapters):
-    check_adapters(params, a)
+    _check_fit(ks, a, 'adapters')
     for p, lora in a.items():
       d = lora.delta(scale)
       deltas[p] = d if p not in deltas else deltas[p] + d

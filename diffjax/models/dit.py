@@ -123,6 +123,21 @@ def unpatchify(tokens: Array, rows: int, cols: int, patch: int) -> Array:
   return h.reshape(b, rows * patch, cols * patch, c).astype(jnp.float32)
 
 
+class Modulation(nn.Module):
+  """A ``norm1``-style module: ``linear`` of SiLU(temb (B, D)) -> ``count`` (B, 1, D) modulations, in the
+  checkpoint's order."""
+
+  count: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, emb: Array) -> list[Array]:
+    out = dense(self.count * emb.shape[-1], name='linear', dtype=self.dtype, param_dtype=self.param_dtype)(
+        nn.silu(emb))
+    return [m[:, None] for m in jnp.split(out, self.count, axis=-1)]
+
+
 class PatchEmbed(nn.Module):
   """(B, H, W, C) -> (B, H/p * W/p, width) row-major patch tokens (a strided convolution ``proj``) plus the
   sin-cos table of their grid (``sincos_position_table`` with ``base_size``, ``interpolation_scale``)."""

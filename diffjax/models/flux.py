@@ -31,9 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.models.attention import dot_product_attention
-from diffjax.models.dit import modulate
+from diffjax.models.dit import Modulation, modulate
 from diffjax.models.layers import Dtype, FeedForward, RMSNorm, TimestepMLP, dense, split_heads, timestep_embedding
-from diffjax.models.mmdit import _Modulation
 
 Array = jax.Array
 
@@ -174,8 +173,8 @@ class DoubleBlock(nn.Module):
   def __call__(self, x, text, temb, cos, sin):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = _Modulation(6, name='norm1', **kw)(temb)
-    t_shift, t_scale, t_gate, t_shift_mlp, t_scale_mlp, t_gate_mlp = _Modulation(6, name='norm1_context', **kw)(temb)
+    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = Modulation(6, name='norm1', **kw)(temb)
+    t_shift, t_scale, t_gate, t_shift_mlp, t_scale_mlp, t_gate_mlp = Modulation(6, name='norm1_context', **kw)(temb)
     attn, t_attn = _FluxAttention(c, self.attention_impl, name='attn', **kw)(
         modulate(x, shift, scale), modulate(text, t_shift, t_scale), cos, sin)
     x = x + gate * attn
@@ -199,7 +198,7 @@ class SingleBlock(nn.Module):
   def __call__(self, x, temb, cos, sin):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    shift, scale, gate = _Modulation(3, name='norm', **kw)(temb)
+    shift, scale, gate = Modulation(3, name='norm', **kw)(temb)
     h = modulate(x, shift, scale)
     mlp = nn.gelu(dense(int(c.width * c.mlp_ratio), name='proj_mlp', **kw)(h), approximate=True)
     attn = _FluxAttention(c, self.attention_impl, name='attn', **kw)(h, None, cos, sin)
@@ -262,7 +261,7 @@ class Flux(nn.Module):
     for i in range(c.num_single_layers):
       h = single(c, self.attention_impl, name=f'single_transformer_blocks_{i}', **kw)(h, temb, cos, sin)
     x = h[:, text.shape[1]:]
-    scale, shift = _Modulation(2, name='norm_out', **kw)(temb)
+    scale, shift = Modulation(2, name='norm_out', **kw)(temb)
     x = modulate(x, shift, scale)
     return dense(c.patch_size ** 2 * c.outputs, name='proj_out', **kw)(x).astype(jnp.float32)
 

@@ -343,7 +343,8 @@ class Attention(nn.Module):
   """Multi-head (self- or cross-) attention on tokens: x (B, T, C), context (B, S, D) -> (B, T, C).
 
   Projections ``to_q``, ``to_k``, ``to_v`` (bias only with ``qkv_bias``) and ``to_out_0``;
-  scale 1/sqrt(head_dim). ``context=None`` is self-attention.
+  scale 1/sqrt(head_dim). ``context=None`` is self-attention; ``bias``: added to the logits,
+  broadcastable to (B, heads, T, S) (e.g. a padding mask as -10000 on padded keys, as PixArt).
   """
 
   heads: int
@@ -354,7 +355,7 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, context: Array | None = None) -> Array:
+  def __call__(self, x: Array, context: Array | None = None, bias: Array | None = None) -> Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     context = x if context is None else context
     inner = self.heads * self.head_dim
@@ -362,7 +363,7 @@ class Attention(nn.Module):
     k = dense(inner, use_bias=self.qkv_bias, name='to_k', **kw)(context)
     v = dense(inner, use_bias=self.qkv_bias, name='to_v', **kw)(context)
     o = dot_product_attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads),
-                              implementation=self.implementation)
+                              bias=None if bias is None else bias.astype(q.dtype), implementation=self.implementation)
     return dense(x.shape[-1], name='to_out_0', **kw)(o.reshape(*x.shape[:-1], inner))
 
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models.attention import dot_product_attention
-from diffjax.models.dit import modulate, plain_norm, sincos_position_table, unpatchify
+from diffjax.models.dit import Modulation, modulate, plain_norm, sincos_position_table, unpatchify
 from diffjax.models.layers import Dtype, FeedForward, RMSNorm, TimestepMLP, conv, dense, split_heads, timestep_embedding
 
 Array = jax.Array
@@ -115,21 +115,6 @@ class _TimeTextEmbedding(nn.Module):  # diffusers' CombinedTimestepTextProjEmbed
     return time + TimestepMLP(self.config.width, name='text_embedder', **kw)(pooled.astype(self.dtype))
 
 
-class _Modulation(nn.Module):
-  """A ``norm1``-style module: ``linear`` of SiLU(temb (B, D)) -> ``count`` (B, 1, D) modulations, in the
-  checkpoint's order."""
-
-  count: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, emb: Array) -> list[Array]:
-    out = dense(self.count * emb.shape[-1], name='linear', dtype=self.dtype, param_dtype=self.param_dtype)(
-        nn.silu(emb))
-    return [m[:, None] for m in jnp.split(out, self.count, axis=-1)]
-
-
 class _JointAttention(nn.Module):
   """Attention over [image tokens, text tokens] with per-stream projections (``text`` None: image only)."""
 
@@ -178,15 +163,15 @@ class JointBlock(nn.Module):
   def __call__(self, x: Array, text: Array, temb: Array):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    mods = _Modulation(9 if self.dual_attention else 6, name='norm1', **kw)(temb)
+    mods = Modulation(9 if self.dual_attention else 6, name='norm1', **kw)(temb)
     shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = mods[:6]
     normed = plain_norm(x, 1e-6)
     h = normed * (1 + scale) + shift
     if self.last:  # AdaLayerNormContinuous: scale first, then shift
-      t_scale, t_shift = _Modulation(2, name='norm1_context', **kw)(temb)
+      t_scale, t_shift = Modulation(2, name='norm1_context', **kw)(temb)
       th = modulate(text, t_shift, t_scale)
     else:
-      t_shift, t_scale, t_gate, t_shift_mlp, t_scale_mlp, t_gate_mlp = _Modulation(6, name='norm1_context', **kw)(temb)
+      t_shift, t_scale, t_gate, t_shift_mlp, t_scale_mlp, t_gate_mlp = Modulation(6, name='norm1_context', **kw)(temb)
       th = modulate(text, t_shift, t_scale)
     attn, t_attn = _JointAttention(c, not self.last, self.attention_impl, name='attn', **kw)(h, th)
     x = x + gate * attn
@@ -236,7 +221,7 @@ class MMDiT(nn.Module):
     for i in range(c.num_layers):
       h, text = block(c, i == c.num_layers - 1, i in c.dual_attention_layers, self.attention_impl,
                       name=f'transformer_blocks_{i}', **kw)(h, text, temb)
-    scale, shift = _Modulation(2, name='norm_out', **kw)(temb)
+    scale, shift = Modulation(2, name='norm_out', **kw)(temb)
     h = modulate(h, shift, scale)
     return unpatchify(dense(p * p * c.outputs, name='proj_out', **kw)(h), height // p, width // p, p)
 

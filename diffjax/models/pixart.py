@@ -25,7 +25,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffjax.models.attention import dot_product_attention
 from diffjax.models.dit import PatchEmbed, modulate, unpatchify
 from diffjax.models.layers import (
     Attention,
@@ -33,7 +32,6 @@ from diffjax.models.layers import (
     FeedForward,
     TimestepMLP,
     dense,
-    split_heads,
     timestep_embedding,
 )
 
@@ -131,28 +129,6 @@ class _CaptionProjection(nn.Module):  # diffusers' PixArtAlphaTextProjection wit
         nn.gelu(dense(self.features, name='linear_1', **kw)(x), approximate=True))
 
 
-class _MaskedCrossAttention(nn.Module):
-  """Cross-attention (B, T, D) x (B, S, D) with an additive (B, 1, 1, S) logit bias; diffusers' ``attn2``."""
-
-  heads: int
-  head_dim: int
-  qkv_bias: bool = True
-  implementation: str | None = None
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, context, bias):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    inner = self.heads * self.head_dim
-    q = split_heads(dense(inner, use_bias=self.qkv_bias, name='to_q', **kw)(x), self.heads)
-    k = split_heads(dense(inner, use_bias=self.qkv_bias, name='to_k', **kw)(context), self.heads)
-    v = split_heads(dense(inner, use_bias=self.qkv_bias, name='to_v', **kw)(context), self.heads)
-    o = dot_product_attention(q, k, v, bias=None if bias is None else bias.astype(q.dtype),
-                              implementation=self.implementation)
-    return dense(x.shape[-1], name='to_out_0', **kw)(o.reshape(*x.shape[:-1], inner))
-
-
 class PixArtBlock(nn.Module):
   """(x (B, N, D), caption (B, L, D), its logit bias, the 6 D modulation (B, 6 D)) -> x."""
 
@@ -172,8 +148,8 @@ class PixArtBlock(nn.Module):
     h = modulate(x, shift, scale, c.norm_eps)
     x = x + gate * Attention(c.num_heads, c.head_dim, qkv_bias=c.attention_bias, implementation=self.attention_impl,
                              name='attn1', **kw)(h)
-    x = x + _MaskedCrossAttention(c.num_heads, c.head_dim, c.attention_bias, self.attention_impl, name='attn2',
-                                  **kw)(x, caption, caption_bias)
+    x = x + Attention(c.num_heads, c.head_dim, qkv_bias=c.attention_bias, implementation=self.attention_impl,
+                      name='attn2', **kw)(x, caption, caption_bias)  # no norm before it, as diffusers
     h = modulate(x, shift_mlp, scale_mlp, c.norm_eps)
     return x + gate_mlp * FeedForward(activation='gelu-approximate', name='ff', **kw)(h)
 

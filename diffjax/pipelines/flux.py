@@ -24,14 +24,13 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.convert import load_pretrained
 from diffjax.models.flux import image_ids, pack_latents, rotary_for, unpack_latents
 from diffjax.models.tokenizers import T5Tokenizer
 from diffjax.pipelines import programs
 from diffjax.pipelines import vae as vae_codec
 from diffjax.pipelines.core import Pipeline
 from diffjax.pipelines.schedulers import FLOW_MATCH, DiffusersScheduler
-from diffjax.pipelines.stable_diffusion import check_folder, load_scheduler, load_tokenizer
+from diffjax.pipelines.stable_diffusion import check_folder, load_models, load_scheduler, load_tokenizer
 
 PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 T5_LENGTH = 512  # FluxPipeline's max_sequence_length default (schnell's folders use 256)
@@ -43,15 +42,11 @@ def flux_from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dt
   "text_encoder_2"}; ``max_sequence_length``: T5's tokens."""
   folder = os.fspath(path)
   check_folder(folder)
-  loaded = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
-  absent = [n for n in PARTS if n not in loaded]
-  if absent:
-    raise ValueError(f"{folder}: {', '.join(absent)} could not be read as a model folder")
+  modules, params = load_models(folder, PARTS, dtype=dtype, param_dtype=param_dtype)
   clip_tokenizer = load_tokenizer(os.path.join(folder, "tokenizer"))
   t5_tokenizer = T5Tokenizer.from_folder(os.path.join(folder, "tokenizer_2"), max_sequence_length)
   scheduler = load_scheduler(os.path.join(folder, "scheduler"), sd_rewrite=False)
-  pipe = assemble_flux({n: loaded[n][0] for n in PARTS}, clip_tokenizer, t5_tokenizer, scheduler, where=folder)
-  return pipe, {n: loaded[n][1] for n in PARTS}
+  return assemble_flux(modules, clip_tokenizer, t5_tokenizer, scheduler, where=folder), params
 
 
 def assemble_flux(modules: dict, clip_tokenizer, t5_tokenizer: T5Tokenizer, scheduler: DiffusersScheduler, *,

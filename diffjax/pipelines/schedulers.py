@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.processes import DiscreteVP, Process, RectifiedFlow
+from diffjax.processes import DiscreteVP, Process, RectifiedFlow, resolution_mu
 from diffjax.samplers import SOLVERS, Solver, grids, make_solver, points_for_budget
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -156,10 +156,10 @@ class DiffusersScheduler:
                int(config.get("num_train_timesteps", 1000)), shift_range)
 
   def mu_for(self, image_tokens: int) -> float:
-    """The dynamic shift's mu for an image of ``image_tokens`` transformer tokens (diffusers' calculate_shift)."""
+    """The dynamic shift's mu for an image of ``image_tokens`` transformer tokens (``processes.resolution_mu``
+    with the config's values)."""
     base_shift, max_shift, base_len, max_len = self.shift_range
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return image_tokens * slope + (base_shift - slope * base_len)
+    return resolution_mu(image_tokens, base_len, max_len, base_shift, max_shift)
 
   @property
   def num_train_timesteps(self) -> int:

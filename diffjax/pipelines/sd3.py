@@ -26,13 +26,12 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.convert import load_pretrained
 from diffjax.models.tokenizers import T5Tokenizer
 from diffjax.pipelines import programs
 from diffjax.pipelines import vae as vae_codec
 from diffjax.pipelines.core import Pipeline
 from diffjax.pipelines.schedulers import FLOW_MATCH, DiffusersScheduler
-from diffjax.pipelines.stable_diffusion import check_folder, load_scheduler, load_tokenizer
+from diffjax.pipelines.stable_diffusion import check_folder, load_models, load_scheduler, load_tokenizer, names
 
 PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2")  # text_encoder_3 (T5) is optional
 T5_LENGTH = 256  # diffusers' max_sequence_length default
@@ -44,19 +43,15 @@ def sd3_from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dty
   "text_encoder_2" and, with T5, "text_encoder_3"}; ``max_sequence_length``: T5's tokens (diffusers' 256)."""
   folder = os.fspath(path)
   index = check_folder(folder)  # with every component an SD3 folder names
-  with_t5 = isinstance(index.get("text_encoder_3"), list) and index["text_encoder_3"][0] is not None
-  loaded = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
-  names = PARTS + (("text_encoder_3",) if with_t5 else ())
-  absent = [n for n in names if n not in loaded]
-  if absent:
-    raise ValueError(f"{folder}: {', '.join(absent)} could not be read as a model folder")
+  with_t5 = names(index, "text_encoder_3")
+  modules, params = load_models(folder, PARTS + (("text_encoder_3",) if with_t5 else ()), dtype=dtype,
+                                param_dtype=param_dtype)
   clip_tokenizers = [load_tokenizer(os.path.join(folder, t)) for t in ("tokenizer", "tokenizer_2")]
   t5_tokenizer = T5Tokenizer.from_folder(os.path.join(folder, "tokenizer_3"), max_sequence_length) if with_t5 else None
   scheduler = load_scheduler(os.path.join(folder, "scheduler"), sd_rewrite=False)
-  modules = {n: loaded[n][0] for n in names}
   pipe = assemble_sd3(modules, clip_tokenizers, t5_tokenizer, scheduler, where=folder,
                       max_sequence_length=max_sequence_length)
-  return pipe, {n: loaded[n][1] for n in names}
+  return pipe, params
 
 
 def assemble_sd3(modules: dict, clip_tokenizers, t5_tokenizer: T5Tokenizer | None, scheduler: DiffusersScheduler, *,

@@ -36,6 +36,12 @@ TRANSFORMER_REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", 
                         "scheduler")
 
 
+def names(index: dict, component: str) -> bool:
+  """Whether a model_index names ``component`` (an entry ``[library, class]`` with a library)."""
+  entry = index.get(component)
+  return isinstance(entry, list) and bool(entry) and entry[0] is not None
+
+
 def is_sd3(index: dict) -> bool:
   """Whether a model_index names an SD3 / SD3.5 pipeline class (sd3.py)."""
   return str(index.get("_class_name", "")).startswith("StableDiffusion3")
@@ -48,7 +54,7 @@ def is_flux(index: dict) -> bool:
 
 def is_sdxl(index: dict) -> bool:
   """Whether a model_index names a second text encoder or an SDXL pipeline class (and is not SD3's or Flux's)."""
-  named = isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0] is not None
+  named = names(index, "text_encoder_2")
   transformer = is_sd3(index) or is_flux(index)
   return not transformer and (named or str(index.get("_class_name", "")).startswith("StableDiffusionXL"))
 
@@ -62,14 +68,13 @@ def check_folder(folder: str) -> dict:
     raise ValueError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
   index = read_json_config(index_path)
   if is_sd3(index):
-    t5 = isinstance(index.get("text_encoder_3"), list) and index["text_encoder_3"][0] is not None
-    required = TRANSFORMER_REQUIRED + (("text_encoder_3", "tokenizer_3") if t5 else ())
+    required = TRANSFORMER_REQUIRED + (("text_encoder_3", "tokenizer_3") if names(index, "text_encoder_3") else ())
   elif is_flux(index):
     required = TRANSFORMER_REQUIRED
   else:
     required = REQUIRED + (("low_res_scheduler",) if index.get("_class_name") == UPSCALER else ())
     required += SDXL_PARTS if is_sdxl(index) else ()
-  missing = [c for c in required if not (isinstance(index.get(c), list) and index[c][0] is not None)
+  missing = [c for c in required if not names(index, c)
              or not os.path.isdir(os.path.join(folder, c))]
   if missing:
     raise ValueError(f"{index_path}: the pipeline lacks {', '.join(missing)} (need {', '.join(required)})")
@@ -116,6 +121,16 @@ def load_scheduler(folder: str, *, sd_rewrite: bool = True) -> DiffusersSchedule
   if sd_rewrite and config.get("clip_sample", False) is True:
     config["clip_sample"] = False
   return DiffusersScheduler.from_config(config, where=path)
+
+
+def load_models(folder: str, names, *, dtype=jnp.float32, param_dtype=jnp.float32) -> tuple[dict, dict]:
+  """({name: module}, {name: params}) of the model subfolders ``names`` of a pipeline folder; ValueError naming
+  every one that could not be read as a model folder."""
+  loaded = load_pretrained(folder, dtype=dtype, param_dtype=param_dtype)
+  absent = [n for n in names if n not in loaded]
+  if absent:
+    raise ValueError(f"{folder}: {', '.join(absent)} could not be read as a model folder")
+  return {n: loaded[n][0] for n in names}, {n: loaded[n][1] for n in names}
 
 
 def load_parts(folder: str, *, dtype=jnp.float32, param_dtype=jnp.float32) -> tuple[tuple, dict]:
