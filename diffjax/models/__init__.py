@@ -1,4 +1,5 @@
-"""Flax linen networks: the Stable Diffusion U-Net, the KL autoencoder, and text encoders (NHWC images)."""
+"""Flax linen networks (NHWC images): the Stable Diffusion U-Net, the KL autoencoder, diffusion transformers
+(DiT, MMDiT, PixArt, Flux), text encoders (CLIP, BERT, T5) and the one attention function they call."""
 
 from diffjax.models.text import (
   BERT_CONFIGS,
