@@ -144,6 +144,9 @@ def lora_entry(entry: str) -> tuple[str, float]:
     return entry, 1.0  # a ':' inside the path
 
 
+DIFFJAX_LORA_MODELS = {"unet": "denoiser", "text_encoder": "text_encoder"}  # file model name: workdir network part
+
+
 def with_loras(config, params: dict, provenance: dict) -> tuple[dict, dict]:
   """``params`` with the LoRA files of ``config.lora`` merged in (``lora_files.merge_lora_files``), and
   ``provenance`` with each file's path, scale and SHA-256 (so a record or a calibration names them)."""
@@ -153,10 +156,15 @@ def with_loras(config, params: dict, provenance: dict) -> tuple[dict, dict]:
   for path, _ in entries:
     if not os.path.isfile(path):
       raise ConfigError(f"config.lora: {path} is not a file (entries are FILE or FILE:SCALE)")
+  # A diffjax workdir's network is {"model": {"denoiser", "text_encoder"}}: files name them 'unet', 'text_encoder'.
+  views = DIFFJAX_LORA_MODELS if provenance.get("kind") == "diffjax" else {}
+  models = {name: params["model"][inner] for name, inner in views.items()} if views else params
   try:
-    params = lora_files.merge_lora_files(params, *entries)
+    merged = lora_files.merge_lora_files(models, *entries)
   except (WeightMismatchError, WeightFileError, ValueError) as e:
     raise ConfigError(f"config.lora: {e}") from None
+  params = {**params, "model": {**params["model"], **{inner: merged[n] for n, inner in views.items()}}} if views \
+      else merged
   files = [{"file": os.path.abspath(p), "scale": scale, "sha256": _sha256(p)} for p, scale in entries]
   return params, {**provenance, "lora": files}
 

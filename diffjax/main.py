@@ -28,18 +28,18 @@ from ml_collections import config_flags
 
 from diffjax import detection, generation, sampler_demo, schema
 from diffjax.samplers import calibration
-from diffjax.train import trainer, vae_trainer
+from diffjax.train import finetune, trainer, vae_trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs (checkpoints, logs, images).")
 _MODE = flags.DEFINE_enum("mode", "run", ["run", "sample", "evaluate", "generate", "calibrate", "detect"],
-                          "run: the config's job (train, train_vae, sampler_demo, generate); sample: sample from the "
-                          "latest checkpoint in --workdir; evaluate: the config's evaluation of that checkpoint "
-                          "(sampler and evaluation overrides apply) into --output; generate: the same as run for a "
-                          "generation config (configs/generate.py); calibrate: fit samplers to that checkpoint, or to "
-                          "a generation config's pretrained pipeline (config.calibration) into "
-                          "--output/calibration.json (default WORKDIR/calibration.json); detect: which marks the "
-                          "images config.detect.images names carry (a generation config) into "
+                          "run: the config's job (train, train_vae, sampler_demo, generate, finetune); sample: "
+                          "sample from the latest checkpoint in --workdir; evaluate: the config's evaluation of "
+                          "that checkpoint (sampler and evaluation overrides apply) into --output; generate: the "
+                          "same as run for a generation config (configs/generate.py); calibrate: fit samplers to "
+                          "that checkpoint, or to a generation config's pretrained pipeline (config.calibration) "
+                          "into --output/calibration.json (default WORKDIR/calibration.json); detect: which marks "
+                          "the images config.detect.images names carry (a generation config) into "
                           "WORKDIR/detection.json.")
 _PROMPTS = flags.DEFINE_multi_string("prompts", [], "--mode=sample: prompts (repeat the flag).")
 _NUM_PER_PROMPT = flags.DEFINE_integer("num_samples_per_prompt", 4, "--mode=sample: images per prompt.")
@@ -107,11 +107,13 @@ def fail(line: str) -> None:
 
 JOBS = {"sampler_demo": _sampler_demo, "train": lambda config, workdir: trainer.train_and_evaluate(config, workdir),
         "train_vae": lambda config, workdir: vae_trainer.train_vae(config, workdir),
-        "generate": lambda config, workdir: generation.generate(config, workdir)}
+        "generate": lambda config, workdir: generation.generate(config, workdir),
+        "finetune": lambda config, workdir: finetune.finetune(config, workdir)}
 OUTPUTS = {  # what a job leaves in --workdir, for the summary at the end
     "train": "checkpoints/, tensorboard/, config.json, samples.png, eval.json",
     "train_vae": "checkpoints/, tensorboard/, vae/ (the exported AutoencoderKL)",
-    "sampler_demo": "samplers.png", "generate": "NNNN.png, samples.npz, generation.json"}
+    "sampler_demo": "samplers.png", "generate": "NNNN.png, samples.npz, generation.json",
+    "finetune": "checkpoints/, lora.safetensors (method lora), finetune.png, eval.json"}
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 

@@ -412,8 +412,29 @@ SAMPLER_DEMO_RULES = (
          lambda c: f"comma-separated names of {sorted(_solvers())}"),
 )
 
+FINETUNE = dict(
+    job=text(("finetune",)), seed=NONNEG, base=text(), vae_workdir=text(), method=text(("lora", "full")),
+    lora=dict(rank=COUNT, alpha=POSITIVE, targets=sequence(text(), min_len=1)),
+    instance=dict(split=SPLIT, caption_contains=text(), folder=text(), prompt=text(), num_images=COUNT,
+                  batch_size=COUNT),
+    prior=dict(weight=real(0.0, note="0: no prior preservation"), num_images=COUNT, split=SPLIT,
+               prompts=sequence(text()), batch_size=COUNT),
+    optim=OPTIM,
+    train=dict(num_steps=COUNT, cond_dropout=PROBABILITY, ema_decay=PROBABILITY, log_every=COUNT,
+               checkpoint_every=COUNT, keep_checkpoints=COUNT),
+    eval=dict(prompts=COUNT, samples_per_prompt=COUNT),
+)
+FINETUNE_RULES = (
+    Rule("optim.warmup_steps", lambda c: c.optim.warmup_steps < c.train.num_steps,
+         lambda c: f"0 <= warmup_steps < train.num_steps={c.train.num_steps}"),
+    Rule("base", lambda c: bool(c.base), lambda c: "a diffjax training workdir (config.json and checkpoints/)"),
+    Rule("instance.prompt", lambda c: bool(c.instance.prompt), lambda c: "a caption for the images of instance.folder",
+         when=lambda c: bool(c.instance.folder)),
+)
+
 FAMILIES = {"train": (TRAIN, TRAIN_RULES), "train_vae": (TRAIN_VAE, TRAIN_VAE_RULES),
-            "generate": (GENERATE, GENERATE_RULES), "sampler_demo": (SAMPLER_DEMO, SAMPLER_DEMO_RULES)}
+            "generate": (GENERATE, GENERATE_RULES), "sampler_demo": (SAMPLER_DEMO, SAMPLER_DEMO_RULES),
+            "finetune": (FINETUNE, FINETUNE_RULES)}
 
 
 # ----------------------------------------------------------------------------------

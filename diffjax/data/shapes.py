@@ -36,6 +36,19 @@ def caption(colour: str, shape: str, count: int, position: str) -> str:
   return f"{article} {colour} {noun} {where}"
 
 
+def parse_caption(text: str) -> dict:
+  """The inverse of ``caption``: {"colour", "shape", "count", "position"}; ValueError for other text."""
+  words = text.split()
+  counts = {"a": 1, **{w: i + 1 for i, w in enumerate(COUNT_WORDS)}}
+  if len(words) != 6 or words[0] not in counts or words[1] not in COLOURS:
+    raise ValueError(f"not a shapes caption: {text!r}")
+  count, shape = counts[words[0]], words[2].removesuffix("s") if words[0] != "a" else words[2]
+  out = {"colour": words[1], "shape": shape, "count": count, "position": words[-1]}
+  if shape not in SHAPES or words[-1] not in POSITIONS or caption(**out) != text:
+    raise ValueError(f"not a shapes caption: {text!r}")
+  return out
+
+
 def _region(position):
   """(x0, y0, x1, y1) of the canvas half for ``position``."""
   h = SIZE // 2

@@ -84,8 +84,11 @@ def with_frozen(params: dict, frozen) -> dict:
 
 
 def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask: jax.Array, *, model, tx,
-               spec: DiffusionSpec, frozen=None, encode=None):
-  """One optimizer step on a batch {"image" (B,H,W,C), "tokens" (B,L), "mask" (B,L)}.
+               spec: DiffusionSpec, frozen=None, encode=None, compose=with_frozen):
+  """One optimizer step on a batch {"image" (B,H,W,C), "tokens" (B,L), "mask" (B,L)[, "weight" (B,)]}.
+
+  The loss is the mean of the per-example losses, or with "weight" their weighted sum (e.g.
+  DreamBooth's instance and prior examples: 1 / B_instance and lambda / B_prior).
 
   Args:
     frozen: parameters that are used but not trained (None: none). ``frozen["model"]``, if
@@ -93,6 +96,8 @@ def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask
       frozen pretrained text encoder); ``encode`` receives all of ``frozen``.
     encode: ``encode(frozen, batch, key) -> x0`` (B, h, w, c), the data the network
       learns to denoise, e.g. latents of a frozen VAE; None: ``batch["image"]``.
+    compose: ``compose(trained params, frozen) -> the model's parameters`` (default
+      ``with_frozen``; LoRA: the frozen base with the trained adapters merged in).
 
   Returns (new state, ``TrainMetrics`` of this step, diagnostics: loss, per-example
   losses, gradient norm and batch image statistics, for the non-finite-loss error).
@@ -109,12 +114,13 @@ def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask
 
   def loss_fn(params):
     def predict(x_t, tt):
-      return model.apply({"params": with_frozen(params, frozen)}, x_t, spec.time_scale * tt, tokens, mask,
+      return model.apply({"params": compose(params, frozen)}, x_t, spec.time_scale * tt, tokens, mask,
                          deterministic=False, rngs={"dropout": k_dropout})
 
     per_example = losses.denoising_loss(predict, x0, eps, t, spec.process, target=spec.target,
                                         weighting=spec.weighting, **dict(spec.weighting_options))
-    return jnp.mean(per_example), per_example
+    loss = jnp.mean(per_example) if "weight" not in batch else jnp.sum(batch["weight"] * per_example)
+    return loss, per_example
 
   (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)

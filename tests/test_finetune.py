@@ -1,0 +1,122 @@
+"""The fine-tuning job (LoRA / full, DreamBooth prior preservation) on a tiny digits base."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from configs import finetune as finetune_config
+from diffjax import generation, schema
+from diffjax.adapters import lora_files
+from diffjax.train import finetune, trainer
+from diffjax.train.checkpoint import Checkpointer
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+  """A tiny digits model trained for 6 steps (no evaluation): the base every test fine-tunes."""
+  workdir = str(tmp_path_factory.mktemp("base"))
+  c = default.get_config("tiny")
+  c.eval.digits_per_prompt, c.eval.samples_per_prompt, c.prompts, c.train.profile_steps = 0, 0, (), 0
+  trainer.train_and_evaluate(c, workdir)
+  return workdir
+
+
+def _config(base, **changes):
+  c = finetune_config.get_config("tiny")
+  c.base = base
+  c.prior.num_images = 2  # the evaluation's batch too: one sampler compilation
+  for path, value in changes.items():  # "section__field": value
+    *sections, key = path.split("__")
+    node = c
+    for part in sections:
+      node = node[part]
+    node[key] = value
+  schema.validate(c)
+  return c
+
+
+def _restore(workdir, abstract):
+  state, _, step = Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(abstract)
+  return state, step
+
+
+def test_lora_trains_the_adapters_alone_and_writes_a_file_generation_reads(base, tmp_path):
+  config = _config(base)
+  out = str(tmp_path / "ft")
+  state = finetune.finetune(config, out)
+  scores = json.load(open(os.path.join(out, "eval.json")))
+  assert scores["method"] == "lora" and 0 < scores["trained_parameters"] < 0.05 * scores["base_parameters"]
+  assert os.path.isfile(os.path.join(out, "finetune.png")) and os.path.isfile(os.path.join(out, finetune.PRIOR_FILE))
+  # what trained: adapters on the U-Net's attention projections, and they moved (up starts at zero)
+  assert all(p.startswith("denoiser/") and p.rsplit("/", 2)[-2] in ("to_q", "to_k", "to_v", "to_out_0")
+             for p in state.params)
+  assert any(float(jnp.abs(a.up).max()) > 0 for a in state.params.values())
+  # the base workdir is untouched: its newest checkpoint is still the step it was trained to
+  assert Checkpointer(os.path.join(base, "checkpoints")).all_steps()[-1] == 6
+  # the LoRA file holds exactly the adapters, and the generation job merges it into the base's U-Net as training did
+  pipe_params = trainer.load_pipeline(finetune.base_config(config), base)[1]
+  read = lora_files.read_lora(os.path.join(out, finetune.LORA_FILE), {"unet": pipe_params["model"]["denoiser"]})
+  assert sorted(read["unet"]) == sorted(p.removeprefix("denoiser/") for p in state.params)
+  for path, a in state.params.items():
+    b = read["unet"][path.removeprefix("denoiser/")]
+    np.testing.assert_array_equal(np.asarray(b.down), np.asarray(a.down))
+    np.testing.assert_array_equal(np.asarray(b.up), np.asarray(a.up))
+    assert b.alpha == a.alpha
+  gen = generation.with_loras({"lora": (os.path.join(out, finetune.LORA_FILE),)}, pipe_params, {"kind": "diffjax"})[0]
+  _, compose = finetune.trainable(config, pipe_params["model"])
+  tuned = compose(state.params, {"base": pipe_params["model"]})
+  for x, y in zip(jax.tree.leaves(gen["model"]), jax.tree.leaves(tuned), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow  # three short runs (about 30 s)
+def test_a_rerun_resumes_where_the_checkpoint_left_off(base, tmp_path):
+  """Steps 3-4 after a resume from step 2 (the data iterators' positions included) give the uninterrupted run's
+  adapters; the prior images are drawn once."""
+  config = _config(base, prior__weight=0.5)
+  whole = finetune.finetune(config, str(tmp_path / "whole"))
+  out = str(tmp_path / "resumed")
+  config.train.num_steps = 2
+  finetune.finetune(config, out)
+  prior_mtime = os.stat(os.path.join(out, finetune.PRIOR_FILE)).st_mtime_ns
+  config.train.num_steps = 4
+  resumed = finetune.finetune(config, out)
+  assert os.stat(os.path.join(out, finetune.PRIOR_FILE)).st_mtime_ns == prior_mtime
+  for x, y in zip(jax.tree.leaves(whole.params), jax.tree.leaves(resumed.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.slow  # about 40 s
+def test_full_fine_tuning_moves_every_trained_weight(base, tmp_path):
+  config = _config(base, method="full", prior__weight=0.0, train__num_steps=2)
+  state = finetune.finetune(config, str(tmp_path / "full"))
+  before = trainer.load_pipeline(finetune.base_config(config), base)[1]["model"]
+  moved = [not np.array_equal(np.asarray(a), np.asarray(b))
+           for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before), strict=True)]
+  assert np.mean(moved) > 0.9  # (Adam moves every weight with a gradient)
+  assert not os.path.exists(str(tmp_path / "full" / finetune.LORA_FILE))
+
+
+def test_merged_batch_weights_instances_and_prior():
+  batch = lambda n, v: {"image": np.full((n, 2, 2, 1), v, np.float32), "tokens": np.zeros((n, 2, 3), np.int32)}
+  out = finetune.merged_batch({"instance": batch(2, 1.0), "prior": batch(4, -1.0)}, prior_weight=0.5)
+  np.testing.assert_allclose(np.asarray(out["weight"]), [0.5, 0.5, 0.125, 0.125, 0.125, 0.125])
+  assert out["image"].shape == (6, 2, 2, 1) and out["tokens"].shape == (6, 3)
+  alone = finetune.merged_batch({"instance": batch(2, 1.0)}, prior_weight=0.5)
+  np.testing.assert_allclose(np.asarray(alone["weight"]), [0.5, 0.5])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(base="/nonexistent"), "is not a diffjax training workdir"),
+    (dict(instance__caption_contains="no such words"), "matches no caption"),
+    (dict(lora__targets=("^nothing/kernel$",)), "config.lora.targets: LoRA targets match no kernel"),
+])
+def test_bad_input_names_the_field(base, tmp_path, change, message):
+  config = _config(change.pop("base", base), **change)
+  with pytest.raises(schema.ConfigError, match=message):
+    finetune.finetune(config, str(tmp_path / "bad"))
