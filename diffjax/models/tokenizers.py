@@ -3,7 +3,9 @@
 * ``CLIPTokenizer``: CLIP's byte-level BPE from the ``vocab.json`` / ``merges.txt`` you
   supply (Radford et al. 2021; Sennrich et al. 2016): NFC, whitespace collapsed,
   lowercase; words split by CLIP's pattern; ``</w>`` marks the end of a word;
-  ``<|startoftext|> ... <|endoftext|>``, padded / truncated to 77.
+  ``<|startoftext|> ... <|endoftext|>``, padded / truncated to 77. ``with_added_tokens``
+  adds whole-string tokens (textual inversion's placeholders), matched before BPE as
+  transformers' ``add_tokens`` does.
 * ``WordPieceTokenizer``: BERT (uncased) basic tokenization and greedy
   longest-match-first WordPiece from a ``vocab.txt`` (Devlin et al. 2019).
 * ``T5Tokenizer``: T5's SentencePiece unigram model from a ``tokenizer.json``, run by the
@@ -16,6 +18,7 @@ arrays (B, max_length): ``input_ids`` and ``attention_mask`` (1 = token, 0 = pad
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -83,6 +86,13 @@ class CLIPTokenizer:
     vocab: token -> id (``vocab.json``); merges: ordered pairs (``merges.txt`` lines).
     max_length: pad / truncate to this many ids including bos and eos (77 for SD).
     pad_token: padding token (SD 1.x: ``<|endoftext|>``; SD 2.x OpenCLIP pads with ``!``, id 0).
+
+  Added tokens (``with_added_tokens``, none by default) are transformers' non-special added
+  tokens: ``added`` maps each token, as given, to its id ``len(vocab), len(vocab) + 1, ...`` in
+  the order added. A text is normalized first (NFC, whitespace collapsed, lowercase); the
+  normalized forms of the added tokens are then found anywhere in it, also inside words (at each
+  position the longest, leftmost first: the ``tokenizers`` library's leftmost-longest match), and
+  only the text between them goes through CLIP's pattern and BPE.
   """
 
   def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], max_length: int = 77,
@@ -97,6 +107,9 @@ class CLIPTokenizer:
     self.byte_map = bytes_to_unicode()
     self.pattern = _regex.compile(_CLIP_PATTERN) if _regex else re.compile(_CLIP_PATTERN_RE)
     self._cache: dict[str, list[str]] = {}
+    self.added: dict[str, int] = {}  # added token -> id (>= len(vocab))
+    self._added_by_form: dict[str, int] = {}  # normalized form of an added token -> its id
+    self._added_re: re.Pattern | None = None
 
   @classmethod
   def from_files(cls, vocab_json: str | os.PathLike, merges_txt: str | os.PathLike, **kw) -> CLIPTokenizer:
@@ -109,7 +122,38 @@ class CLIPTokenizer:
 
   @property
   def vocab_size(self) -> int:
-    return len(self.vocab)
+    """The number of ids: the vocabulary and the added tokens (the rows a text encoder's table needs)."""
+    return len(self.vocab) + len(self.added)
+
+  @staticmethod
+  def normalize(text: str) -> str:
+    """CLIP's normalization: NFC, every run of whitespace to one space, lowercase."""
+    return re.sub(r'\s+', ' ', unicodedata.normalize('NFC', text)).lower()
+
+  def with_added_tokens(self, tokens: Sequence[str]) -> CLIPTokenizer:
+    """A copy of this tokenizer with ``tokens`` added, each one id (``vocab_size``, ``vocab_size + 1``, ...).
+
+    ValueError naming the token if one is empty or only whitespace, already in the vocabulary or
+    added, or normalizes like another (so could never be matched). This tokenizer is unchanged.
+    """
+    new = copy.copy(self)
+    new.added, new._added_by_form, new._cache = dict(self.added), dict(self._added_by_form), dict(self._cache)
+    for token in tokens:
+      if not isinstance(token, str) or not token.strip():
+        raise ValueError(f'cannot add the token {token!r}: tokens are non-empty strings, not only whitespace')
+      if token in self.vocab or token in new.added:
+        raise ValueError(f'the token {token!r} is already in the tokenizer\'s vocabulary (id '
+                         f'{self.vocab.get(token, new.added.get(token))}); choose another name')
+      form = self.normalize(token)
+      if form in new._added_by_form:
+        other = next(t for t, i in new.added.items() if i == new._added_by_form[form])
+        raise ValueError(f'the token {token!r} normalizes (lowercase, whitespace collapsed) to {form!r} like the '
+                         f'added token {other!r}; prompts could not tell them apart')
+      new.added[token] = new._added_by_form[form] = new.vocab_size
+    # Longest alternatives first: re's alternation takes the first that matches at the leftmost position.
+    forms = sorted(new._added_by_form, key=lambda f: (-len(f), f))
+    new._added_re = re.compile('|'.join(map(re.escape, forms))) if forms else None
+    return new
 
   def _bpe(self, word: str) -> list[str]:
     if word in self._cache:
@@ -133,20 +177,40 @@ class CLIPTokenizer:
     self._cache[word] = parts
     return parts
 
-  def tokenize(self, text: str) -> list[str]:
-    """BPE tokens of ``text`` (no special tokens)."""
-    text = re.sub(r'\s+', ' ', unicodedata.normalize('NFC', text)).lower()
+  def _segments(self, text: str) -> list[tuple[str, bool]]:
+    """Normalized ``text`` as (piece, is an added token) in order; the other pieces still to be BPE'd."""
+    text = self.normalize(text)
+    if self._added_re is None:
+      return [(text, False)]
+    out, start = [], 0
+    for m in self._added_re.finditer(text):
+      out += [(text[start:m.start()], False), (m.group(), True)]
+      start = m.end()
+    return out + [(text[start:], False)]
+
+  def _tokens(self, text: str) -> list[tuple[str, int]]:
+    """(token, id) of every token of ``text`` (no bos/eos); an added token as its normalized text."""
     out = []
-    for piece in self.pattern.findall(text):
-      if piece in self.specials:
-        out.append(piece)
-      else:
-        out += self._bpe(''.join(self.byte_map[b] for b in piece.encode('utf-8')))
+    for segment, is_added in self._segments(text):
+      if is_added:
+        out.append((segment, self._added_by_form[segment]))
+        continue
+      for piece in self.pattern.findall(segment):
+        if piece in self.specials:
+          out.append((piece, self.specials[piece]))
+        else:
+          out += [(t, self.vocab.get(t, self.unk_id)) for t in
+                  self._bpe(''.join(self.byte_map[b] for b in piece.encode('utf-8')))]
     return out
+
+  def tokenize(self, text: str) -> list[str]:
+    """BPE tokens of ``text`` (no special tokens); an added token appears as matched (normalized), as in
+    transformers."""
+    return [t for t, _ in self._tokens(text)]
 
   def encode(self, text: str) -> list[int]:
     """Token ids of ``text`` without bos/eos."""
-    return [self.specials.get(t, self.vocab.get(t, self.unk_id)) for t in self.tokenize(text)]
+    return [i for _, i in self._tokens(text)]
 
   def __call__(self, texts: str | Sequence[str], max_length: int | None = -1, padding: bool = True) -> Tokens:
     """Ids (B, max_length) with bos/eos, truncated to ``max_length`` (default ``self.max_length``; None: no limit)."""
@@ -157,6 +221,7 @@ class CLIPTokenizer:
   def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
     """Text of ``ids``: bytes decoded, ``</w>`` read as a space."""
     inv = {v: k for k, v in self.vocab.items()}
+    added = {v: k for k, v in self.added.items()}
     byte_inv = {c: b for b, c in self.byte_map.items()}
     special_ids = {self.bos_id, self.eos_id, self.pad_id}
     words, cur = [], []
@@ -165,6 +230,12 @@ class CLIPTokenizer:
         if not skip_special:
           words.append(bytes(cur).decode('utf-8', errors='replace') + inv[i])
           cur = []
+        continue
+      if i in added:  # a word of its own
+        if cur:
+          words.append(bytes(cur).decode('utf-8', errors='replace'))
+          cur = []
+        words.append(added[i])
         continue
       tok = inv[i]
       end = tok.endswith('</w>')
