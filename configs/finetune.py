@@ -7,13 +7,17 @@ python -m diffjax.main --config=configs/finetune.py --workdir=/tmp/ft_blue_trian
 folder is read from ``vae_workdir`` when it has moved since). The instance images are the first
 ``instance.num_images`` examples of the base's data set split ``instance.split`` whose captions
 contain ``instance.caption_contains`` (default: blue triangles, a colour/shape pair the shapes
-model never saw), or the image files of ``instance.folder`` captioned ``instance.prompt``.
+model never saw), or the image files of ``instance.folder``, captioned by its ``metadata.jsonl``
+(lines {"file_name": ..., "text": ...}, the Hugging Face image-folder form) or else ``instance.prompt``.
 ``method``: "lora" trains rank-``lora.rank`` adapters on the kernels ``lora.targets`` select (the
 U-Net's attention projections by default) with the base frozen; "full" trains every weight the
-base trained. ``prior.weight`` > 0: DreamBooth's prior preservation, ``prior.num_images`` images
-the base model draws for captions of ``prior.split`` (or ``prior.prompts``), trained on beside
-the instances with that weight. Outputs: checkpoints/ (resumable), lora.safetensors (diffusers
-format, for ``configs/generate.py --config.lora=``), finetune.png and eval.json.
+base trained; "textual_inversion" learns the rows of a new token (``textual_inversion.token``,
+which the instance captions use) with everything else frozen. ``prior.weight`` > 0: DreamBooth's
+prior preservation, ``prior.num_images`` images the base model draws for captions of
+``prior.split`` (or ``prior.prompts``), trained on beside the instances with that weight. Outputs:
+checkpoints/ (resumable), lora.safetensors (diffusers format, for ``configs/generate.py
+--config.lora=``) or learned_embeds.safetensors (textual inversion, diffusers format),
+finetune.png and eval.json.
 """
 
 import ml_collections
@@ -25,10 +29,13 @@ def get_config(arg: str = ""):
   c.seed = 0
   c.base = ""  # a diffjax training workdir (config.json + checkpoints/)
   c.vae_workdir = ""  # a latent base's VAE workdir when it is not where the base's config says ("" = as it says)
-  c.method = "lora"  # lora | full
+  c.method = "lora"  # lora | full | textual_inversion
   # the U-Net's ('denoiser') attention projections; '^text_encoder/' paths adapt a joint text encoder
   c.lora = dict(rank=4, alpha=4.0,
                 targets=tuple(f"^denoiser/.*/{name}/kernel$" for name in ("to_q", "to_k", "to_v", "to_out_0")))
+  # textual_inversion: a new token (num_vectors rows of the text encoder's token table, started from the mean row
+  # of the initializer's tokens) learnt with everything else frozen; instance captions must contain it
+  c.textual_inversion = dict(token="<new>", initializer="shape", num_vectors=1)
   c.instance = dict(split="held_out", caption_contains="blue triangle", folder="", prompt="", num_images=16,
                     batch_size=8)
   # DreamBooth prior preservation: images the base draws for captions of `split` (or `prompts`) keep what it knew
@@ -38,7 +45,7 @@ def get_config(arg: str = ""):
   c.train = dict(num_steps=400, cond_dropout=0.1, ema_decay=0.0, log_every=20, checkpoint_every=100,
                  keep_checkpoints=2)
   # evaluation: samples_per_prompt images for every instance caption (at most `prompts` of them) and as many for
-  # captions of the prior split; shapes bases are judged per attribute (eval.json)
+  # captions of the prior split; shapes bases are judged per attribute (eval.json); prompts=0: no evaluation
   c.eval = dict(prompts=4, samples_per_prompt=16)
   if arg == "tiny":  # seconds, for tests: a digits base (configs/default.py:tiny), its sevens as instances
     c.instance.split = "train"

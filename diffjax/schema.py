@@ -413,8 +413,10 @@ SAMPLER_DEMO_RULES = (
 )
 
 FINETUNE = dict(
-    job=text(("finetune",)), seed=NONNEG, base=text(), vae_workdir=text(), method=text(("lora", "full")),
+    job=text(("finetune",)), seed=NONNEG, base=text(), vae_workdir=text(),
+    method=text(("lora", "full", "textual_inversion")),
     lora=dict(rank=COUNT, alpha=POSITIVE, targets=sequence(text(), min_len=1)),
+    textual_inversion=dict(token=text(), initializer=text(), num_vectors=COUNT),
     instance=dict(split=SPLIT, caption_contains=text(), folder=text(), prompt=text(), num_images=COUNT,
                   batch_size=COUNT),
     prior=dict(weight=real(0.0, note="0: no prior preservation"), num_images=COUNT, split=SPLIT,
@@ -422,14 +424,15 @@ FINETUNE = dict(
     optim=OPTIM,
     train=dict(num_steps=COUNT, cond_dropout=PROBABILITY, ema_decay=PROBABILITY, log_every=COUNT,
                checkpoint_every=COUNT, keep_checkpoints=COUNT),
-    eval=dict(prompts=COUNT, samples_per_prompt=COUNT),
+    eval=dict(prompts=integer(0, note="0: no evaluation"), samples_per_prompt=COUNT),
 )
 FINETUNE_RULES = (
     Rule("optim.warmup_steps", lambda c: c.optim.warmup_steps < c.train.num_steps,
          lambda c: f"0 <= warmup_steps < train.num_steps={c.train.num_steps}"),
     Rule("base", lambda c: bool(c.base), lambda c: "a diffjax training workdir (config.json and checkpoints/)"),
-    Rule("instance.prompt", lambda c: bool(c.instance.prompt), lambda c: "a caption for the images of instance.folder",
-         when=lambda c: bool(c.instance.folder)),
+    Rule("textual_inversion.token", lambda c: len(c.textual_inversion.token.strip()) >= 2,
+         lambda c: "a new token of at least two characters (e.g. '<my-colour>')",
+         when=lambda c: c.method == "textual_inversion"),
 )
 
 FAMILIES = {"train": (TRAIN, TRAIN_RULES), "train_vae": (TRAIN_VAE, TRAIN_VAE_RULES),

@@ -11,17 +11,18 @@ import pytest
 from configs import default
 from configs import finetune as finetune_config
 from diffjax import generation, schema
-from diffjax.adapters import lora_files
+from diffjax.adapters import lora, lora_files, textual_inversion
 from diffjax.train import finetune, trainer
 from diffjax.train.checkpoint import Checkpointer
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-  """A tiny digits model trained for 6 steps (no evaluation): the base every test fine-tunes."""
+  """A tiny digits model trained for 2 steps (no evaluation): the base every test fine-tunes."""
   workdir = str(tmp_path_factory.mktemp("base"))
   c = default.get_config("tiny")
   c.eval.digits_per_prompt, c.eval.samples_per_prompt, c.prompts, c.train.profile_steps = 0, 0, (), 0
+  c.train.num_steps, c.train.checkpoint_every, c.train.log_every, c.optim.warmup_steps = 2, 2, 1, 1
   trainer.train_and_evaluate(c, workdir)
   return workdir
 
@@ -57,7 +58,7 @@ def test_lora_trains_the_adapters_alone_and_writes_a_file_generation_reads(base,
              for p in state.params)
   assert any(float(jnp.abs(a.up).max()) > 0 for a in state.params.values())
   # the base workdir is untouched: its newest checkpoint is still the step it was trained to
-  assert Checkpointer(os.path.join(base, "checkpoints")).all_steps()[-1] == 6
+  assert Checkpointer(os.path.join(base, "checkpoints")).all_steps()[-1] == 2
   # the LoRA file holds exactly the adapters, and the generation job merges it into the base's U-Net as training did
   pipe_params = trainer.load_pipeline(finetune.base_config(config), base)[1]
   read = lora_files.read_lora(os.path.join(out, finetune.LORA_FILE), {"unet": pipe_params["model"]["denoiser"]})
@@ -68,10 +69,37 @@ def test_lora_trains_the_adapters_alone_and_writes_a_file_generation_reads(base,
     np.testing.assert_array_equal(np.asarray(b.up), np.asarray(a.up))
     assert b.alpha == a.alpha
   gen = generation.with_loras({"lora": (os.path.join(out, finetune.LORA_FILE),)}, pipe_params, {"kind": "diffjax"})[0]
-  _, compose = finetune.trainable(config, pipe_params["model"])
-  tuned = compose(state.params, {"base": pipe_params["model"]})
+  tuned = lora.merge(pipe_params["model"], state.params)
   for x, y in zip(jax.tree.leaves(gen["model"]), jax.tree.leaves(tuned), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_textual_inversion_learns_the_new_rows_alone_from_a_captioned_folder(base, tmp_path):
+  """A folder of images with metadata.jsonl captions using a new token: only its rows train (the base's
+  table is untouched), learned_embeds.safetensors holds them, and the byte tokenizer reads the token as one id."""
+  from PIL import Image
+
+  folder = tmp_path / "sevens"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  with open(folder / finetune.METADATA_FILE, "w") as f:
+    for i in range(4):
+      Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(folder / f"{i}.png")
+      f.write(json.dumps({"file_name": f"{i}.png", "text": f"a <squiggle> number {i}"}) + "\n")
+  config = _config(base, method="textual_inversion", instance__folder=str(folder), prior__weight=0.0,
+                   textual_inversion__token="<squiggle>", textual_inversion__initializer="seven",
+                   textual_inversion__num_vectors=2, eval__prompts=0)
+  out = str(tmp_path / "ti")
+  state = finetune.finetune(config, out)
+  assert state.params.shape == (2, 32)  # num_vectors x the tiny text encoder's width
+  embedding = textual_inversion.read_embedding(os.path.join(out, finetune.EMBEDDING_FILE))
+  assert embedding.token == "<squiggle>"
+  np.testing.assert_array_equal(embedding.vectors[0], np.asarray(state.params))
+  table = textual_inversion.token_table(trainer.load_pipeline(finetune.base_config(config), base)[1]["model"]
+                                        ["text_encoder"])
+  start = np.asarray(table)[[ord(ch) + 3 for ch in "seven"]].mean(0)  # the initializer's byte rows' mean
+  assert not np.allclose(np.asarray(state.params), start[None])  # the rows moved from where they started
+  assert json.load(open(os.path.join(out, "eval.json")))["trained_parameters"] == 64
 
 
 @pytest.mark.slow  # three short runs (about 30 s)
@@ -115,6 +143,7 @@ def test_merged_batch_weights_instances_and_prior():
     (dict(base="/nonexistent"), "is not a diffjax training workdir"),
     (dict(instance__caption_contains="no such words"), "matches no caption"),
     (dict(lora__targets=("^nothing/kernel$",)), "config.lora.targets: LoRA targets match no kernel"),
+    (dict(method="textual_inversion", textual_inversion__initializer=""), "initializer is empty"),
 ])
 def test_bad_input_names_the_field(base, tmp_path, change, message):
   config = _config(change.pop("base", base), **change)

@@ -67,7 +67,7 @@ _KINDS = {  # kind: (check, what is expected)
 }
 
 
-class _Fields:
+class Fields:
   """Typed reads of a config dict at the config -> dataclass boundary.
 
   A field of the wrong type, or a missing required one, raises one WeightFileError whose message starts with
@@ -94,11 +94,11 @@ class _Fields:
       raise WeightFileError(f'{self.where}: field {self.prefix + key!r} must be {expected}, got {v!r}')
     return tuple(v) if isinstance(v, list | tuple) else v
 
-  def sub(self, key: str) -> _Fields:
+  def sub(self, key: str) -> Fields:
     """The nested object ``key`` (e.g. a CLIPConfig's ``text_config``)."""
     if key not in self.cfg:
       raise WeightFileError(f'{self.where}: required field {self.prefix + key!r} (a JSON object) is missing')
-    return _Fields(self.cfg[key], self.where, f'{self.prefix}{key}.')
+    return Fields(self.cfg[key], self.where, f'{self.prefix}{key}.')
 
   def check_fixed(self, fixed: dict, what: str):
     """ValueError (naming the file) for options whose values diffjax does not implement."""
@@ -115,7 +115,7 @@ def _per_level(v: Any, n: int) -> tuple:
 
 def unet_config_from_diffusers(cfg: Mapping, where: str = 'config') -> UNetConfig:
   """A diffusers ``UNet2DConditionModel`` config dict -> ``UNetConfig`` (``where``: the config file, for errors)."""
-  f = _Fields(cfg, where)
+  f = Fields(cfg, where)
   f.check_fixed(_UNET_FIXED, 'UNet2DConditionModel')
   down = f('down_block_types', 'strs', ('CrossAttnDownBlock2D',) * 3 + ('DownBlock2D',))
   up = f('up_block_types', 'strs', ('UpBlock2D',) + ('CrossAttnUpBlock2D',) * 3)
@@ -208,7 +208,7 @@ def unet_config_to_diffusers(c: UNetConfig, sample_size: int = 64) -> dict:
 
 def vae_config_from_diffusers(cfg: Mapping, where: str = 'config') -> VAEConfig:
   """A diffusers ``AutoencoderKL`` config dict -> ``VAEConfig`` (``where``: the config file, for errors)."""
-  f = _Fields(cfg, where)
+  f = Fields(cfg, where)
   f.check_fixed(_VAE_FIXED, 'AutoencoderKL')
   for key, typ in (('down_block_types', 'DownEncoderBlock2D'), ('up_block_types', 'UpDecoderBlock2D')):
     types = f(key, 'strs', (typ,))
@@ -240,7 +240,7 @@ def vae_config_to_diffusers(c: VAEConfig, sample_size: int = 512) -> dict:
 
 def clip_text_config_from_transformers(cfg: Mapping, where: str = 'config') -> CLIPTextConfig:
   """A transformers ``CLIPTextConfig`` dict (or a ``CLIPConfig`` with ``text_config``) -> ``CLIPTextConfig``."""
-  f = _Fields(cfg, where)
+  f = Fields(cfg, where)
   if f('model_type', 'str', None, nullable=True) == 'clip':
     f = f.sub('text_config')
   with_proj = 'CLIPTextModelWithProjection' in (f('architectures', 'strs', None, nullable=True) or ())
@@ -255,7 +255,7 @@ def clip_text_config_from_transformers(cfg: Mapping, where: str = 'config') -> C
 
 def clip_config_from_transformers(cfg: Mapping, where: str = 'config') -> CLIPConfig:
   """A transformers ``CLIPConfig`` dict (a ``CLIPModel``'s: text and vision towers) -> ``CLIPConfig``."""
-  f = _Fields(cfg, where)
+  f = Fields(cfg, where)
   if f('model_type', 'str', None, nullable=True) != 'clip':
     raise WeightFileError(f"{where}: not a transformers CLIPModel config (model_type 'clip')")
   v = f.sub('vision_config')
@@ -285,7 +285,7 @@ def clip_text_config_to_transformers(c: CLIPTextConfig) -> dict:
 
 def bert_config_from_transformers(cfg: Mapping, add_pooler: bool = True, where: str = 'config') -> BertConfig:
   """A transformers ``BertConfig`` dict -> ``BertConfig`` (``where``: the config file, for errors)."""
-  f = _Fields(cfg, where)
+  f = Fields(cfg, where)
   pos = f('position_embedding_type', 'str', 'absolute')
   if pos != 'absolute':
     raise ValueError(f'{where}: position_embedding_type {pos!r} is not supported (absolute)')
@@ -312,7 +312,7 @@ def bert_config_to_transformers(c: BertConfig) -> dict:
 def t5_config_from_transformers(cfg: Mapping, where: str = 'config') -> T5Config:
   """A transformers ``T5Config`` dict (``T5EncoderModel``, ``T5ForConditionalGeneration``, UMT5 excluded) ->
   ``T5Config``. ``feed_forward_proj`` is ``[gated-]ACT``; ``gated-gelu`` means tanh GELU, as in transformers."""
-  f = _Fields(cfg, where)
+  f = Fields(cfg, where)
   proj = f('feed_forward_proj', 'str', 'relu')
   gated, act = proj.startswith('gated-'), proj.removeprefix('gated-')
   act = 'gelu_new' if proj == 'gated-gelu' else act
@@ -343,7 +343,7 @@ def t5_config_to_transformers(c: T5Config) -> dict:
 
 def dit_config_from_diffusers(cfg: Mapping, where: str = 'config') -> DiTConfig:
   """A diffusers ``DiTTransformer2DModel`` config dict -> ``DiTConfig``."""
-  f = _Fields(cfg, where)
+  f = Fields(cfg, where)
   f.check_fixed({'norm_type': 'ada_norm_zero', 'norm_elementwise_affine': False}, 'DiTTransformer2DModel')
   classes = f('num_embeds_ada_norm', 'int', 1000, nullable=True)
   if classes is None:
@@ -370,7 +370,7 @@ def dit_config_to_diffusers(c: DiTConfig) -> dict:
 
 def mmdit_config_from_diffusers(cfg: Mapping, where: str = 'config') -> MMDiTConfig:
   """A diffusers ``SD3Transformer2DModel`` config dict (SD3, SD3.5) -> ``MMDiTConfig``."""
-  f = _Fields(cfg, where)
+  f = Fields(cfg, where)
   qk_norm = f('qk_norm', 'str', None, nullable=True)
   if qk_norm not in (None, 'rms_norm'):
     raise ValueError(f"{where}: qk_norm {qk_norm!r} is not supported (None or 'rms_norm')")
@@ -400,7 +400,7 @@ def mmdit_config_to_diffusers(c: MMDiTConfig) -> dict:
 
 def pixart_config_from_diffusers(cfg: Mapping, where: str = 'config') -> PixArtConfig:
   """A diffusers ``PixArtTransformer2DModel`` config dict (PixArt-alpha, PixArt-Sigma) -> ``PixArtConfig``."""
-  f = _Fields(cfg, where)
+  f = Fields(cfg, where)
   f.check_fixed({'norm_type': 'ada_norm_single', 'norm_elementwise_affine': False, 'attention_type': 'default'},
                 'PixArtTransformer2DModel')
   caption = f('caption_channels', 'int', None, nullable=True)
@@ -436,7 +436,7 @@ def pixart_config_to_diffusers(c: PixArtConfig) -> dict:
 
 def flux_config_from_diffusers(cfg: Mapping, where: str = 'config') -> FluxConfig:
   """A diffusers ``FluxTransformer2DModel`` config dict (FLUX.1 dev / schnell) -> ``FluxConfig``."""
-  f = _Fields(cfg, where)
+  f = Fields(cfg, where)
   return FluxConfig(
       patch_size=f('patch_size', 'int', 1), in_channels=f('in_channels', 'int', 64),
       out_channels=f('out_channels', 'int', None, nullable=True), num_layers=f('num_layers', 'int', 19),

@@ -40,7 +40,7 @@ def split_checkpoint(state: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.
   return parts
 
 
-def _rename(state: Mapping, table: Mapping[str, tuple[str, Mapping | None]], what: str) -> dict:
+def rename_modules(state: Mapping, table: Mapping[str, tuple[str, Mapping | None]], what: str) -> dict:
   """Renames keys by their longest module prefix in ``table`` ({ldm prefix: (new prefix, inner renames)})."""
   out, unknown = {}, []
   for key, w in state.items():
@@ -133,7 +133,7 @@ def unet_ldm_renames(c: UNetConfig) -> dict[str, tuple[str, Mapping | None]]:
 def unet_from_ldm(state: Mapping[str, np.ndarray]) -> tuple[UNetConfig, dict]:
   """LDM U-Net state dict (prefix removed) -> (config, diffusers-named state dict)."""
   c = unet_config_from_ldm(state)
-  return c, _rename(state, unet_ldm_renames(c), 'U-Net')
+  return c, rename_modules(state, unet_ldm_renames(c), 'U-Net')
 
 
 # -- autoencoder -----------------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def vae_ldm_renames(c: VAEConfig) -> dict[str, tuple[str, Mapping | None]]:
 def vae_from_ldm(state: Mapping[str, np.ndarray]) -> tuple[VAEConfig, dict]:
   """LDM autoencoder state dict (prefix removed) -> (config, diffusers-named state dict)."""
   c = vae_config_from_ldm(state)
-  return c, _rename(state, vae_ldm_renames(c), 'autoencoder')
+  return c, rename_modules(state, vae_ldm_renames(c), 'autoencoder')
 
 
 # -- text encoders -----------------------------------------------------------------------------------------------

@@ -79,6 +79,17 @@ def bytes_to_unicode() -> dict[int, str]:
   return out
 
 
+def _split_added(pattern: re.Pattern | None, text: str) -> list[tuple[str, bool]]:
+  """``text`` as (piece, is an added token) in order, the added tokens being what ``pattern`` matches."""
+  if pattern is None:
+    return [(text, False)]
+  out, start = [], 0
+  for m in pattern.finditer(text):
+    out += [(text[start:m.start()], False), (m.group(), True)]
+    start = m.end()
+  return out + [(text[start:], False)]
+
+
 class CLIPTokenizer:
   """CLIP BPE tokenizer.
 
@@ -179,14 +190,7 @@ class CLIPTokenizer:
 
   def _segments(self, text: str) -> list[tuple[str, bool]]:
     """Normalized ``text`` as (piece, is an added token) in order; the other pieces still to be BPE'd."""
-    text = self.normalize(text)
-    if self._added_re is None:
-      return [(text, False)]
-    out, start = [], 0
-    for m in self._added_re.finditer(text):
-      out += [(text[start:m.start()], False), (m.group(), True)]
-      start = m.end()
-    return out + [(text[start:], False)]
+    return _split_added(self._added_re, self.normalize(text))
 
   def _tokens(self, text: str) -> list[tuple[str, int]]:
     """(token, id) of every token of ``text`` (no bos/eos); an added token as its normalized text."""
@@ -416,16 +420,56 @@ class WordPieceTokenizer:
 
 # -- bytes ----------------------------------------------------------------------------------------------------------
 class ByteTokenizer:
-  """UTF-8 bytes as tokens: pad = 0, bos = 1, eos = 2, byte b = b + 3 (vocab_size 259). No file needed."""
+  """UTF-8 bytes as tokens: pad = 0, bos = 1, eos = 2, byte b = b + 3 (vocab_size 259). No file needed.
+
+  Added tokens (``with_added_tokens``; textual inversion's placeholders) are whole strings with
+  ids 259, 260, ... in the order added, found in a text (exact, longest first) before the rest
+  is encoded byte by byte.
+  """
 
   pad_id, bos_id, eos_id, offset = 0, 1, 2, 3
-  vocab_size = 259
+  base_vocab_size = 259
 
   def __init__(self, max_length: int = 77):
     self.max_length = max_length
+    self.added: dict[str, int] = {}
+    self._added_re: re.Pattern | None = None
+
+  @property
+  def vocab_size(self) -> int:
+    """The number of ids: 259 and the added tokens (the rows a text encoder's table needs)."""
+    return self.base_vocab_size + len(self.added)
+
+  @property
+  def vocab(self) -> dict[str, int]:
+    """Single characters of one UTF-8 byte (ASCII) and their ids: what an added token must not be."""
+    return {chr(b): b + self.offset for b in range(128)}
+
+  def with_added_tokens(self, tokens: Sequence[str]) -> ByteTokenizer:
+    """A copy with ``tokens`` added (ids ``vocab_size``, ...); ValueError for an empty, one-character or repeated
+    token. This tokenizer is unchanged."""
+    new = copy.copy(self)
+    new.added = dict(self.added)
+    for token in tokens:
+      if not isinstance(token, str) or len(token.encode('utf-8')) < 2:
+        raise ValueError(f'cannot add the token {token!r}: an added token is a string of at least two bytes')
+      if token in new.added:
+        raise ValueError(f'the token {token!r} is already added (id {new.added[token]}); choose another name')
+      new.added[token] = new.vocab_size
+    forms = sorted(new.added, key=lambda t: (-len(t), t))
+    new._added_re = re.compile('|'.join(map(re.escape, forms)))
+    return new
+
+  def _pieces(self, text: str) -> list[tuple[str, bool]]:
+    return _split_added(self._added_re, text)
+
+  def tokenize(self, text: str) -> list[str]:
+    """The tokens of ``text``: added tokens whole, the rest one character per byte token."""
+    return [t for piece, added in self._pieces(text) for t in ([piece] if added else list(piece))]
 
   def encode(self, text: str) -> list[int]:
-    return [b + self.offset for b in text.encode('utf-8')]
+    return [i for piece, added in self._pieces(text)
+            for i in ([self.added[piece]] if added else [b + self.offset for b in piece.encode('utf-8')])]
 
   def __call__(self, texts: str | Sequence[str], max_length: int | None = -1, padding: bool = True) -> Tokens:
     texts = [texts] if isinstance(texts, str) else list(texts)
@@ -433,4 +477,12 @@ class ByteTokenizer:
     return _batch([_wrap(self.encode(t), self.bos_id, self.eos_id, n) for t in texts], n, self.pad_id, padding)
 
   def decode(self, ids: Sequence[int]) -> str:
-    return bytes(int(i) - self.offset for i in ids if int(i) >= self.offset).decode('utf-8', errors='replace')
+    names = {i: t for t, i in self.added.items()}
+    out, run = [], []
+    for i in (int(i) for i in ids):
+      if i in names:
+        out += [bytes(run).decode('utf-8', errors='replace'), names[i]]
+        run = []
+      elif self.offset <= i < self.base_vocab_size:
+        run.append(i - self.offset)
+    return ''.join(out) + bytes(run).decode('utf-8', errors='replace')

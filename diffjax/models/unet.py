@@ -230,7 +230,67 @@ class UpBlock(_Common):
     return h
 
 
-class UNet(nn.Module):
+class UNetEncoder:
+  """The U-Net's time embedding and encoder (down blocks and middle block), shared by ``UNet`` and
+  ``diffjax.models.controlnet.ControlNet``: mixed into a linen Module with the fields ``config`` (a
+  ``UNetConfig``), ``remat``, ``attention_impl``, ``dtype`` and ``param_dtype``, and called from its
+  compact ``__call__`` (the submodules' names are the U-Net's, so the parameters are too)."""
+
+  def _block_options(self) -> dict:
+    return dict(remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def _time_embedding(self, t, class_labels, text_embeds, time_ids, batch: int) -> Array:
+    """The timestep embedding (+ the class or pooled-vector embedding, + SDXL's text_time) -> (B, time_embed_dim)."""
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (batch,))
+    temb = timestep_embedding(t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
+                              downscale_freq_shift=c.freq_shift)
+    temb = TimestepMLP(c.time_embed_dim, name='time_embedding', **kw)(temb.astype(self.dtype))
+    if c.num_classes is not None or c.pooled_dim is not None:
+      if class_labels is None:
+        raise ValueError(f'this {type(self).__name__} is class-conditional: pass class_labels')
+      if c.num_classes is not None:
+        temb = temb + embed(c.num_classes, c.time_embed_dim, name='class_embedding', **kw)(class_labels)
+      else:
+        temb = temb + TimestepMLP(c.time_embed_dim, name='class_embedding', **kw)(class_labels.astype(self.dtype))
+    if c.addition_time_embed_dim is not None:
+      temb = temb + self._text_time(text_embeds, time_ids, batch)
+    return temb
+
+  def _text_time(self, text_embeds, time_ids, batch: int) -> Array:
+    """SDXL's added embedding: MLP(concat(text_embeds (B, P), sinusoids of time_ids (B, n))) -> (B, time_embed_dim)."""
+    c = self.config
+    if text_embeds is None or time_ids is None:
+      raise ValueError('this U-Net has text_time conditioning (SDXL): pass text_embeds (B, P) and time_ids (B, n)')
+    ids = jnp.asarray(time_ids, jnp.float32)
+    ids = jnp.broadcast_to(ids, (batch, ids.shape[-1]))
+    if text_embeds.shape[-1] + ids.shape[-1] * c.addition_time_embed_dim != c.addition_embed_dim:
+      raise ValueError(f'text_embeds {text_embeds.shape} and time_ids {ids.shape} embed to '
+                       f'{text_embeds.shape[-1]} + {ids.shape[-1]} x {c.addition_time_embed_dim} features; this U-Net '
+                       f'expects addition_embed_dim = {c.addition_embed_dim}')
+    sin = timestep_embedding(ids.reshape(-1), c.addition_time_embed_dim, flip_sin_to_cos=c.flip_sin_to_cos,
+                             downscale_freq_shift=c.freq_shift).reshape(batch, -1)
+    add = jnp.concatenate([text_embeds.astype(self.dtype), sin.astype(self.dtype)], axis=-1)
+    return TimestepMLP(c.time_embed_dim, name='add_embedding', dtype=self.dtype, param_dtype=self.param_dtype)(add)
+
+  def _encoder(self, h, temb, context, deterministic) -> tuple[list[Array], Array]:
+    """``conv_in``'s output h through the down blocks and the middle block: (every skip connection in encoder
+    order, starting with h itself; the middle block's output)."""
+    c = self.config
+    heads, depths, only_cross = c.heads(), c.depths(), c.only_cross()
+    skips = [h]
+    for i, ch in enumerate(c.block_out_channels):
+      h, s = DownBlock(c, ch, c.attention_levels[i], heads[i], depths[i], only_cross=only_cross[i],
+                       add_downsample=i < len(c.block_out_channels) - 1, name=f'down_blocks_{i}',
+                       **self._block_options())(h, temb, context, deterministic)
+      skips += s
+    h = MidBlock(c, c.block_out_channels[-1], c.mid_block_attention, heads[-1], depths[-1], name='mid_block',
+                 **self._block_options())(h, temb, context, deterministic)
+    return skips, h
+
+
+class UNet(UNetEncoder, nn.Module):
   """Conditional U-Net noise predictor.
 
   Attributes:
@@ -250,7 +310,8 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, t: Array, context: Array | None = None, class_labels: Array | None = None, *,
-               text_embeds: Array | None = None, time_ids: Array | None = None, deterministic: bool = True) -> Array:
+               text_embeds: Array | None = None, time_ids: Array | None = None, deterministic: bool = True,
+               down_residuals: tuple[Array, ...] | None = None, mid_residual: Array | None = None) -> Array:
     """Predicts the network target (eps, v, ...) for noisy inputs.
 
     Args:
@@ -267,71 +328,63 @@ class UNet(nn.Module):
         top-left (y, x), target size (h, w) in pixels, n = 6); P + n * addition_time_embed_dim
         must equal ``addition_embed_dim``.
       deterministic: disables dropout; else an rng named 'dropout' is needed.
+      down_residuals: ControlNet residuals added to the skip connections before the decoder reads them
+        (diffusers' ``down_block_additional_residuals``): one per skip in encoder order (``conv_in``'s, then
+        per level each block's and the downsampler's: 1 + levels x layers_per_block + levels - 1 arrays),
+        each broadcastable to its skip (B, H / 2^l, W / 2^l, block_out_channels[l]).
+      mid_residual: added to the middle block's output (diffusers' ``mid_block_additional_residual``),
+        broadcastable to (B, H / 2^(levels-1), W / 2^(levels-1), block_out_channels[-1]).
 
     Returns:
       (B, H, W, out_channels) in ``dtype``.
     """
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    B = x.shape[0]
     levels = len(c.block_out_channels)
     heads, depths, only_cross = c.heads(), c.depths(), c.only_cross()
     if context is not None:
       context = context.astype(self.dtype)
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (B,))
-    temb = timestep_embedding(t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
-                              downscale_freq_shift=c.freq_shift)
-    temb = TimestepMLP(c.time_embed_dim, name='time_embedding', **kw)(temb.astype(self.dtype))
-    if c.num_classes is not None or c.pooled_dim is not None:
-      if class_labels is None:
-        raise ValueError('this U-Net is class-conditional: pass class_labels')
-      if c.num_classes is not None:
-        temb = temb + embed(c.num_classes, c.time_embed_dim, name='class_embedding', **kw)(class_labels)
-      else:
-        temb = temb + TimestepMLP(c.time_embed_dim, name='class_embedding', **kw)(class_labels.astype(self.dtype))
-    if c.addition_time_embed_dim is not None:
-      temb = temb + self._text_time(text_embeds, time_ids, B)
-
-    common = dict(remat=self.remat, attention_impl=self.attention_impl, **kw)
+    temb = self._time_embedding(t, class_labels, text_embeds, time_ids, x.shape[0])
     h = conv(c.block_out_channels[0], 3, name='conv_in', **kw)(x.astype(self.dtype))
-    skips = [h]
-    for i, ch in enumerate(c.block_out_channels):
-      h, s = DownBlock(c, ch, c.attention_levels[i], heads[i], depths[i], only_cross=only_cross[i],
-                       add_downsample=i < levels - 1, name=f'down_blocks_{i}', **common)(
-          h, temb, context, deterministic)
-      skips += s
-    h = MidBlock(c, c.block_out_channels[-1], c.mid_block_attention, heads[-1], depths[-1], name='mid_block',
-                 **common)(h, temb, context, deterministic)
+    skips, h = self._encoder(h, temb, context, deterministic)
+    if down_residuals is not None:
+      skips = _add_residuals(skips, down_residuals)
+    if mid_residual is not None:
+      h = _add_residual(h, mid_residual, 'mid_residual')
     for i in range(levels):
       k = levels - 1 - i
       n = c.layers_per_block + 1
       skips, level_skips = skips[:-n], tuple(skips[-n:])
       h = UpBlock(c, c.block_out_channels[k], c.attention_levels[k], heads[k], depths[k], only_cross=only_cross[k],
-                  add_upsample=i < levels - 1, name=f'up_blocks_{i}', **common)(
+                  add_upsample=i < levels - 1, name=f'up_blocks_{i}', **self._block_options())(
           h, level_skips, temb, context, deterministic)
     h = nn.silu(group_norm(c.norm_num_groups, c.norm_eps, name='conv_norm_out', **kw)(h))
     return conv(c.out_channels, 3, name='conv_out', **kw)(h)
 
-  def _text_time(self, text_embeds, time_ids, batch: int) -> Array:
-    """SDXL's added embedding: MLP(concat(text_embeds (B, P), sinusoids of time_ids (B, n))) -> (B, time_embed_dim)."""
-    c = self.config
-    if text_embeds is None or time_ids is None:
-      raise ValueError('this U-Net has text_time conditioning (SDXL): pass text_embeds (B, P) and time_ids (B, n)')
-    ids = jnp.asarray(time_ids, jnp.float32)
-    ids = jnp.broadcast_to(ids, (batch, ids.shape[-1]))
-    if text_embeds.shape[-1] + ids.shape[-1] * c.addition_time_embed_dim != c.addition_embed_dim:
-      raise ValueError(f'text_embeds {text_embeds.shape} and time_ids {ids.shape} embed to '
-                       f'{text_embeds.shape[-1]} + {ids.shape[-1]} x {c.addition_time_embed_dim} features; this U-Net '
-                       f'expects addition_embed_dim = {c.addition_embed_dim}')
-    sin = timestep_embedding(ids.reshape(-1), c.addition_time_embed_dim, flip_sin_to_cos=c.flip_sin_to_cos,
-                             downscale_freq_shift=c.freq_shift).reshape(batch, -1)
-    add = jnp.concatenate([text_embeds.astype(self.dtype), sin.astype(self.dtype)], axis=-1)
-    return TimestepMLP(c.time_embed_dim, name='add_embedding', dtype=self.dtype, param_dtype=self.param_dtype)(add)
+
+def _add_residuals(skips: list[Array], residuals) -> list[Array]:
+  """skips[i] + residuals[i] for the U-Net's skip connections; ValueError on a count that does not fit."""
+  if len(residuals) != len(skips):
+    raise ValueError(f'down_residuals has {len(residuals)} entries; this U-Net has {len(skips)} skip connections '
+                     f'(conv_in, then per level layers_per_block and a downsampler but for the last level)')
+  return [_add_residual(s, r, f'down_residuals[{i}]') for i, (s, r) in enumerate(zip(skips, residuals, strict=True))]
 
 
-def init_unet(net: UNet, key: Array, size: int = 8, context_len: int = 8) -> dict:
-  """Initialises ``net`` (jitted) on dummy inputs (batch 1, size x size); returns the (boxed) params."""
-  c = net.config
+def _add_residual(feature: Array, residual, what: str) -> Array:
+  """feature + residual (in the feature's dtype); ValueError unless the residual broadcasts to the feature."""
+  try:
+    fits = jnp.broadcast_shapes(feature.shape, jnp.shape(residual)) == feature.shape
+  except ValueError:
+    fits = False
+  if not fits:
+    raise ValueError(f'{what} has shape {jnp.shape(residual)}, which does not broadcast to the U-Net feature '
+                     f'{feature.shape}')
+  return feature + jnp.asarray(residual).astype(feature.dtype)
+
+
+def dummy_inputs(c: UNetConfig, size: int = 8, context_len: int = 8) -> tuple[tuple, dict]:
+  """Zero inputs (batch 1, size x size) for initialising a network of ``c``'s conditioning: ((x, t, context,
+  class labels), {text_embeds, time_ids} for SDXL's text_time or {})."""
   x = jnp.zeros((1, size, size, c.in_channels))
   ctx = jnp.zeros((1, context_len, c.cross_attention_dim)) if c.cross_attention_dim else None
   labels = None
@@ -344,4 +397,10 @@ def init_unet(net: UNet, key: Array, size: int = 8, context_len: int = 8) -> dic
     n = min(6, c.addition_embed_dim // c.addition_time_embed_dim)
     added = dict(text_embeds=jnp.zeros((1, c.addition_embed_dim - n * c.addition_time_embed_dim)),
                  time_ids=jnp.zeros((1, n)))
-  return jax.jit(net.init)(key, x, jnp.zeros((1,)), ctx, labels, **added)['params']
+  return (x, jnp.zeros((1,)), ctx, labels), added
+
+
+def init_unet(net: UNet, key: Array, size: int = 8, context_len: int = 8) -> dict:
+  """Initialises ``net`` (jitted) on dummy inputs (batch 1, size x size); returns the (boxed) params."""
+  args, added = dummy_inputs(net.config, size, context_len)
+  return jax.jit(net.init)(key, *args, **added)['params']

@@ -14,6 +14,8 @@ import dataclasses
 import glob
 import json
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,14 +26,16 @@ from clu import metric_writers
 from PIL import Image
 
 from diffjax import images
-from diffjax.adapters import lora, lora_files
+from diffjax.adapters import lora, lora_files, textual_inversion
 from diffjax.data import pipeline
 from diffjax.schema import ConfigError
 from diffjax.train import loop, steps, trainer
 from diffjax.train.checkpoint import Checkpointer
 
 LORA_FILE = "lora.safetensors"  # the trained adapters of the U-Net (model 'unet'), diffusers format
+EMBEDDING_FILE = "learned_embeds.safetensors"  # textual inversion's token rows, diffusers format
 PRIOR_FILE = "prior.npz"  # the base model's prior-preservation images, drawn once
+METADATA_FILE = "metadata.jsonl"  # an instance folder's captions, one JSON object per line
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -58,21 +62,40 @@ def base_config(config) -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------------
 # Instance and prior images: lists of {"image": uint8 (H, W, C), "caption": str}, a grain source each.
 # ----------------------------------------------------------------------------------
+def _folder_captions(folder: str, files: list[str], prompt: str) -> list[str]:
+  """Each file's caption: its line of ``folder/metadata.jsonl`` ({"file_name", "text"}), else ``prompt``."""
+  meta = os.path.join(folder, METADATA_FILE)
+  table = {}
+  if os.path.isfile(meta):
+    with open(meta) as f:
+      for n, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            entry = json.loads(line)
+            table[entry["file_name"]] = str(entry["text"])
+          except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"config.instance.folder: {meta} line {n} is not a JSON object with file_name and "
+                              f"text") from None
+  missing = [os.path.basename(f) for f in files if os.path.basename(f) not in table]
+  if missing and not prompt:
+    raise ConfigError(f"config.instance.prompt is empty and {len(missing)} images of {folder} have no caption in "
+                      f"{METADATA_FILE} (e.g. {missing[0]})")
+  return [table.get(os.path.basename(f), prompt) for f in files]
+
+
 def _folder_records(folder: str, prompt: str, size: int, channels: int) -> list[dict]:
   files = sorted(f for f in glob.glob(os.path.join(folder, "*")) if f.lower().endswith(IMAGE_SUFFIXES))
   if not files:
     raise ConfigError(f"config.instance.folder = {folder!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-  if not prompt:
-    raise ConfigError("config.instance.prompt is empty: images of instance.folder need a caption")
   out = []
-  for f in files:
+  for f, caption in zip(files, _folder_captions(folder, files, prompt), strict=True):
     try:
       with Image.open(f) as im:
         im = im.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BICUBIC)
         image = np.asarray(im).reshape(size, size, channels)
     except OSError as e:
       raise ConfigError(f"config.instance.folder: {f} is not a readable image ({e})") from None
-    out.append({"image": image, "caption": prompt})
+    out.append({"image": image, "caption": caption})
   return out
 
 
@@ -171,19 +194,65 @@ def merged_batch(batches: dict, prior_weight: float) -> dict:
 # ----------------------------------------------------------------------------------
 # Trainable parameters.
 # ----------------------------------------------------------------------------------
-def trainable(config, params: dict) -> tuple[dict, callable]:
-  """(what is trained, ``compose(trained, frozen) -> model params``) for ``config.method`` from the base's
-  trained params: the adapters over a frozen base (``frozen["base"]``), or the params themselves."""
+class Tuning(NamedTuple):
+  """What a method trains and how the model is put together again.
+
+  Attributes:
+    trained: the initial trained tree (adapters, the params themselves, or the new token rows (n, D)).
+    compose: ``compose(trained, frozen) -> the model's full parameters`` (text encoder included), with
+      ``frozen`` the base's frozen parts plus ``frozen["base"]``, the base's trained params.
+    components: the base's components, or with textual inversion's tokenizer and larger token table.
+  """
+
+  trained: object
+  compose: Callable
+  components: trainer.Components
+
+
+def _base_with(extra: Callable) -> Callable:
+  """compose = ``extra(full params of the frozen base)``."""
+  return lambda trained, frozen: extra(trained, steps.with_frozen(frozen["base"], frozen))
+
+
+def tuning(config, c: trainer.Components, params: dict, frozen) -> Tuning:
+  """The ``Tuning`` of ``config.method`` for the base's trained ``params`` and frozen parts ``frozen``."""
+  key = jax.random.fold_in(jax.random.key(config.seed), 4)
   if config.method == "full":
-    return params, steps.with_frozen
-  if config.method != "lora":
-    raise ConfigError(f"config.method = {config.method!r} is invalid: expected 'lora' or 'full'")
+    return Tuning(params, lambda p, fz: steps.with_frozen(p, fz), c)
+  if config.method == "lora":
+    try:
+      adapters = lora.init_lora(params, lora.LoraConfig(config.lora.rank, config.lora.alpha,
+                                                        tuple(config.lora.targets)), key)
+    except ValueError as e:
+      raise ConfigError(f"config.lora.targets: {e}") from None
+    return Tuning(adapters, _base_with(lambda a, full: lora.merge(full, a)), c)
+  if config.method == "textual_inversion":
+    return _textual_inversion(config.textual_inversion, c, steps.with_frozen(params, frozen)["text_encoder"])
+  raise ConfigError(f"config.method = {config.method!r} is invalid: expected lora, full or textual_inversion")
+
+
+def _textual_inversion(ti, c: trainer.Components, text_params: dict) -> Tuning:
+  """New token rows initialised from ``ti.initializer``'s (the mean of its tokens' rows), everything else frozen."""
+  if not hasattr(c.tokenizer, "with_added_tokens"):
+    raise ConfigError(f"config.method = 'textual_inversion' needs a tokenizer that takes added tokens (CLIP or "
+                      f"bytes); the base's is a {type(c.tokenizer).__name__}")
+  ids = c.tokenizer.encode(ti.initializer)
+  if not ids:
+    raise ConfigError("config.textual_inversion.initializer is empty: a word to start the new token from")
+  table = textual_inversion.token_table(text_params)
+  rows = jnp.repeat(jnp.mean(table[jnp.asarray(ids)], axis=0, keepdims=True), ti.num_vectors, axis=0)
   try:
-    adapters = lora.init_lora(params, lora.LoraConfig(config.lora.rank, config.lora.alpha, tuple(config.lora.targets)),
-                              jax.random.fold_in(jax.random.key(config.seed), 4))
+    (tokenizer,), (extended,) = textual_inversion.add_embedding(
+        textual_inversion.Embedding(ti.token, (np.asarray(rows, np.float32),), "config.textual_inversion.token"),
+        [c.tokenizer], [text_params])
   except ValueError as e:
-    raise ConfigError(f"config.lora.targets: {e}") from None
-  return adapters, lambda a, frozen: steps.with_frozen(lora.merge(frozen["base"], a), frozen)
+    raise ConfigError(f"config.textual_inversion: {e}") from None
+  model = c.model.clone(text=textual_inversion.fit_config(c.model.text, extended))
+  tokenize = trainer.tokenize_fn(tokenizer.max_length, tokenizer)
+  components = trainer.with_text_side(c, model, tokenizer)._replace(
+      tokenize=lambda text: tokenize(textual_inversion.expand_prompt(tokenizer, text)))
+  extend = lambda r, full: {**full, "text_encoder": textual_inversion.extend_embeddings(full["text_encoder"], r)}
+  return Tuning(rows, _base_with(extend), components)
 
 
 def write_unet_lora(path: str, adapters: lora.Adapters) -> None:
@@ -211,6 +280,15 @@ def finetune(config, workdir: str):
   data_dir = trainer.dataset_dir(base, config.base)
   writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"))
 
+  # -- what trains ------------------------------------------------------------------------
+  tune = tuning(config, c, base_params, frozen)
+  tc = tune.components  # the base's, or with textual inversion's tokens
+  # training sees the base's frozen parts and, where the method keeps them frozen, its trained params ("base")
+  train_frozen = frozen if config.method == "full" else dict(frozen or {}) | {"base": base_params}
+  n_trained, n_base = lora.num_params(tune.trained), lora.num_params(base_params)
+  logging.info("training %s: %d parameters, the base has %d (%.2f%%)", config.method, n_trained, n_base,
+               100 * n_trained / n_base)
+
   # -- images --------------------------------------------------------------------------
   instances = instance_records(config, base, data_dir)
   captions = {r["caption"] for r in instances}
@@ -219,22 +297,16 @@ def finetune(config, workdir: str):
   if config.prior.weight > 0:
     prior = prior_records(config, base, c, sample_fn, (base_params, frozen), plan, data_dir, workdir, captions)
   size = base.data.image_size
-  batches = _Batches(_dataset(instances, config.instance.batch_size, size, c.tokenize, config.seed),
-                     prior and _dataset(prior, config.prior.batch_size, size, c.tokenize, config.seed + 1))
+  batches = _Batches(_dataset(instances, config.instance.batch_size, size, tc.tokenize, config.seed),
+                     prior and _dataset(prior, config.prior.batch_size, size, tc.tokenize, config.seed + 1))
 
-  # -- what trains ------------------------------------------------------------------------
-  trained, compose = trainable(config, base_params)
-  # (the base's own frozen parts, None for a pixel model, are what sampling takes; training also gets the base)
-  train_frozen = (dict(frozen or {}) | {"base": base_params}) if config.method == "lora" else frozen
+  # -- state and loop ------------------------------------------------------------------------
   spec = dataclasses.replace(c.spec, cond_dropout=config.train.cond_dropout, ema_decay=config.train.ema_decay)
   tx = trainer.build_optimizer(config)
   fresh = lambda tree: jax.tree.map(jnp.copy, tree)  # own buffers: the step donates the state, not the base
-  init = lambda: steps.TrainState(step=jnp.zeros((), jnp.int32), params=fresh(trained), ema_params=fresh(trained),
-                                  opt_state=tx.init(trained),
+  init = lambda: steps.TrainState(step=jnp.zeros((), jnp.int32), params=fresh(tune.trained),
+                                  ema_params=fresh(tune.trained), opt_state=tx.init(tune.trained),
                                   rng=jax.random.key_data(jax.random.fold_in(jax.random.key(config.seed), 5)))
-  n_trained, n_base = lora.num_params(trained), lora.num_params(base_params)
-  logging.info("training %s: %d of the base's %d parameters (%.2f%%)", config.method, n_trained, n_base,
-               100 * n_trained / n_base)
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
   restored = checkpointer.restore_latest(jax.eval_shape(init))
   if restored is None:
@@ -245,8 +317,8 @@ def finetune(config, workdir: str):
       batches.set_state(data_state)
     logging.info("resumed from the checkpoint of step %d", step)
   encode = None if c.latent is None else c.latent.encode
-  train_step = jax.jit(lambda s, b, f: steps.train_step(s, b, c.null_tokens, c.null_mask, model=c.model, tx=tx,
-                                                        spec=spec, frozen=f, encode=encode, compose=compose),
+  train_step = jax.jit(lambda s, b, f: steps.train_step(s, b, c.null_tokens, c.null_mask, model=tc.model, tx=tx,
+                                                        spec=spec, frozen=f, encode=encode, compose=tune.compose),
                        donate_argnums=0)
 
   def check(step, diag):
@@ -262,17 +334,30 @@ def finetune(config, workdir: str):
     return state
 
   # -- outputs ----------------------------------------------------------------------------
-  tuned = compose(state.ema_params, train_frozen)
-  if config.method == "lora":
-    write_unet_lora(os.path.join(workdir, LORA_FILE), state.ema_params)
-  scores = evaluate(config, base, c, sample_fn, (tuned, frozen), (base_params, frozen), plan, instances, prior,
-                    workdir)
+  write_outputs(config, workdir, state.ema_params)
+  # compose gives the whole network: sampling gets the base's other frozen parts (the VAE) beside it
+  tuned = (tune.compose(state.ema_params, train_frozen), frozen and {**frozen, "model": {}})
+  models = {"tuned": (trainer.make_sample_fn(tc, plan), tuned, tc.tokenize)}
+  if config.method != "textual_inversion":  # (the base cannot read the new token)
+    models["base"] = (sample_fn, (base_params, frozen), c.tokenize)
+  scores = evaluate(config, base, plan, models, instances, prior, workdir) if config.eval.prompts else {}
   scores |= {"trained_parameters": n_trained, "base_parameters": n_base, "method": config.method}
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(scores, f, indent=2)
   writer.write_scalars(step, {f"eval/{k}": v for k, v in _flat_scalars(scores).items()})
   writer.flush()
   return state
+
+
+def write_outputs(config, workdir: str, trained) -> None:
+  """The exchangeable file of what trained: ``lora.safetensors`` (the U-Net's adapters, diffusers format) or
+  ``learned_embeds.safetensors`` (the new token's rows, diffusers format); full fine-tuning has its checkpoint."""
+  if config.method == "lora":
+    write_unet_lora(os.path.join(workdir, LORA_FILE), trained)
+  elif config.method == "textual_inversion":
+    embedding = textual_inversion.Embedding(config.textual_inversion.token, (np.asarray(trained, np.float32),),
+                                            "trained")
+    textual_inversion.write_embedding(os.path.join(workdir, EMBEDDING_FILE), embedding)
 
 
 def _flat_scalars(scores: dict, prefix: str = "") -> dict:
@@ -285,10 +370,11 @@ def _flat_scalars(scores: dict, prefix: str = "") -> dict:
   return out
 
 
-def evaluate(config, base, c, sample_fn, tuned, before, plan, instances, prior, workdir: str) -> dict:
-  """Samples of the tuned model (and of the base, for comparison) for up to ``eval.prompts`` instance captions
-  and as many prior captions, ``eval.samples_per_prompt`` each: ``finetune.png`` (rows: prompts; tuned, then
-  base) and, for a shapes base, per-attribute accuracy (``evaluate.shapes.attribute_accuracy``)."""
+def evaluate(config, base, plan, models: dict, instances, prior, workdir: str) -> dict:
+  """Samples of each of ``models`` ({name: (sample_fn, params, tokenize)}: the tuned one and, for comparison, the
+  base) for up to ``eval.prompts`` instance captions and as many prior captions, ``eval.samples_per_prompt`` each:
+  ``finetune.png`` (a row per model and prompt) and, for a shapes base, per-attribute accuracy
+  (``evaluate.shapes.attribute_accuracy``) of what each caption asks for."""
   from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
 
   n = config.eval.samples_per_prompt
@@ -299,8 +385,8 @@ def evaluate(config, base, c, sample_fn, tuned, before, plan, instances, prior, 
   scores, rows, labels = {}, [], []
   for name, examples in groups.items():
     prompts = list(examples)
-    for which, params in (("tuned", tuned), ("base", before)):
-      samples = trainer.generate(sample_fn, params, prompts, plan, base.sampler.guidance_scale, c.tokenize, n, key)
+    for which, (sample_fn, params, tokenize) in models.items():
+      samples = trainer.generate(sample_fn, params, prompts, plan, base.sampler.guidance_scale, tokenize, n, key)
       rows.append(samples)
       labels += [f"{which}: {p}" for p in prompts]
       asked = [_asked(examples[p], p) for p in prompts] if base.data.name == "shapes_captions" else [None]

@@ -87,7 +87,7 @@ def build_model(config, latent=None) -> TextToImage:
                     attention_levels=tuple(m.attention_levels), num_heads=m.num_heads,
                     cross_attention_dim=text_width, norm_num_groups=m.norm_groups, dropout=m.dropout,
                     mid_block_attention=m.mid_block_attention)
-  text = CLIPTextConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=m.text_width,
+  text = CLIPTextConfig(vocab_size=ByteTokenizer.base_vocab_size, hidden_size=m.text_width,
                         intermediate_size=4 * m.text_width, num_layers=m.text_layers, num_heads=m.text_heads,
                         max_positions=config.data.max_caption_length, eos_token_id=ByteTokenizer.eos_id)
   if latent is not None and latent.text_config is not None:
@@ -202,6 +202,19 @@ class Components(NamedTuple):
   latent: object = None  # latent.LatentParts of a latent diffusion model (frozen VAE, text encoder)
   frozen: object = None  # parameters used but not trained (``steps.train_step``)
   pipe: Pipeline | None = None  # the model side of generation (``pipeline_params`` gives its parameters)
+  tokenizer: object = None  # what ``tokenize`` and the pipeline tokenize with
+
+
+def _text_to_image_pipe(model: TextToImage, spec: steps.DiffusionSpec, tokenizer, shape: tuple, lat) -> Pipeline:
+  return text_to_image.from_model(model, process=spec.process, target=spec.target, tokenizer=tokenizer,
+                                  image_shape=shape, time_scale=spec.time_scale, vae=lat and lat.vae)
+
+
+def with_text_side(c: Components, model: TextToImage, tokenizer) -> Components:
+  """``c`` with another model and tokenizer of the same image side (e.g. textual inversion's added tokens and
+  the larger token table they need): tokenize and pipeline follow; the empty caption's ids stay."""
+  return c._replace(model=model, tokenizer=tokenizer, tokenize=tokenize_fn(tokenizer.max_length, tokenizer),
+                    pipe=_text_to_image_pipe(model, c.spec, tokenizer, c.image_shape, c.latent))
 
 
 def build_components(config) -> Components:
@@ -229,11 +242,10 @@ def build_components(config) -> Components:
 
   null_tokens, null_mask = (jnp.asarray(a) for a in tokenize(""))
   spec = build_spec(config)
-  pipe = text_to_image.from_model(model, process=spec.process, target=spec.target,
-                                  tokenizer=tokenizer,
-                                  image_shape=shape, time_scale=spec.time_scale, vae=lat and lat.vae)
+  pipe = _text_to_image_pipe(model, spec, tokenizer, shape, lat)
   return Components(spec, model, tx, tokenize, null_tokens, null_mask, shape, init_state,
-                    jax.eval_shape(init_state), k_sample, jax.eval_shape(init_boxed), lat, lat and lat.frozen, pipe)
+                    jax.eval_shape(init_state), k_sample, jax.eval_shape(init_boxed), lat, lat and lat.frozen, pipe,
+                    tokenizer)
 
 
 def pipeline_params(trained, frozen) -> dict:
