@@ -29,13 +29,17 @@ def get_config(arg: str = ""):
   c.seed = 0
   c.base = ""  # a diffjax training workdir (config.json + checkpoints/)
   c.vae_workdir = ""  # a latent base's VAE workdir when it is not where the base's config says ("" = as it says)
-  c.method = "lora"  # lora | full | textual_inversion
+  c.method = "lora"  # lora | full | textual_inversion | controlnet
   # the U-Net's ('denoiser') attention projections; '^text_encoder/' paths adapt a joint text encoder
   c.lora = dict(rank=4, alpha=4.0,
                 targets=tuple(f"^denoiser/.*/{name}/kernel$" for name in ("to_q", "to_k", "to_v", "to_out_0")))
   # textual_inversion: a new token (num_vectors rows of the text encoder's token table, started from the mean row
   # of the initializer's tokens) learnt with everything else frozen; instance captions must contain it
   c.textual_inversion = dict(token="<new>", initializer="shape", num_vectors=1)
+  # controlnet: a ControlNet initialised from the base's U-Net (frozen) trained on the base data's instance.split
+  # (every image, caption_contains ignored) with a control map the data gives: the shapes' mask or their edges
+  # (embedding_channels: one entry per halving from the images' size to the latents' and one more: the shapes VAE's 4x)
+  c.controlnet = dict(conditioning="mask", scale=1.0, embedding_channels=(16, 32, 64), eval_split="validation")
   c.instance = dict(split="held_out", caption_contains="blue triangle", folder="", prompt="", num_images=16,
                     batch_size=8)
   # DreamBooth prior preservation: images the base draws for captions of `split` (or `prompts`) keep what it knew
@@ -61,6 +65,8 @@ def get_config(arg: str = ""):
     c.train.checkpoint_every = 2
     c.eval.prompts = 2
     c.eval.samples_per_prompt = 1
+    c.controlnet.embedding_channels = (16,)  # pixel space: control images at the model's size
+    c.controlnet.eval_split = "test"
   elif arg:
     raise ValueError(f"unknown variant {arg!r}: use '' or 'tiny'")
   return c

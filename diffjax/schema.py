@@ -414,9 +414,11 @@ SAMPLER_DEMO_RULES = (
 
 FINETUNE = dict(
     job=text(("finetune",)), seed=NONNEG, base=text(), vae_workdir=text(),
-    method=text(("lora", "full", "textual_inversion")),
+    method=text(("lora", "full", "textual_inversion", "controlnet")),
     lora=dict(rank=COUNT, alpha=POSITIVE, targets=sequence(text(), min_len=1)),
     textual_inversion=dict(token=text(), initializer=text(), num_vectors=COUNT),
+    controlnet=dict(conditioning=text(("mask", "edges")), scale=real(0.0),
+                    embedding_channels=sequence(COUNT, min_len=1), eval_split=SPLIT),
     instance=dict(split=SPLIT, caption_contains=text(), folder=text(), prompt=text(), num_images=COUNT,
                   batch_size=COUNT),
     prior=dict(weight=real(0.0, note="0: no prior preservation"), num_images=COUNT, split=SPLIT,

@@ -49,6 +49,23 @@ def parse_caption(text: str) -> dict:
   return out
 
 
+CONTROL_KINDS = ("mask", "edges")
+_INK = 0.2  # a pixel brighter than this (in [0, 1], any channel) belongs to a shape: the background is black
+
+
+def control_map(images: np.ndarray, kind: str = "mask") -> np.ndarray:
+  """Where the shapes of ``images`` (N, H, W, C) in [-1, 1] are, as ControlNet control images (N, H, W, 3) float32
+  in {0, 1}: "mask" (every shape pixel) or "edges" (shape pixels with a background 4-neighbour)."""
+  if kind not in CONTROL_KINDS:
+    raise ValueError(f"control map kind must be one of {CONTROL_KINDS}, got {kind!r}")
+  ink = ((np.asarray(images, np.float32) + 1.0) / 2.0).max(axis=-1) > _INK
+  if kind == "edges":
+    inside = ndimage.binary_erosion(ink, structure=np.array([[[0, 1, 0], [1, 1, 1], [0, 1, 0]]], bool),
+                                    border_value=0)
+    ink = ink & ~inside
+  return np.repeat(ink[..., None], 3, axis=-1).astype(np.float32)
+
+
 def _region(position):
   """(x0, y0, x1, y1) of the canvas half for ``position``."""
   h = SIZE // 2

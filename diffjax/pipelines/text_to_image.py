@@ -1,23 +1,32 @@
 """A ``Pipeline`` around diffjax's own ``TextToImage`` network (what the trainer trains).
 
 Parameters are ``{"model": TextToImage params (text encoder and U-Net), "vae": VAE params}``
-(no "vae" in pixel space). Turning a training workdir into these parameters is the
+(no "vae" in pixel space). A ``ControlledTextToImage`` (a ControlNet beside the network) also
+reads ``"control"``: the control images (B, f H, f W, 3) in [0, 1] of the batch being sampled,
+an input like the noise (changing them does not recompile). Turning a training workdir into these parameters is the
 trainer's job (``diffjax.train.trainer.load_pipeline``: it knows checkpoints).
 """
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
-from diffjax.models.text_to_image import TextToImage
+from diffjax.models.text_to_image import ControlledTextToImage, TextToImage
 from diffjax.models.vae import AutoencoderKL
 from diffjax.pipelines import vae as vae_codec
 from diffjax.pipelines.core import Pipeline
 from diffjax.processes import Process
 
 
-def from_model(model: TextToImage, *, process: Process, target: str, tokenizer, image_shape: tuple,
-               time_scale: float = 1.0, vae: AutoencoderKL | None = None) -> Pipeline:
+def _guided(control, batch: int):
+  """Control images for a network batch of ``batch`` rows: classifier-free guidance runs each image's conditional
+  and unconditional rows next to each other (``samplers.guidance``), so each control image serves both."""
+  return control if control.shape[0] == batch else jnp.repeat(control, batch // control.shape[0], axis=0)
+
+
+def from_model(model: TextToImage | ControlledTextToImage, *, process: Process, target: str, tokenizer,
+               image_shape: tuple, time_scale: float = 1.0, vae: AutoencoderKL | None = None) -> Pipeline:
   """The pipeline of ``model`` trained on ``process`` to predict ``target``.
 
   Args:
@@ -35,6 +44,9 @@ def from_model(model: TextToImage, *, process: Process, target: str, tokenizer, 
     return model.apply({"params": params["model"]}, ids, mask, method=model.encode_text)
 
   def predict(params, x, t, context):
+    if isinstance(model, ControlledTextToImage):
+      return model.apply({"params": params["model"]}, x, t, context, _guided(params["control"], x.shape[0]),
+                         method=model.predict)
     return model.apply({"params": params["model"]}, x, t, context, method=model.predict)
 
   latent = {}

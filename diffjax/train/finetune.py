@@ -27,13 +27,18 @@ from PIL import Image
 
 from diffjax import images
 from diffjax.adapters import lora, lora_files, textual_inversion
-from diffjax.data import pipeline
+from diffjax.convert.controlnet import save_controlnet
+from diffjax.data import pipeline, shapes
+from diffjax.models.controlnet import ControlNetConfig
+from diffjax.models.controlnet import from_unet as controlnet_from_unet
+from diffjax.models.text_to_image import ControlledTextToImage, controlnet_of
 from diffjax.schema import ConfigError
 from diffjax.train import loop, steps, trainer
 from diffjax.train.checkpoint import Checkpointer
 
 LORA_FILE = "lora.safetensors"  # the trained adapters of the U-Net (model 'unet'), diffusers format
 EMBEDDING_FILE = "learned_embeds.safetensors"  # textual inversion's token rows, diffusers format
+CONTROLNET_FOLDER = "controlnet"  # the trained ControlNet, a diffusers ControlNetModel folder
 PRIOR_FILE = "prior.npz"  # the base model's prior-preservation images, drawn once
 METADATA_FILE = "metadata.jsonl"  # an instance folder's captions, one JSON object per line
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -180,14 +185,17 @@ def _dataset(records, batch_size: int, image_size: int, tokenize, seed: int):
   return iter(pipeline.image_text_dataset(records, options, tokenize, seed=seed, prefetch_threads=1))
 
 
-def merged_batch(batches: dict, prior_weight: float) -> dict:
+def merged_batch(batches: dict, prior_weight: float, control: str | None = None) -> dict:
   """One training batch from {"instance": batch[, "prior": batch]}: the examples concatenated, with per-example
-  weights 1 / B_instance and ``prior_weight`` / B_prior (``steps.train_step``'s weighted loss)."""
+  weights 1 / B_instance and ``prior_weight`` / B_prior (``steps.train_step``'s weighted loss), and with
+  ``control`` ("mask" or "edges") the images' control maps (``data.shapes.control_map``)."""
   parts = [(batches["instance"], 1.0)] + ([(batches["prior"], prior_weight)] if "prior" in batches else [])
   out = {"image": np.concatenate([b["image"] for b, _ in parts]),
          "tokens": np.concatenate([b["tokens"][:, 0] for b, _ in parts]),
          "mask": np.concatenate([b["tokens"][:, 1] for b, _ in parts]),
          "weight": np.concatenate([np.full(len(b["image"]), w / len(b["image"]), np.float32) for b, w in parts])}
+  if control is not None:
+    out["control"] = shapes.control_map(out["image"], control)
   return jax.tree.map(jnp.asarray, out)
 
 
@@ -228,7 +236,26 @@ def tuning(config, c: trainer.Components, params: dict, frozen) -> Tuning:
     return Tuning(adapters, _base_with(lambda a, full: lora.merge(full, a)), c)
   if config.method == "textual_inversion":
     return _textual_inversion(config.textual_inversion, c, steps.with_frozen(params, frozen)["text_encoder"])
-  raise ConfigError(f"config.method = {config.method!r} is invalid: expected lora, full or textual_inversion")
+  if config.method == "controlnet":
+    return _controlnet(config.controlnet, c, params["denoiser"], key)
+  raise ConfigError(f"config.method = {config.method!r} is invalid: expected lora, full, textual_inversion or "
+                    f"controlnet")
+
+
+def _controlnet(cn, c: trainer.Components, unet_params: dict, key) -> Tuning:
+  """A ControlNet initialised from the base's U-Net (``ControlNet.from_unet``), the base frozen; its
+  conditioning embedding takes control images at the data's pixel size down to the latent size."""
+  factor = c.latent.vae.config.downsample_factor if c.latent is not None else 1
+  channels = tuple(cn.embedding_channels)
+  if 2 ** (len(channels) - 1) != factor:
+    raise ConfigError(f"config.controlnet.embedding_channels = {channels} downsample control images "
+                      f"{2 ** (len(channels) - 1)}x; this base's images are {factor}x its latents: give "
+                      f"{int(np.log2(factor)) + 1} entries")
+  config = ControlNetConfig.from_unet(c.model.unet, conditioning_embedding_out_channels=channels)
+  model = ControlledTextToImage(c.model, config, scale=cn.scale)
+  compose = _base_with(lambda p, full: {"base": full, "controlnet": p})
+  return Tuning(controlnet_from_unet(unet_params, config, key=key), compose,
+                trainer.with_network(c, model, c.tokenizer))
 
 
 def _textual_inversion(ti, c: trainer.Components, text_params: dict) -> Tuning:
@@ -249,7 +276,7 @@ def _textual_inversion(ti, c: trainer.Components, text_params: dict) -> Tuning:
     raise ConfigError(f"config.textual_inversion: {e}") from None
   model = c.model.clone(text=textual_inversion.fit_config(c.model.text, extended))
   tokenize = trainer.tokenize_fn(tokenizer.max_length, tokenizer)
-  components = trainer.with_text_side(c, model, tokenizer)._replace(
+  components = trainer.with_network(c, model, tokenizer)._replace(
       tokenize=lambda text: tokenize(textual_inversion.expand_prompt(tokenizer, text)))
   extend = lambda r, full: {**full, "text_encoder": textual_inversion.extend_embeddings(full["text_encoder"], r)}
   return Tuning(rows, _base_with(extend), components)
@@ -325,22 +352,28 @@ def finetune(config, workdir: str):
     if not np.isfinite(float(diag["loss"])):
       raise FloatingPointError(f"non-finite loss {float(diag['loss'])} at step {step}")
 
+  control = config.controlnet.conditioning if config.method == "controlnet" else None
   state, step, preempted = loop.train_loop(
       state, train_step=lambda s, b: train_step(s, b, train_frozen),
-      next_batch=lambda: merged_batch(next(batches), config.prior.weight), num_steps=config.train.num_steps,
+      next_batch=lambda: merged_batch(next(batches), config.prior.weight, control), num_steps=config.train.num_steps,
       checkpointer=checkpointer, data_iter=batches, writer=writer, log_every=config.train.log_every,
       checkpoint_every=config.train.checkpoint_every, check=check)
   if preempted or step < config.train.num_steps:
     return state
 
   # -- outputs ----------------------------------------------------------------------------
-  write_outputs(config, workdir, state.ema_params)
+  write_outputs(config, workdir, state.ema_params, tc)
   # compose gives the whole network: sampling gets the base's other frozen parts (the VAE) beside it
   tuned = (tune.compose(state.ema_params, train_frozen), frozen and {**frozen, "model": {}})
   models = {"tuned": (trainer.make_sample_fn(tc, plan), tuned, tc.tokenize)}
   if config.method != "textual_inversion":  # (the base cannot read the new token)
     models["base"] = (sample_fn, (base_params, frozen), c.tokenize)
-  scores = evaluate(config, base, plan, models, instances, prior, workdir) if config.eval.prompts else {}
+  if not config.eval.prompts:
+    scores = {}
+  elif config.method == "controlnet":
+    scores = evaluate_control(config, base, plan, models, data_dir, workdir)
+  else:
+    scores = evaluate(config, base, plan, models, instances, prior, workdir)
   scores |= {"trained_parameters": n_trained, "base_parameters": n_base, "method": config.method}
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(scores, f, indent=2)
@@ -349,10 +382,13 @@ def finetune(config, workdir: str):
   return state
 
 
-def write_outputs(config, workdir: str, trained) -> None:
-  """The exchangeable file of what trained: ``lora.safetensors`` (the U-Net's adapters, diffusers format) or
-  ``learned_embeds.safetensors`` (the new token's rows, diffusers format); full fine-tuning has its checkpoint."""
-  if config.method == "lora":
+def write_outputs(config, workdir: str, trained, tc: trainer.Components) -> None:
+  """The exchangeable files of what trained: ``lora.safetensors`` (the U-Net's adapters, diffusers format),
+  ``learned_embeds.safetensors`` (the new token's rows, diffusers format) or ``controlnet/`` (a diffusers
+  ``ControlNetModel`` folder); full fine-tuning has its checkpoint."""
+  if config.method == "controlnet":
+    save_controlnet(controlnet_of(tc.model), trained, os.path.join(workdir, CONTROLNET_FOLDER))
+  elif config.method == "lora":
     write_unet_lora(os.path.join(workdir, LORA_FILE), trained)
   elif config.method == "textual_inversion":
     embedding = textual_inversion.Embedding(config.textual_inversion.token, (np.asarray(trained, np.float32),),
@@ -396,6 +432,43 @@ def evaluate(config, base, plan, models: dict, instances, prior, workdir: str) -
   images.save_labeled_grid(np.concatenate(rows), labels, os.path.join(workdir, "finetune.png"))
   logging.info("fine-tuning evaluation: %s", scores)
   return scores
+
+
+def evaluate_control(config, base, plan, models: dict, data_dir: str, workdir: str) -> dict:
+  """The ControlNet on held-out layouts: the first ``eval.prompts x eval.samples_per_prompt`` examples of the base
+  data's ``controlnet.eval_split``, each sampled once for its caption with its own control map, by the tuned
+  model (with control) and the base (without). Per model: the mean IoU of the samples' shape masks with the
+  control's mask (``shapes.control_map`` "mask" of both), the fraction with IoU >= 0.8, and for a shapes base the
+  per-attribute accuracy. ``control.png``: rows of control maps, tuned samples, base samples."""
+  from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
+
+  n = config.eval.prompts * config.eval.samples_per_prompt
+  source = pipeline.load_source(base.data.name, config.controlnet.eval_split, data_dir)
+  examples = [source[i] for i in range(min(n, len(source)))]
+  real = np.stack([np.asarray(e["image"]) for e in examples]).astype(np.float32) / 127.5 - 1.0
+  control = shapes.control_map(real, config.controlnet.conditioning)
+  wanted_mask = shapes.control_map(real, "mask")[..., 0] > 0.5
+  captions = [pipeline.caption_text(e["caption"]) for e in examples]
+  key = jax.random.fold_in(jax.random.key(config.seed), 7)
+  scores, grid = {}, [np.round(control * 255).astype(np.uint8)]
+  for which, (sample_fn, params, tokenize) in models.items():
+    rows = [tokenize(p) for p in captions]
+    tok, m = (jnp.asarray(np.stack([r[i] for r in rows])) for i in (0, 1))
+    inputs = {"control": jnp.asarray(control)} if which == "tuned" else None
+    x = sample_fn(params, tok, m, key, jnp.asarray(plan.ts, jnp.float32), base.sampler.guidance_scale, inputs)
+    samples = images.to_uint8(np.asarray(x))
+    grid.append(samples)
+    got = shapes.control_map(samples.astype(np.float32) / 127.5 - 1.0, "mask")[..., 0] > 0.5
+    iou = (got & wanted_mask).sum((1, 2)) / np.maximum((got | wanted_mask).sum((1, 2)), 1)
+    scores[which] = {"mask_iou": float(iou.mean()), "iou_at_least_0.8": float((iou >= 0.8).mean())}
+    if base.data.name == "shapes_captions":
+      scores[which] |= attribute_accuracy(samples, {a: [e[a] for e in examples] for a in ATTRIBUTES})
+  labels = ["control maps"] + [f"{w}" + (" (with control)" if w == "tuned" else " (no control)") for w in models]
+  channels = grid[1].shape[-1]  # (a one-channel model's samples: its control maps in grey)
+  grid[0] = grid[0][..., :channels]
+  images.save_labeled_grid(np.concatenate(grid), labels, os.path.join(workdir, "control.png"))
+  logging.info("ControlNet evaluation on %d %s layouts: %s", len(examples), config.controlnet.eval_split, scores)
+  return {"num_layouts": len(examples), **scores}
 
 
 def _distinct(records: list[dict], limit: int) -> dict[str, dict]:

@@ -85,10 +85,11 @@ def with_frozen(params: dict, frozen) -> dict:
 
 def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask: jax.Array, *, model, tx,
                spec: DiffusionSpec, frozen=None, encode=None, compose=with_frozen):
-  """One optimizer step on a batch {"image" (B,H,W,C), "tokens" (B,L), "mask" (B,L)[, "weight" (B,)]}.
+  """One optimizer step on a batch {"image" (B,H,W,C), "tokens" (B,L), "mask" (B,L)[, "weight" (B,)][, "control"]}.
 
   The loss is the mean of the per-example losses, or with "weight" their weighted sum (e.g.
-  DreamBooth's instance and prior examples: 1 / B_instance and lambda / B_prior).
+  DreamBooth's instance and prior examples: 1 / B_instance and lambda / B_prior). A "control"
+  entry (a ControlNet's control images) is passed to the model as ``control=``.
 
   Args:
     frozen: parameters that are used but not trained (None: none). ``frozen["model"]``, if
@@ -111,11 +112,12 @@ def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask
   drop = jax.random.bernoulli(k_drop, spec.cond_dropout, (b, 1))
   tokens = jnp.where(drop, null_tokens[None], batch["tokens"])
   mask = jnp.where(drop, null_mask[None], batch["mask"])
+  control = {"control": batch["control"]} if "control" in batch else {}  # (kept when the caption is dropped)
 
   def loss_fn(params):
     def predict(x_t, tt):
       return model.apply({"params": compose(params, frozen)}, x_t, spec.time_scale * tt, tokens, mask,
-                         deterministic=False, rngs={"dropout": k_dropout})
+                         deterministic=False, rngs={"dropout": k_dropout}, **control)
 
     per_example = losses.denoising_loss(predict, x0, eps, t, spec.process, target=spec.target,
                                         weighting=spec.weighting, **dict(spec.weighting_options))

@@ -210,9 +210,9 @@ def _text_to_image_pipe(model: TextToImage, spec: steps.DiffusionSpec, tokenizer
                                   image_shape=shape, time_scale=spec.time_scale, vae=lat and lat.vae)
 
 
-def with_text_side(c: Components, model: TextToImage, tokenizer) -> Components:
-  """``c`` with another model and tokenizer of the same image side (e.g. textual inversion's added tokens and
-  the larger token table they need): tokenize and pipeline follow; the empty caption's ids stay."""
+def with_network(c: Components, model, tokenizer) -> Components:
+  """``c`` with another network and tokenizer for the same images (textual inversion's added tokens and the larger
+  token table they need, a ``ControlledTextToImage``): tokenize and pipeline follow; the empty caption's ids stay."""
   return c._replace(model=model, tokenizer=tokenizer, tokenize=tokenize_fn(tokenizer.max_length, tokenizer),
                     pipe=_text_to_image_pipe(model, c.spec, tokenizer, c.image_shape, c.latent))
 
@@ -262,12 +262,13 @@ def make_sample_fn(c: Components, plan: pipelines.Plan, latent_mark: wm.LatentKe
   pattern written into it when given), the solver's randomness the second. ``jit_options`` go to
   ``jax.jit`` (shardings)."""
 
-  def sample_fn(params, tok, m, key, ts, w):
+  def sample_fn(params, tok, m, key, ts, w, inputs=None):
     k_init, k_solver = jax.random.split(key)
     noise = jax.random.normal(k_init, tok.shape[:1] + tuple(c.image_shape))
     # (a latent too small to carry a detectable mark, watermark.latent.MIN_RANK, is left unmarked)
     noise, _ = wm.Watermark(pixel_bits=None, latent=latent_mark).mark_noise(noise, drawn=True)
-    return pipelines.txt2img(c.pipe, pipeline_params(*params), tok, m, c.null_tokens[None], c.null_mask[None],
+    return pipelines.txt2img(c.pipe, pipeline_params(*params) | (inputs or {}), tok, m, c.null_tokens[None],
+                             c.null_mask[None],
                              noise, ts, w, k_solver, solver=plan.solver, init_scale=plan.init_scale,
                              denoise_final=plan.denoise_final)
 
