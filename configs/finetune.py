@@ -50,7 +50,8 @@ def get_config(arg: str = ""):
                  keep_checkpoints=2)
   # evaluation: samples_per_prompt images for every instance caption (at most `prompts` of them) and as many for
   # captions of the prior split; shapes bases are judged per attribute (eval.json); prompts=0: no evaluation
-  c.eval = dict(prompts=4, samples_per_prompt=16)
+  # token_colour "R,G,B": captions with the textual-inversion token are judged as asking for that colour
+  c.eval = dict(prompts=4, samples_per_prompt=16, token_colour="")
   if arg == "tiny":  # seconds, for tests: a digits base (configs/default.py:tiny), its sevens as instances
     c.instance.split = "train"
     c.instance.caption_contains = "seven"

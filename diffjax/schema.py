@@ -426,7 +426,8 @@ FINETUNE = dict(
     optim=OPTIM,
     train=dict(num_steps=COUNT, cond_dropout=PROBABILITY, ema_decay=PROBABILITY, log_every=COUNT,
                checkpoint_every=COUNT, keep_checkpoints=COUNT),
-    eval=dict(prompts=integer(0, note="0: no evaluation"), samples_per_prompt=COUNT),
+    eval=dict(prompts=integer(0, note="0: no evaluation"), samples_per_prompt=COUNT,
+              token_colour=text(optional=True)),
 )
 FINETUNE_RULES = (
     Rule("optim.warmup_steps", lambda c: c.optim.warmup_steps < c.train.num_steps,

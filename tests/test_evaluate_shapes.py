@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffjax.data import shapes
-from diffjax.evaluate.shapes import attribute_accuracy
+from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
 
 
 def _rendered(rng, colour_of=lambda c: c):
@@ -60,3 +60,25 @@ def test_validates_inputs():
     attribute_accuracy(images, {**attributes, "shape": [3] * len(images)})
   with pytest.raises(ValueError, match="values per attribute"):
     attribute_accuracy(images[:5], attributes)
+
+
+def test_a_new_colour_word_is_rendered_and_judged(tmp_path):
+  """experiments/new_colour.py's folder: its captions parse with the token as a colour, the checker judges its
+  images right with that colour added, and images of the data's own colours are not taken for it."""
+  import json
+
+  from PIL import Image
+
+  from experiments.new_colour import write_folder
+
+  colours = dict(shapes.COLOURS) | {"<purple>": (170, 40, 210)}
+  captions = write_folder(str(tmp_path), "<purple>", (170, 40, 210), 12)
+  lines = [json.loads(line) for line in open(tmp_path / "metadata.jsonl")]
+  assert [entry["text"] for entry in lines] == captions
+  imgs = np.stack([np.asarray(Image.open(tmp_path / entry["file_name"])) for entry in lines])
+  asked = [shapes.parse_caption(c, colours) for c in captions]
+  wanted = {a: [q[a] for q in asked] for a in ATTRIBUTES}
+  assert attribute_accuracy(imgs, wanted, colours)["all"] == 1.0
+  reds = np.stack([shapes.render("red", q["shape"], q["count"], q["position"], np.random.default_rng(i))
+                   for i, q in enumerate(asked)])
+  assert attribute_accuracy(reds, wanted, colours)["colour"] == 0.0

@@ -36,11 +36,12 @@ def caption(colour: str, shape: str, count: int, position: str) -> str:
   return f"{article} {colour} {noun} {where}"
 
 
-def parse_caption(text: str) -> dict:
-  """The inverse of ``caption``: {"colour", "shape", "count", "position"}; ValueError for other text."""
+def parse_caption(text: str, colours=COLOURS) -> dict:
+  """The inverse of ``caption``: {"colour", "shape", "count", "position"}; ValueError for other text (a colour
+  word not in ``colours``)."""
   words = text.split()
   counts = {"a": 1, **{w: i + 1 for i, w in enumerate(COUNT_WORDS)}}
-  if len(words) != 6 or words[0] not in counts or words[1] not in COLOURS:
+  if len(words) != 6 or words[0] not in counts or words[1] not in colours:
     raise ValueError(f"not a shapes caption: {text!r}")
   count, shape = counts[words[0]], words[2].removesuffix("s") if words[0] != "a" else words[2]
   out = {"colour": words[1], "shape": shape, "count": count, "position": words[-1]}
@@ -73,8 +74,9 @@ def _region(position):
       position]
 
 
-def render(colour: str, shape: str, count: int, position: str, rng: np.random.Generator) -> np.ndarray:
-  """uint8 (32, 32, 3) image of ``count`` non-touching shapes in the ``position`` half."""
+def render(colour: str, shape: str, count: int, position: str, rng: np.random.Generator,
+           colours: dict = COLOURS) -> np.ndarray:
+  """uint8 (32, 32, 3) image of ``count`` non-touching shapes in the ``position`` half (``colours``: name -> RGB)."""
   x0, y0, x1, y1 = _region(position)
   image = Image.new("RGB", (SIZE, SIZE))
   draw = ImageDraw.Draw(image)
@@ -90,16 +92,17 @@ def render(colour: str, shape: str, count: int, position: str, rng: np.random.Ge
     boxes.append((bx, by, s))
   for bx, by, s in boxes:
     box = (bx, by, bx + s - 1, by + s - 1)
+    fill = tuple(colours[colour])
     if shape == "circle":
-      draw.ellipse(box, fill=COLOURS[colour])
+      draw.ellipse(box, fill=fill)
     elif shape == "square":
-      draw.rectangle(box, fill=COLOURS[colour])
+      draw.rectangle(box, fill=fill)
     else:
-      draw.polygon([(bx, by + s - 1), (bx + s - 1, by + s - 1), (bx + (s - 1) / 2, by)], fill=COLOURS[colour])
+      draw.polygon([(bx, by + s - 1), (bx + s - 1, by + s - 1), (bx + (s - 1) / 2, by)], fill=fill)
   return np.asarray(image)
 
 
-def check(image) -> dict:
+def check(image, colours: dict = COLOURS) -> dict:
   """Judges an image: {"colour", "shape", "count", "positions"}.
 
   ``positions`` lists every half that contains all the shapes (a shape in the top-left
@@ -108,6 +111,7 @@ def check(image) -> dict:
 
   Args:
     image: (32, 32, 3) array, uint8 in [0, 255] or float in [0, 1].
+    colours: the colours told apart (name -> RGB): the shapes' mean colour's nearest.
   """
   img = np.asarray(image, np.float64)
   if img.max() > 1.5:
@@ -120,7 +124,7 @@ def check(image) -> dict:
     return {"colour": None, "shape": None, "count": 0, "positions": []}
   fg = np.isin(labels, keep)
   mean_rgb = img[fg].mean(axis=0) * 255
-  colour = min(COLOURS, key=lambda c: np.sum((np.asarray(COLOURS[c]) - mean_rgb) ** 2))
+  colour = min(colours, key=lambda c: np.sum((np.asarray(colours[c]) - mean_rgb) ** 2))
   fills = []
   for i in keep:
     ys, xs = np.nonzero(labels == i)

@@ -10,11 +10,11 @@ ATTRIBUTES = ("colour", "shape", "count", "position")
 _VOCABULARY = {"colour": tuple(shapes.COLOURS), "shape": shapes.SHAPES, "position": shapes.POSITIONS}
 
 
-def _names(values, attribute: str) -> list:
+def _names(values, attribute: str, colours=None) -> list:
   """Attribute values as names: strings pass through, integers are TFDS class indices (count stays an int)."""
   if attribute == "count":
     return [int(v) for v in values]
-  vocabulary = _VOCABULARY[attribute]
+  vocabulary = tuple(colours) if attribute == "colour" and colours is not None else _VOCABULARY[attribute]
   index = lambda i: vocabulary[i] if 0 <= i < len(vocabulary) else f"index {i}"
   names = [v.decode() if isinstance(v, bytes) else v if isinstance(v, str) else index(int(v)) for v in values]
   unknown = sorted({n for n in names if n not in vocabulary})
@@ -31,7 +31,7 @@ def _unit_range(images) -> np.ndarray:
   return (np.clip(images.astype(np.float64), -1.0, 1.0) + 1.0) / 2.0
 
 
-def attribute_accuracy(images, attributes) -> dict[str, float]:
+def attribute_accuracy(images, attributes, colours: dict | None = None) -> dict[str, float]:
   """Fraction of images whose colour, shape, count and position match what their captions asked for.
 
   Args:
@@ -44,6 +44,8 @@ def attribute_accuracy(images, attributes) -> dict[str, float]:
     right if ``check`` finds every shape inside that half (a shape in a corner is right
     for two positions); "all" is the fraction with every attribute right. An empty
     (e.g. black) image is wrong on every attribute.
+    colours: the colours told apart, name -> RGB (None: the data's four; e.g. with a learnt
+      token's colour added, the colour asked for by name).
   """
   images = _unit_range(images)
   if images.ndim != 4 or images.shape[1:] != (shapes.SIZE, shapes.SIZE, 3) or not len(images):
@@ -51,10 +53,10 @@ def attribute_accuracy(images, attributes) -> dict[str, float]:
   missing = [a for a in ATTRIBUTES if a not in attributes]
   if missing:
     raise ValueError(f"attributes lack {missing}")
-  wanted = {a: _names(attributes[a], a) for a in ATTRIBUTES}
+  wanted = {a: _names(attributes[a], a, colours) for a in ATTRIBUTES}
   if any(len(v) != len(images) for v in wanted.values()):
     raise ValueError(f"need {len(images)} values per attribute, got { {a: len(v) for a, v in wanted.items()} }")
-  judged = [shapes.check(image) for image in images]
+  judged = [shapes.check(image, colours or shapes.COLOURS) for image in images]
   right = {a: np.array([j[a] == w for j, w in zip(judged, wanted[a], strict=True)], bool)
            for a in ("colour", "shape", "count")}
   right["position"] = np.array([w in j["positions"] for j, w in zip(judged, wanted["position"], strict=True)], bool)

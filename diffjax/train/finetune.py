@@ -414,6 +414,7 @@ def evaluate(config, base, plan, models: dict, instances, prior, workdir: str) -
   from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
 
   n = config.eval.samples_per_prompt
+  colours = _colours(config)
   groups = {"instance": _distinct(instances, config.eval.prompts)}
   if prior:
     groups["prior"] = _distinct(prior, config.eval.prompts)
@@ -425,10 +426,10 @@ def evaluate(config, base, plan, models: dict, instances, prior, workdir: str) -
       samples = trainer.generate(sample_fn, params, prompts, plan, base.sampler.guidance_scale, tokenize, n, key)
       rows.append(samples)
       labels += [f"{which}: {p}" for p in prompts]
-      asked = [_asked(examples[p], p) for p in prompts] if base.data.name == "shapes_captions" else [None]
+      asked = [_asked(examples[p], p, colours) for p in prompts] if base.data.name == "shapes_captions" else [None]
       if all(q is not None for q in asked):
         wanted = {a: np.repeat([q[a] for q in asked], n) for a in ATTRIBUTES}
-        scores.setdefault(name, {})[which] = attribute_accuracy(samples, wanted)
+        scores.setdefault(name, {})[which] = attribute_accuracy(samples, wanted, colours)
   images.save_labeled_grid(np.concatenate(rows), labels, os.path.join(workdir, "finetune.png"))
   logging.info("fine-tuning evaluation: %s", scores)
   return scores
@@ -481,14 +482,27 @@ def _distinct(records: list[dict], limit: int) -> dict[str, dict]:
   return out
 
 
-def _asked(record: dict, caption: str) -> dict | None:
+def _colours(config) -> dict:
+  """The shapes colours judged: the data's, and with ``eval.token_colour`` ("R,G,B") the textual-inversion token
+  as a colour word of that RGB."""
+  if not config.eval.get("token_colour"):
+    return dict(shapes.COLOURS)
+  try:
+    rgb = tuple(int(v) for v in config.eval.token_colour.split(","))
+  except ValueError:
+    rgb = ()
+  if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+    raise ConfigError(f"config.eval.token_colour = {config.eval.token_colour!r}: expected R,G,B in 0..255")
+  return dict(shapes.COLOURS) | {config.textual_inversion.token: rgb}
+
+
+def _asked(record: dict, caption: str, colours: dict) -> dict | None:
   """What a shapes example asks for: its labels, else its caption's words; None when neither says."""
-  from diffjax.data import shapes
   from diffjax.evaluate.shapes import ATTRIBUTES
 
   if all(a in record for a in ATTRIBUTES):
     return {a: record[a] for a in ATTRIBUTES}
   try:
-    return shapes.parse_caption(caption)
+    return shapes.parse_caption(caption, colours)
   except ValueError:
     return None
