@@ -1,11 +1,14 @@
 """``finetune(config, workdir)``: a trained diffjax model adapted to a few images (``configs/finetune.py``).
 
-LoRA (Hu et al. 2022) or full fine-tuning, optionally with DreamBooth's prior preservation
-(Ruiz et al. 2023): the loss on a batch of instance images plus ``prior.weight`` times the loss
-on a batch of images the base model drew itself for captions of what it already knows. Read
-top to bottom: the base, the instance and prior images, the trainable parameters, the loop
-(``loop.train_loop``: progress, checkpoints, SIGTERM; a rerun resumes), the LoRA file, the
-evaluation. One device (the base's mesh settings are not used).
+Methods (``Tuning``: what trains, and how the network is put together from it and the frozen
+base): LoRA (Hu et al. 2022), full fine-tuning, textual inversion (Gal et al. 2023: the rows of
+a new token) and ControlNet (Zhang et al. 2023: a trainable copy of the U-Net's encoder adding
+zero-initialised residuals). Any of them with DreamBooth's prior preservation (Ruiz et al.
+2023): the loss on a batch of instance images plus ``prior.weight`` times the loss on a batch
+of images the base model drew itself for captions of what it already knows. Read top to
+bottom: the base, the instance and prior images, the trainable parameters, the loop
+(``loop.train_loop``: progress, checkpoints, SIGTERM; a rerun resumes), the exchangeable file,
+the evaluation. One device (the base's mesh settings are not used).
 """
 
 from __future__ import annotations
