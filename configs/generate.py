@@ -22,6 +22,10 @@ Every image is marked (--config.watermark=none opts out); which marks images car
 python -m diffjax.main --mode=detect --config=configs/generate.py --workdir=/tmp/det \
     --config.pretrained=PATH --config.detect.images=/tmp/gen (writes /tmp/det/detection.json).
 LoRA files merged into the weights: --config.lora="('style.safetensors', 'detail.safetensors:0.5')".
+ControlNets (txt2img, img2img, inpaint of an SD 1.x/2.x model; diffusers folders or original single files), one
+control image each (resized to the output): --config.controlnet="('canny_cn', 'depth.safetensors')"
+  --config.control_image="('edges.png', 'depth.png')" --config.controlnet_scale="(1.0, 0.5)"
+  --config.control_start=0.0 --config.control_end=0.8 (fractions of the steps) --config.guess_mode=True.
 The arg ``tiny`` (configs/generate.py:tiny) makes small, fast settings for a check.
 """
 
@@ -36,6 +40,14 @@ def get_config(arg: str = ""):
   config.prediction_type = ""  # single-file checkpoints only: "" = the family's default (SD 1 epsilon, SD 2 v)
   # LoRA files (diffusers/peft or kohya safetensors) merged into the weights: "FILE" or "FILE:SCALE" each
   config.lora = ()
+  # ControlNets (diffusers folders or original single files) and one control image each, resized to the output;
+  # scale, start and end (fractions of the steps the ControlNet acts in): one for all ControlNets or one each
+  config.controlnet = ()
+  config.control_image = ()
+  config.controlnet_scale = (1.0,)
+  config.control_start = (0.0,)
+  config.control_end = (1.0,)
+  config.guess_mode = False  # residuals only for the prompt's branch of classifier-free guidance
   config.task = "txt2img"  # txt2img | img2img | inpaint | upscale
   config.prompts = ("a photograph of an astronaut riding a horse",)
   config.negative_prompt = ""  # one for all prompts ("" = unconditional)

@@ -11,11 +11,14 @@ Outputs in ``output_dir``: ``NNNN.png`` per image; ``samples.npz`` (``images`` u
 (N, H, W, 3), ``prompts`` (N,), ``seeds`` (N,)); ``generation.json`` with everything needed
 to reproduce each image (the config, the sampling plan, per-image prompt and seed, the
 SHA-256 of every weight file read). ``config.lora``: LoRA files (diffusers or kohya format) merged
-into the pipeline's weights, each with its scale.
+into the pipeline's weights, each with its scale. ``config.controlnet``: ControlNets (diffusers folders or original
+single files) steering txt2img, img2img and inpainting of a Stable Diffusion model, one ``config.control_image``
+each (``pipelines.controlnet``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -27,10 +30,12 @@ import ml_collections
 import numpy as np
 import tqdm
 from absl import logging
+from PIL import Image
 
 from diffjax import images, pipelines, schema
 from diffjax import watermark as wm
 from diffjax.adapters import lora_files
+from diffjax.convert import load_controlnet
 from diffjax.convert.files import WeightFileError
 from diffjax.convert.keys import WeightMismatchError
 from diffjax.pipelines import calibrate
@@ -183,6 +188,76 @@ def _image_file(config, field: str, channels: int, size: tuple[int, int] | None 
   return image
 
 
+def control_image(path: str, height: int, width: int) -> np.ndarray:
+  """float32 (height, width, 3) in [0, 1] of a control image file, read as diffusers' ``control_image_processor``
+  reads a PIL image: resized (Lanczos) to the output's size when it differs, then converted to RGB (an edge map may
+  be grey), not normalised. ``ConfigError`` naming ``config.control_image`` and the file when it cannot be read."""
+  try:
+    with Image.open(path) as pil:
+      pil.load()
+      if pil.size != (width, height):
+        pil = pil.resize((width, height), Image.LANCZOS)
+      return np.asarray(pil.convert("RGB"), np.float32) / 255.0
+  except (OSError, SyntaxError, ValueError) as e:
+    raise ConfigError(f"config.control_image: {path} is not a readable image ({e})") from None
+
+
+def _controlnet_files(path: str) -> dict[str, str]:
+  """{file: SHA-256} of a ControlNet: the single file, or the weights of its diffusers folder (a pipeline folder's
+  ``controlnet/``, as ``load_controlnet`` reads it)."""
+  if os.path.isfile(path):
+    return {os.path.basename(path): _sha256(path)}
+  inner = os.path.join(path, "controlnet")
+  if os.path.isfile(os.path.join(path, "config.json")) or not os.path.isfile(os.path.join(inner, "config.json")):
+    return weights_fingerprint(path)
+  return {os.path.join("controlnet", name): sha for name, sha in weights_fingerprint(inner).items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _controlled(pipe: pipelines.Pipeline, paths: tuple[str, ...], dtype: str, state: tuple):
+  """(pipeline with the ControlNets, their params, their files' SHA-256) of ``paths`` (``state``: the files' state,
+  so a next job with the same files reuses the programs); ConfigError naming ``config.controlnet``."""
+  nets, weights, files = [], [], []
+  for path in paths:
+    try:
+      net, w = load_controlnet(path, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as e:  # missing, not a ControlNet, malformed or mismatched weights
+      raise ConfigError(f"config.controlnet: {e}") from None
+    nets.append(net)
+    weights.append(w)
+    files.append({"path": os.path.abspath(path), "weights_sha256": _controlnet_files(path)})
+  try:
+    return pipelines.controlnet.with_controlnets(pipe, nets), weights, files
+  except ValueError as e:
+    raise ConfigError(f"config.controlnet: {e}") from None
+
+
+def with_controlnets(config, pipe: pipelines.Pipeline, params: dict, provenance: dict, height: int, width: int):
+  """(pipeline, params, provenance, control) with ``config.controlnet``'s ControlNets in the pipeline and its params
+  (``pipelines.controlnet``), each checked against the U-Net, and ``config.control_image``'s images read at height x
+  width; provenance gets each ControlNet's path, weights' SHA-256 and control image. Unchanged (control None) when
+  the config names no ControlNet."""
+  paths = schema.control_field(config, "controlnet")
+  if not paths:
+    return pipe, params, provenance, None
+  if config.task == "upscale" or provenance["kind"] == "diffjax" or "unet" not in params:
+    raise ConfigError(f"config.controlnet: ControlNets steer txt2img, img2img and inpaint of a Stable Diffusion folder "
+                      f"or single file, not task {config.task!r} of {config.pretrained}")
+  pipe, weights, files = _controlled(pipe, paths, config.dtype, tuple(_files_state(p) for p in paths))
+  for path, w in zip(paths, weights, strict=True):
+    problem = pipelines.controlnet.unet_mismatch(w, params["unet"])
+    if problem:
+      raise ConfigError(f"config.controlnet: {path} is a ControlNet for another U-Net: {problem}")
+  names = schema.control_field(config, "control_image")
+  setting = functools.partial(schema.control_field, config)
+  control = pipelines.controlnet.Control([control_image(n, height, width) for n in names],
+                                         setting("controlnet_scale"), setting("control_start"), setting("control_end"),
+                                         setting("guess_mode"))
+  files = [f | {"control_image": os.path.abspath(n), "control_image_sha256": _sha256(n)}
+           for f, n in zip(files, names, strict=True)]
+  return pipe, {**params, "controlnet": weights}, {**provenance, "controlnet": files}, control
+
+
 def _inputs(config) -> tuple[np.ndarray | None, np.ndarray | None, int, int]:
   """(init image, mask, height, width): the image's size where the config says 0."""
   if config.task == "txt2img":
@@ -252,6 +327,8 @@ def generate(config, output_dir: str) -> dict:
                                 **s.get("options", {}))
     except (ValueError, NotImplementedError) as e:
       raise ConfigError(f"config.sampler: {e}") from None
+  # After the plan: a sampler fitted to the pretrained pipeline (its calibration key) serves it with ControlNets too.
+  pipe, params, provenance, control = with_controlnets(config, pipe, params, provenance, height, width)
   strength = float(config.strength or DEFAULT_STRENGTH.get(config.task, 1.0))
   r = config.repaint
   repaint = pipelines.RePaint(r.jump_length, r.jump_n_sample) if r.jump_length else None
@@ -280,7 +357,9 @@ def generate(config, output_dir: str) -> dict:
       kw = dict(negative_prompts=[config.negative_prompt], height=height, width=width, plan=plan,
                 guidance_scale=float(s.guidance_scale), guidance=guidance, seed=seeds[batch], strength=strength,
                 watermark=mark)
-      if config.task == "inpaint":
+      if config.task == "inpaint" and control is not None:
+        out = pipelines.controlnet.inpaint(pipe, params, prompts[batch], image, mask, control, repaint=repaint, **kw)
+      elif config.task == "inpaint":
         out = pipelines.inpaint(pipe, params, prompts[batch], image, mask, repaint=repaint, **kw)
       elif config.task == "upscale":
         kw = {k: v for k, v in kw.items() if k not in ("height", "width", "strength")}
@@ -288,6 +367,8 @@ def generate(config, output_dir: str) -> dict:
           out = pipelines.upscale(pipe, params, prompts[batch], image, noise_level=config.noise_level, **kw)
         except ValueError as e:
           raise ConfigError(f"config.noise_level / config.init_image: {e}") from None
+      elif control is not None:
+        out = pipelines.controlnet.generate(pipe, params, prompts[batch], control, image=image, **kw)
       else:
         out = pipelines.generate(pipe, params, prompts[batch], image=image, **kw)
       for i, img in enumerate(images.to_uint8(out.images, 0.0, 1.0), start):

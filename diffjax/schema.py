@@ -383,7 +383,34 @@ GENERATE = dict(
     watermark=text(_watermarks), watermark_seed=integer(0, 2**32 - 1),
     watermark_radius=real(0.0, note="0: 10/64 of the latent's side"),
     detect=dict(images=text(), alpha=real(0.0, 1.0, lo_open=True, hi_open=True)),
+    controlnet=sequence(text(), optional=True), control_image=sequence(text(), optional=True),
+    controlnet_scale=sequence(real(), min_len=1, optional=True),
+    control_start=sequence(real(0.0, 1.0), min_len=1, optional=True),
+    control_end=sequence(real(0.0, 1.0), min_len=1, optional=True), guess_mode=Field((bool,), optional=True),
 )
+CONTROL_DEFAULTS = dict(controlnet=(), control_image=(), controlnet_scale=(1.0,), control_start=(0.0,),
+                        control_end=(1.0,), guess_mode=False)  # what an absent ControlNet field means
+
+
+def control_field(c, field: str):
+  """A ControlNet field of a generation config, its default (``CONTROL_DEFAULTS``) when absent (tuples as tuples)."""
+  value = c.get(field, CONTROL_DEFAULTS[field])
+  return tuple(value) if isinstance(value, tuple | list) else value
+
+
+def _one_or_each(field: str) -> Rule:
+  """``field`` has one value for all ControlNets or one per ControlNet."""
+  return Rule(field, lambda c: len(control_field(c, field)) in (1, len(control_field(c, "controlnet"))),
+              lambda c: f"one value for all ControlNets or one per ControlNet ({len(control_field(c, 'controlnet'))})",
+              when=lambda c: bool(control_field(c, "controlnet")))
+
+
+def _starts_before_ends(c) -> bool:
+  start, end = control_field(c, "control_start"), control_field(c, "control_end")
+  n = max(len(start), len(end))
+  return all(s < e for s, e in zip(start * (n // len(start)), end * (n // len(end)), strict=False))
+
+
 GENERATE_RULES = (
     Rule("sampler.name", lambda c: c.sampler.name in ("", FITTED, *_solvers()),
          lambda c: f"'' (the folder's scheduler), '{FITTED}' (sampler.calibration) or one of {sorted(_solvers())}"),
@@ -401,6 +428,11 @@ GENERATE_RULES = (
          when=lambda c: c.task == "inpaint"),
     Rule("repaint", lambda c: (c.repaint.jump_length > 0) == (c.repaint.jump_n_sample > 0),
          lambda c: "both jump_length and jump_n_sample >= 1, or both 0 (off)"),
+    Rule("control_image", lambda c: len(control_field(c, "control_image")) == len(control_field(c, "controlnet")),
+         lambda c: f"one image file per ControlNet in config.controlnet ({len(control_field(c, 'controlnet'))})"),
+    *(_one_or_each(f) for f in ("controlnet_scale", "control_start", "control_end")),
+    Rule("control_end", _starts_before_ends, lambda c: "after control_start for every ControlNet (start < end)",
+         when=lambda c: bool(control_field(c, "controlnet"))),
 )
 
 SAMPLER_DEMO = dict(

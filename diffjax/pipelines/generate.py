@@ -86,16 +86,18 @@ def _as_list(prompts, what: str) -> list[str]:
   return prompts
 
 
-def _check_image(image, height: int, width: int, channels: int) -> np.ndarray:
+def _check_image(image, height: int, width: int, channels: int, what: str = "init image") -> np.ndarray:
+  """(B, H, W, channels) float32 of a (B, H, W, channels) or (H, W, channels) float image in [0, 1] of the output's
+  size (checked; ``what`` names it in errors)."""
   image = np.asarray(image)
   if image.ndim == 3:
     image = image[None]
   if image.ndim != 4 or image.shape[-1] != channels:
-    raise ValueError(f"init image must be (B, H, W, {channels}) or (H, W, {channels}), got shape {image.shape}")
+    raise ValueError(f"{what} must be (B, H, W, {channels}) or (H, W, {channels}), got shape {image.shape}")
   if image.shape[1:3] != (height, width):
-    raise ValueError(f"init image is {image.shape[1]} x {image.shape[2]}, the output {height} x {width}: resize it")
+    raise ValueError(f"{what} is {image.shape[1]} x {image.shape[2]}, the output {height} x {width}: resize it")
   if not np.issubdtype(image.dtype, np.floating) or image.min() < 0.0 or image.max() > 1.0:
-    raise ValueError("init image must be float in [0, 1] (diffjax.images.load_image reads a file so)")
+    raise ValueError(f"{what} must be float in [0, 1] (diffjax.images.load_image reads a file so)")
   return image.astype(np.float32)
 
 

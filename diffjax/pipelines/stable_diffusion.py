@@ -162,7 +162,8 @@ def assemble(unet, vae, text, tokenizer: CLIPTokenizer, scheduler: DiffusersSche
   """The SD 1.x/2.x ``Pipeline`` of loaded modules (params {"unet", "vae", "text_encoder"}); ``where`` names
   the source in errors. A U-Net of 2c + 1 input channels (c the VAE's) gives an ``InpaintingPipeline``;
   ``image_channels``: pixel channels the U-Net takes after the latents (the x4 upscaler's 3, ``upscale.py``).
-  ``predict`` passes optional class labels (B,) on to the U-Net."""
+  ``predict`` passes optional class labels (B,) and ``residuals`` on to the U-Net: a ControlNet's (down residuals,
+  mid residual), added to its skips and middle block (``UNet.__call__``'s ``down_residuals``, ``mid_residual``)."""
   if vae.dtype != jnp.float32:  # decode in float32 (SD's VAE overflows in half precision)
     vae = vae.clone(dtype=jnp.float32)
   cfg = vae.config
@@ -179,8 +180,10 @@ def assemble(unet, vae, text, tokenizer: CLIPTokenizer, scheduler: DiffusersSche
   def encode_text(params, ids, mask):
     return text.apply({"params": params["text_encoder"]}, ids, None).last_hidden_state
 
-  def predict(params, x, t, context, class_labels=None):
-    return unet.apply({"params": params["unet"]}, x, t, context, class_labels).astype(jnp.float32)
+  def predict(params, x, t, context, class_labels=None, residuals=None):
+    down, mid = (None, None) if residuals is None else residuals
+    return unet.apply({"params": params["unet"]}, x, t, context, class_labels, down_residuals=down,
+                      mid_residual=mid).astype(jnp.float32)
 
   def decode(params, z):
     z = z.astype(jnp.float32) / cfg.scaling_factor + cfg.shift_factor

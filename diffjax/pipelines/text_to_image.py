@@ -1,10 +1,12 @@
 """A ``Pipeline`` around diffjax's own ``TextToImage`` network (what the trainer trains).
 
-Parameters are ``{"model": TextToImage params (text encoder and U-Net), "vae": VAE params}``
-(no "vae" in pixel space). A ``ControlledTextToImage`` (a ControlNet beside the network) also
-reads ``"control"``: the control images (B, f H, f W, 3) in [0, 1] of the batch being sampled,
-an input like the noise (changing them does not recompile). Turning a training workdir into these parameters is the
-trainer's job (``diffjax.train.trainer.load_pipeline``: it knows checkpoints).
+Parameters are ``{"model": TextToImage params (text encoder and U-Net), "vae": VAE params}`` (no
+"vae" in pixel space). A ``ControlledTextToImage`` (a ControlNet beside the network) also reads
+``"control_images"``: the control images (B, f H, f W, 3) in [0, 1] of the batch being sampled, an
+input like the noise (changing them does not recompile). (Stable Diffusion pipelines with
+ControlNets, ``controlnet.with_controlnets``, read ``"control"``, their per-run settings.) Turning a
+training workdir into these parameters is the trainer's job
+(``diffjax.train.trainer.load_pipeline``: it knows checkpoints).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def from_model(model: TextToImage | ControlledTextToImage, *, process: Process, 
 
   def predict(params, x, t, context):
     if isinstance(model, ControlledTextToImage):
-      return model.apply({"params": params["model"]}, x, t, context, _guided(params["control"], x.shape[0]),
+      return model.apply({"params": params["model"]}, x, t, context, _guided(params["control_images"], x.shape[0]),
                          method=model.predict)
     return model.apply({"params": params["model"]}, x, t, context, method=model.predict)
 

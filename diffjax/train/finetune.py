@@ -458,7 +458,7 @@ def evaluate_control(config, base, plan, models: dict, data_dir: str, workdir: s
   for which, (sample_fn, params, tokenize) in models.items():
     rows = [tokenize(p) for p in captions]
     tok, m = (jnp.asarray(np.stack([r[i] for r in rows])) for i in (0, 1))
-    inputs = {"control": jnp.asarray(control)} if which == "tuned" else None
+    inputs = {"control_images": jnp.asarray(control)} if which == "tuned" else None
     x = sample_fn(params, tok, m, key, jnp.asarray(plan.ts, jnp.float32), base.sampler.guidance_scale, inputs)
     samples = images.to_uint8(np.asarray(x))
     grid.append(samples)
