@@ -259,7 +259,8 @@ def make_sample_fn(c: Components, plan: pipelines.Plan, latent_mark: wm.LatentKe
   ``diffjax.pipelines.txt2img`` of ``c.pipe`` with ``plan``'s solver (ts: its grid) against the empty
   caption, decoded with the VAE of a latent model. ``params`` is the pair (trained params, ``c.frozen``);
   the initial noise is the standard normal drawn with the first half of ``key`` (with ``latent_mark``'s
-  pattern written into it when given), the solver's randomness the second. ``jit_options`` go to
+  pattern written into it when given), the solver's randomness the second. ``inputs``: more entries of
+  the pipeline's parameters (a ``ControlledTextToImage``'s "control_images"). ``jit_options`` go to
   ``jax.jit`` (shardings)."""
 
   def sample_fn(params, tok, m, key, ts, w, inputs=None):
