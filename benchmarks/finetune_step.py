@@ -1,13 +1,14 @@
 """Time and memory of a LoRA training step against a full fine-tuning step, same U-Net, same batch, one run.
 
-Both steps are what ``diffjax/train/finetune.py`` compiles, reduced to the U-Net: an epsilon-MSE
-loss on random latents, context and timesteps, its gradient and an Adam update, jitted with the
-trained state donated. ``full``: the gradient and Adam moments of every U-Net weight. ``lora``:
-rank-r adapters on the attention projections (``diffjax.adapters``' default targets), merged into
-the frozen base inside the step (optionally a bfloat16 base: ``--base_dtype``); the gradient and
-moments of the adapters alone. Calls alternate between the two (the machine's drift spreads over
-both); each cell is the median of ``--reps`` steady calls. Memory is XLA's own account of the
-compiled step (``memory_analysis``: arguments, outputs, temporaries), not a process measurement.
+Both steps are ``diffjax/train/finetune.py``'s, reduced to the U-Net and plain Adam (the job adds
+gradient clipping, weight decay and the text encoder): an epsilon-MSE loss on random latents,
+context and timesteps, its gradient and an Adam update, jitted with the trained state donated.
+``full``: the gradient and Adam moments of every U-Net weight. ``lora``: rank-r adapters on the
+attention projections (``diffjax.adapters``' default targets), merged into the frozen base inside
+the step (optionally a bfloat16 base: ``--base_dtype``); the gradient and moments of the adapters
+alone. Calls alternate between the two (the machine's drift spreads over both); each cell is the
+median of ``--reps`` steady calls. Memory is XLA's own account of the compiled step
+(``memory_analysis``: arguments, outputs, temporaries), not a process measurement.
 
   python benchmarks/finetune_step.py --unet sd15 --size 32 --batch 1 --rank 4 --reps 3
   python benchmarks/finetune_step.py --unet tiny --size 8 --batch 4 --reps 5     # seconds

@@ -15,9 +15,10 @@ base trained; "textual_inversion" learns the rows of a new token (``textual_inve
 which the instance captions use) with everything else frozen. ``prior.weight`` > 0: DreamBooth's
 prior preservation, ``prior.num_images`` images the base model draws for captions of
 ``prior.split`` (or ``prior.prompts``), trained on beside the instances with that weight. Outputs:
-checkpoints/ (resumable), lora.safetensors (diffusers format, for ``configs/generate.py
---config.lora=``) or learned_embeds.safetensors (textual inversion, diffusers format),
-finetune.png and eval.json.
+checkpoints/ (resumable), prior.npz (the prior images), lora.safetensors (diffusers format, for
+``configs/generate.py --config.lora=``), learned_embeds.safetensors (textual inversion, diffusers
+format) or controlnet/ (a diffusers ControlNetModel folder), finetune.png or control.png, and
+eval.json.
 """
 
 import ml_collections
@@ -36,8 +37,9 @@ def get_config(arg: str = ""):
   # textual_inversion: a new token (num_vectors rows of the text encoder's token table, started from the mean row
   # of the initializer's tokens) learnt with everything else frozen; instance captions must contain it
   c.textual_inversion = dict(token="<new>", initializer="shape", num_vectors=1)
-  # controlnet: a ControlNet initialised from the base's U-Net (frozen) trained on the base data's instance.split
-  # (every image, caption_contains ignored) with a control map the data gives: the shapes' mask or their edges
+  # controlnet: a ControlNet initialised from the base's U-Net (frozen) trained on the instance images (for layouts
+  # in general: instance.split=train, caption_contains="", num_images=20000) with a control map the data gives: the
+  # shapes' mask or their edges
   # (embedding_channels: one entry per halving from the images' size to the latents' and one more: the shapes VAE's 4x)
   c.controlnet = dict(conditioning="mask", scale=1.0, embedding_channels=(16, 32, 64), eval_split="validation")
   c.instance = dict(split="held_out", caption_contains="blue triangle", folder="", prompt="", num_images=16,

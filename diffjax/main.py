@@ -113,7 +113,8 @@ OUTPUTS = {  # what a job leaves in --workdir, for the summary at the end
     "train": "checkpoints/, tensorboard/, config.json, samples.png, eval.json",
     "train_vae": "checkpoints/, tensorboard/, vae/ (the exported AutoencoderKL)",
     "sampler_demo": "samplers.png", "generate": "NNNN.png, samples.npz, generation.json",
-    "finetune": "checkpoints/, lora.safetensors (method lora), finetune.png, eval.json"}
+    "finetune": "checkpoints/, prior.npz, lora.safetensors / learned_embeds.safetensors / controlnet/ (by method), "
+                "finetune.png or control.png, eval.json"}
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 

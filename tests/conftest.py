@@ -2,10 +2,12 @@
 
 The session shares one persistent XLA compilation cache (a temporary folder, removed at exit):
 tests that build the same program again (the tiny pipelines of the parity, generation and
-job tests) load it instead of compiling. ``DIFFJAX_TEST_XLA_CACHE=0`` turns it off.
+job tests) load it instead of compiling. ``DIFFJAX_TEST_XLA_CACHE=0`` turns it off. JAX's in-memory
+caches are cleared after each test module (``_release_compiled_programs``).
 """
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
@@ -18,6 +20,16 @@ if os.environ.get("DIFFJAX_TEST_XLA_CACHE", "1") != "0":
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
   jax.config.update("jax_compilation_cache_dir", _CACHE)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # programs worth the disk write
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's compiled programs after each test module (``jax.clear_caches``): the suite runs in one process,
+  where the executables of every module otherwise pile up; a later module that builds the same program loads it
+  from the persistent cache above."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture

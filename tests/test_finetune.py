@@ -88,7 +88,7 @@ def test_textual_inversion_learns_the_new_rows_alone_from_a_captioned_folder(bas
       f.write(json.dumps({"file_name": f"{i}.png", "text": f"a <squiggle> number {i}"}) + "\n")
   config = _config(base, method="textual_inversion", instance__folder=str(folder), prior__weight=0.0,
                    textual_inversion__token="<squiggle>", textual_inversion__initializer="seven",
-                   textual_inversion__num_vectors=2, eval__prompts=0)
+                   textual_inversion__num_vectors=2, eval__prompts=1)
   out = str(tmp_path / "ti")
   state = finetune.finetune(config, out)
   assert state.params.shape == (2, 32)  # num_vectors x the tiny text encoder's width
@@ -100,6 +100,10 @@ def test_textual_inversion_learns_the_new_rows_alone_from_a_captioned_folder(bas
   start = np.asarray(table)[[ord(ch) + 3 for ch in "seven"]].mean(0)  # the initializer's byte rows' mean
   assert not np.allclose(np.asarray(state.params), start[None])  # the rows moved from where they started
   assert json.load(open(os.path.join(out, "eval.json")))["trained_parameters"] == 64
+  assert os.path.isfile(os.path.join(out, "finetune.png"))  # (the tuned model sampled a caption with the token)
+  c, (params, frozen), _ = trainer.load_components(finetune.base_config(config), base)
+  tokenizer = finetune.tuning(config, c, params, frozen).components.tokenizer
+  assert tokenizer.encode(textual_inversion.expand_prompt(tokenizer, "a <squiggle>")) == [100, 35, 259, 35, 260]
 
 
 def _controlnet_config(base):
@@ -179,6 +183,7 @@ def test_merged_batch_weights_instances_and_prior():
     (dict(instance__caption_contains="no such words"), "matches no caption"),
     (dict(lora__targets=("^nothing/kernel$",)), "config.lora.targets: LoRA targets match no kernel"),
     (dict(method="textual_inversion", textual_inversion__initializer=""), "initializer is empty"),
+    (dict(method="textual_inversion"), "appears in no instance caption"),
 ])
 def test_bad_input_names_the_field(base, tmp_path, change, message):
   config = _config(change.pop("base", base), **change)

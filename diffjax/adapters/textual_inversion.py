@@ -157,16 +157,16 @@ def _parse(state: Mapping, token: str | None, source: str, stem: str | None) -> 
     name, vectors = token or stem, tuple(state[k] for k in SDXL_KEYS)
   elif keys == {A1111_KEY}:
     name, vectors = token or stem, (state[A1111_KEY],)
-  elif len(keys) == 1:  # diffusers
-    (key, value), = state.items()
-    name, vectors = token or key, (value,)
-  elif 'string_to_param' in keys:  # A1111's .pt
+  elif 'string_to_param' in keys:  # A1111's .pt (before the one-entry form: its dict may hold nothing else)
     params = state['string_to_param']
     if not isinstance(params, Mapping) or '*' not in params:
       raise ValueError(f"{source}: 'string_to_param' must be a dict with the key '*' (A1111's embedding), got "
                        f'{type(params).__name__}' + (f' with keys {sorted(params)}' if isinstance(params, Mapping)
                                                      else ''))
     name, vectors = token or state.get('name'), (params['*'],)
+  elif len(keys) == 1:  # diffusers
+    (key, value), = state.items()
+    name, vectors = token or key, (value,)
   else:
     raise ValueError(f'{source}: not a textual inversion embedding: keys {sorted(keys)[:8]}; expected one entry '
                      f"{{token: (n, D)}} (diffusers), {{'string_to_param': {{'*': (n, D)}}, 'name': ...}} or "
@@ -292,13 +292,15 @@ def fit_config(config, text_params: Mapping):
   return dataclasses.replace(config, vocab_size=int(token_table(text_params).shape[0]))
 
 
-def initial_vectors(tokenizer: CLIPTokenizer, text_params: Mapping, word: str, num_vectors: int = 1) -> np.ndarray:
+def initial_vectors(tokenizer: CLIPTokenizer, text_params: Mapping, word: str, num_vectors: int = 1, *,
+                    several_tokens: bool = False) -> np.ndarray:
   """(num_vectors, D) float32 copies of ``word``'s row, the start of training (diffusers' ``initializer_token``);
-  ValueError unless ``word`` is one token."""
+  ValueError unless ``word`` is one token, or with ``several_tokens`` the mean of its tokens' rows (a byte
+  tokenizer's word is several tokens)."""
   ids = tokenizer.encode(word)
-  if len(ids) != 1:
+  if not ids or (len(ids) != 1 and not several_tokens):
     raise ValueError(f'the initializer {word!r} is {len(ids)} tokens {tokenizer.tokenize(word)}; it must be one')
-  row = np.asarray(token_table(text_params)[ids[0]], np.float32)
+  row = np.asarray(token_table(text_params)[np.asarray(ids)], np.float32).mean(axis=0)
   return np.repeat(row[None], num_vectors, axis=0)
 
 

@@ -64,6 +64,14 @@ def attribute_accuracy(images, attributes, colours: dict | None = None) -> dict[
   return {k: float(v.mean()) for k, v in right.items()}
 
 
+def mask_iou(images, wanted: np.ndarray) -> np.ndarray:
+  """(N,) intersection over union of where ``images`` (N, H, W, C) uint8 have shapes (``shapes.control_map``'s mask)
+  and the masks ``wanted`` (N, H, W) bool; 1 where both are empty."""
+  got = shapes.control_map(np.asarray(images, np.float32) / 127.5 - 1.0, "mask")[..., 0] > 0.5
+  union = (got | wanted).sum((1, 2))
+  return np.where(union > 0, (got & wanted).sum((1, 2)) / np.maximum(union, 1), 1.0)
+
+
 def real_shapes(data_dir: str | None, split: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """A ``shapes_captions`` split (slices such as "train[:4000]" too) as the pipeline serves it.
 

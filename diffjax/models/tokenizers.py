@@ -464,7 +464,8 @@ class ByteTokenizer:
     return _split_added(self._added_re, text)
 
   def tokenize(self, text: str) -> list[str]:
-    """The tokens of ``text``: added tokens whole, the rest one character per byte token."""
+    """The tokens of ``text``: added tokens whole, the rest character by character (a non-ASCII character is
+    several byte tokens in ``encode``)."""
     return [t for piece, added in self._pieces(text) for t in ([piece] if added else list(piece))]
 
   def encode(self, text: str) -> list[int]:

@@ -46,10 +46,11 @@ def from_model(model: TextToImage | ControlledTextToImage, *, process: Process, 
     return model.apply({"params": params["model"]}, ids, mask, method=model.encode_text)
 
   def predict(params, x, t, context):
-    if isinstance(model, ControlledTextToImage):
-      return model.apply({"params": params["model"]}, x, t, context, _guided(params["control_images"], x.shape[0]),
-                         method=model.predict)
     return model.apply({"params": params["model"]}, x, t, context, method=model.predict)
+
+  def predict_controlled(params, x, t, context):
+    return model.apply({"params": params["model"]}, x, t, context, _guided(params["control_images"], x.shape[0]),
+                       method=model.predict)
 
   latent = {}
   if vae is not None:
@@ -58,7 +59,9 @@ def from_model(model: TextToImage | ControlledTextToImage, *, process: Process, 
                   encode_image=lambda p, images, noise: vae_codec.encode(vae, p["vae"], images, noise))
     if image_shape[-1] != vae.config.latent_channels:
       raise ValueError(f"image_shape {image_shape} does not end in the VAE's {vae.config.latent_channels} channels")
-  return Pipeline(tokenize=tokenize, encode_text=encode_text, predict=predict, process=process, target=target,
+  controlled = isinstance(model, ControlledTextToImage)
+  return Pipeline(tokenize=tokenize, encode_text=encode_text, predict=predict_controlled if controlled else predict,
+                  process=process, target=target,
                   latent_channels=image_shape[-1], downsample=downsample if vae is not None else 1,
                   time_scale=time_scale, max_length=tokenizer.max_length,
                   count_tokens=lambda p: len(tokenizer.encode(p)) + 2, **latent)

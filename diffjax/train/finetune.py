@@ -108,9 +108,9 @@ def _folder_records(folder: str, prompt: str, size: int, channels: int) -> list[
 
 
 def instance_records(config, base, data_dir: str) -> list[dict]:
-  """The instance images: ``instance.folder``'s files captioned ``instance.prompt``, or the first
-  ``instance.num_images`` examples of the base data's ``instance.split`` whose caption contains
-  ``instance.caption_contains`` (captioned ``instance.prompt`` when it is set)."""
+  """The instance images: ``instance.folder``'s files (captioned by its ``metadata.jsonl``, else
+  ``instance.prompt``), or the first ``instance.num_images`` examples of the base data's ``instance.split``
+  whose caption contains ``instance.caption_contains`` (captioned ``instance.prompt`` when it is set)."""
   inst = config.instance
   if inst.folder:
     return _folder_records(inst.folder, inst.prompt, base.data.image_size, base.data.channels)[:inst.num_images]
@@ -149,14 +149,20 @@ def prior_records(config, base, c: trainer.Components, sample_fn, params, plan, 
                   exclude: set[str]) -> list[dict]:
   """``prior.num_images`` images the base model draws (cycling through ``prior_prompts``), drawn once and kept
   in ``workdir/prior.npz`` so that a resumed run trains on the same ones."""
+  pool = prior_prompts(config, base, data_dir, exclude)
+  if not pool:
+    raise ConfigError(f"config.prior.split = {config.prior.split!r} has no captions besides the instance ones: set "
+                      f"config.prior.prompts")
+  prompts = [pool[i % len(pool)] for i in range(config.prior.num_images)]
   path = os.path.join(workdir, PRIOR_FILE)
   if os.path.isfile(path):
     with np.load(path) as f:
-      drawn, prompts = f["images"], [str(p) for p in f["prompts"]]
+      drawn, stored = f["images"], [str(p) for p in f["prompts"]]
+    if stored != prompts:
+      raise ConfigError(f"{path} holds prior images for other prompts than config.prior now asks for ({len(stored)} "
+                        f"vs {len(prompts)}, first {stored[:1]} vs {prompts[:1]}): use a new workdir")
   else:
-    pool = prior_prompts(config, base, data_dir, exclude)
     n = config.prior.num_images
-    prompts = [pool[i % len(pool)] for i in range(n)]
     key = jax.random.fold_in(jax.random.key(config.seed), 3)
     logging.info("drawing %d prior-preservation images with the base model (%d prompts)", n, len(pool))
     drawn = trainer.generate(sample_fn, params, prompts, plan, base.sampler.guidance_scale, c.tokenize, 1, key)
@@ -179,6 +185,10 @@ class _Batches:
     return {name: it.get_state() for name, it in self.iters.items()}
 
   def set_state(self, state: dict) -> None:
+    if set(state) != set(self.iters):
+      raise ConfigError(f"the checkpoint's data positions are for {sorted(state)}, this run reads "
+                        f"{sorted(self.iters)}: config.prior.weight turned prior preservation on or off since; use a "
+                        f"new workdir")
     for name, it in self.iters.items():
       it.set_state(state[name])
 
@@ -209,9 +219,11 @@ class Tuning(NamedTuple):
   """What a method trains and how the model is put together again.
 
   Attributes:
-    trained: the initial trained tree (adapters, the params themselves, or the new token rows (n, D)).
+    trained: the initial trained tree (LoRA adapters, the params themselves, the new token rows (n, D),
+      or ControlNet params).
     compose: ``compose(trained, frozen) -> the model's full parameters`` (text encoder included), with
-      ``frozen`` the base's frozen parts plus ``frozen["base"]``, the base's trained params.
+      ``frozen`` the base's frozen parts (None for a pixel model) and, for every method but "full",
+      ``frozen["base"]``: the base's trained params.
     components: the base's components, or with textual inversion's tokenizer and larger token table.
   """
 
@@ -221,7 +233,7 @@ class Tuning(NamedTuple):
 
 
 def _base_with(extra: Callable) -> Callable:
-  """compose = ``extra(full params of the frozen base)``."""
+  """compose = ``extra(trained, the frozen base's full params)``."""
   return lambda trained, frozen: extra(trained, steps.with_frozen(frozen["base"], frozen))
 
 
@@ -266,23 +278,28 @@ def _textual_inversion(ti, c: trainer.Components, text_params: dict) -> Tuning:
   if not hasattr(c.tokenizer, "with_added_tokens"):
     raise ConfigError(f"config.method = 'textual_inversion' needs a tokenizer that takes added tokens (CLIP or "
                       f"bytes); the base's is a {type(c.tokenizer).__name__}")
-  ids = c.tokenizer.encode(ti.initializer)
-  if not ids:
+  if not ti.initializer:
     raise ConfigError("config.textual_inversion.initializer is empty: a word to start the new token from")
-  table = textual_inversion.token_table(text_params)
-  rows = jnp.repeat(jnp.mean(table[jnp.asarray(ids)], axis=0, keepdims=True), ti.num_vectors, axis=0)
   try:
+    rows = textual_inversion.initial_vectors(c.tokenizer, text_params, ti.initializer, ti.num_vectors,
+                                             several_tokens=True)
     (tokenizer,), (extended,) = textual_inversion.add_embedding(
-        textual_inversion.Embedding(ti.token, (np.asarray(rows, np.float32),), "config.textual_inversion.token"),
-        [c.tokenizer], [text_params])
+        textual_inversion.Embedding(ti.token, (rows,), "config.textual_inversion.token"), [c.tokenizer],
+        [text_params])
   except ValueError as e:
     raise ConfigError(f"config.textual_inversion: {e}") from None
+  # every vector must be reachable from a prompt (a CLIP tokenizer lowercases, and expansion looks for the
+  # token as tokenized: '<Toy>' would reach its first vector alone)
+  reached = set(tokenizer.encode(textual_inversion.expand_prompt(tokenizer, ti.token)))
+  if not all(tokenizer.added[t] in reached for t in textual_inversion.vector_tokens(ti.token, ti.num_vectors)):
+    raise ConfigError(f"config.textual_inversion.token = {ti.token!r}: a prompt reaches only some of its "
+                      f"{ti.num_vectors} vectors with this tokenizer; use a lowercase token")
   model = c.model.clone(text=textual_inversion.fit_config(c.model.text, extended))
   tokenize = trainer.tokenize_fn(tokenizer.max_length, tokenizer)
   components = trainer.with_network(c, model, tokenizer)._replace(
       tokenize=lambda text: tokenize(textual_inversion.expand_prompt(tokenizer, text)))
   extend = lambda r, full: {**full, "text_encoder": textual_inversion.extend_embeddings(full["text_encoder"], r)}
-  return Tuning(rows, _base_with(extend), components)
+  return Tuning(jnp.asarray(rows), _base_with(extend), components)
 
 
 def write_unet_lora(path: str, adapters: lora.Adapters) -> None:
@@ -322,6 +339,10 @@ def finetune(config, workdir: str):
   # -- images --------------------------------------------------------------------------
   instances = instance_records(config, base, data_dir)
   captions = {r["caption"] for r in instances}
+  if config.method == "textual_inversion" and not any(config.textual_inversion.token in cap for cap in captions):
+    raise ConfigError(f"config.textual_inversion.token = {config.textual_inversion.token!r} appears in no instance "
+                      f"caption: nothing would train (caption the images with it: instance.folder's "
+                      f"metadata.jsonl or instance.prompt)")
   logging.info("%d instance images (%s)", len(instances), ", ".join(sorted(captions)[:3]))
   prior = None
   if config.prior.weight > 0:
@@ -351,16 +372,12 @@ def finetune(config, workdir: str):
                                                         spec=spec, frozen=f, encode=encode, compose=tune.compose),
                        donate_argnums=0)
 
-  def check(step, diag):
-    if not np.isfinite(float(diag["loss"])):
-      raise FloatingPointError(f"non-finite loss {float(diag['loss'])} at step {step}")
-
   control = config.controlnet.conditioning if config.method == "controlnet" else None
   state, step, preempted = loop.train_loop(
       state, train_step=lambda s, b: train_step(s, b, train_frozen),
       next_batch=lambda: merged_batch(next(batches), config.prior.weight, control), num_steps=config.train.num_steps,
       checkpointer=checkpointer, data_iter=batches, writer=writer, log_every=config.train.log_every,
-      checkpoint_every=config.train.checkpoint_every, check=check)
+      checkpoint_every=config.train.checkpoint_every, check=loop.check_finite)
   if preempted or step < config.train.num_steps:
     return state
 
@@ -444,14 +461,14 @@ def evaluate_control(config, base, plan, models: dict, data_dir: str, workdir: s
   model (with control) and the base (without). Per model: the mean IoU of the samples' shape masks with the
   control's mask (``shapes.control_map`` "mask" of both), the fraction with IoU >= 0.8, and for a shapes base the
   per-attribute accuracy. ``control.png``: rows of control maps, tuned samples, base samples."""
-  from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
+  from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy, mask_iou
 
   n = config.eval.prompts * config.eval.samples_per_prompt
   source = pipeline.load_source(base.data.name, config.controlnet.eval_split, data_dir)
   examples = [source[i] for i in range(min(n, len(source)))]
   real = np.stack([np.asarray(e["image"]) for e in examples]).astype(np.float32) / 127.5 - 1.0
   control = shapes.control_map(real, config.controlnet.conditioning)
-  wanted_mask = shapes.control_map(real, "mask")[..., 0] > 0.5
+  wanted_mask = shapes.control_map(real, "mask")[..., 0] > 0.5  # (N, H, W) bool
   captions = [pipeline.caption_text(e["caption"]) for e in examples]
   key = jax.random.fold_in(jax.random.key(config.seed), 7)
   scores, grid = {}, [np.round(control * 255).astype(np.uint8)]
@@ -462,8 +479,7 @@ def evaluate_control(config, base, plan, models: dict, data_dir: str, workdir: s
     x = sample_fn(params, tok, m, key, jnp.asarray(plan.ts, jnp.float32), base.sampler.guidance_scale, inputs)
     samples = images.to_uint8(np.asarray(x))
     grid.append(samples)
-    got = shapes.control_map(samples.astype(np.float32) / 127.5 - 1.0, "mask")[..., 0] > 0.5
-    iou = (got & wanted_mask).sum((1, 2)) / np.maximum((got | wanted_mask).sum((1, 2)), 1)
+    iou = mask_iou(samples, wanted_mask)
     scores[which] = {"mask_iou": float(iou.mean()), "iou_at_least_0.8": float((iou >= 0.8).mean())}
     if base.data.name == "shapes_captions":
       scores[which] |= attribute_accuracy(samples, {a: [e[a] for e in examples] for a in ATTRIBUTES})

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
+import numpy as np
 import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
@@ -41,6 +42,16 @@ class Preemption:
   def __exit__(self, *exc) -> None:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+def check_finite(step: int, diag) -> None:
+  """FloatingPointError for a non-finite loss, with what ``steps.train_step``'s diagnostics say about the batch
+  (caught before anything is saved)."""
+  if not np.isfinite(float(diag["loss"])):
+    raise FloatingPointError(
+        f"non-finite loss {float(diag['loss'])} at step {step}: batch image mean {float(diag['image_mean']):.4g}, "
+        f"std {float(diag['image_std']):.4g}, gradient norm {float(diag['grad_norm']):.4g}; "
+        f"per-example losses {np.asarray(diag['per_example_loss'])}")
 
 
 def train_loop(state, *, train_step: Callable, next_batch: Callable[[], Any], num_steps: int, checkpointer,

@@ -359,17 +359,10 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
                                           num_profile_steps=config.train.profile_steps, profile_duration_ms=None,
                                           first_profile=first_step + min(10, max(1, (num_steps - first_step) // 2))))
 
-  def check(step, diag):  # caught before anything is saved
-    if not np.isfinite(float(diag["loss"])):
-      raise FloatingPointError(
-          f"non-finite loss {float(diag['loss'])} at step {step}: batch image mean {float(diag['image_mean']):.4g}, "
-          f"std {float(diag['image_std']):.4g}, gradient norm {float(diag['grad_norm']):.4g}; "
-          f"per-example losses {np.asarray(diag['per_example_loss'])}")
-
   state, step, preempted = loop.train_loop(
       state, train_step=lambda s, b: train_step(s, b, frozen), next_batch=next_batch, num_steps=num_steps,
       checkpointer=checkpointer, data_iter=data_iter, writer=writer, log_every=config.train.log_every,
-      checkpoint_every=config.train.checkpoint_every, check=check, hooks=hooks)
+      checkpoint_every=config.train.checkpoint_every, check=loop.check_finite, hooks=hooks)
 
   # -- evaluation ------------------------------------------------------------------------
   if not preempted and step >= num_steps:
