@@ -61,6 +61,13 @@ def test_tiny_run_trains_checkpoints_and_samples(tmp_path):
   np.testing.assert_array_equal(np.load(tmp_path / "generated" / "samples.npz")["images"], sampled)
   assert json.loads((tmp_path / "sample" / "samples.json").read_text())["step"] == 6
 
+
+@pytest.mark.slow  # about 2 minutes: a tiny run, then calibration, fitted sampling and the held-out benchmark
+def test_calibrated_samplers_of_a_tiny_run(tmp_path):
+  config = default.get_config("tiny")
+  config.train.profile_steps = 0
+  trainer.train_and_evaluate(config, str(tmp_path))
+  sampled = trainer.sample_from_checkpoint(config, str(tmp_path), config.prompts[:2], 2, str(tmp_path / "sample"))
   # --mode=calibrate fits samplers to the checkpoint; sampler.name=fitted samples and evaluates with them, and
   # refuses a calibration made for another guidance scale, and any use while training
   config.calibration.update(dict(budgets=(2, 3), batch=16, validation_batch=16, lattice=8, chunk=16))
