@@ -473,11 +473,9 @@ def evaluate_control(config, base, plan, models: dict, data_dir: str, workdir: s
   key = jax.random.fold_in(jax.random.key(config.seed), 7)
   scores, grid = {}, [np.round(control * 255).astype(np.uint8)]
   for which, (sample_fn, params, tokenize) in models.items():
-    rows = [tokenize(p) for p in captions]
-    tok, m = (jnp.asarray(np.stack([r[i] for r in rows])) for i in (0, 1))
     inputs = {"control_images": jnp.asarray(control)} if which == "tuned" else None
-    x = sample_fn(params, tok, m, key, jnp.asarray(plan.ts, jnp.float32), base.sampler.guidance_scale, inputs)
-    samples = images.to_uint8(np.asarray(x))
+    samples = trainer.generate(sample_fn, params, captions, plan, base.sampler.guidance_scale, tokenize, 1, key,
+                               inputs)
     grid.append(samples)
     iou = mask_iou(samples, wanted_mask)
     scores[which] = {"mask_iou": float(iou.mean()), "iou_at_least_0.8": float((iou >= 0.8).mean())}

@@ -502,12 +502,14 @@ def evaluate_shapes(sample_fn, params, config, plan, tokenize, data_dir, workdir
 
 
 def generate(sample_fn, params, prompts, plan: pipelines.Plan, guidance_scale: float, tokenize, per_prompt: int,
-             key) -> np.ndarray:
-  """uint8 (len(prompts) * per_prompt, H, W, C) samples, prompt-major, on ``plan``'s grid."""
+             key, inputs=None) -> np.ndarray:
+  """uint8 (len(prompts) * per_prompt, H, W, C) samples, prompt-major, on ``plan``'s grid (``inputs``:
+  ``make_sample_fn``'s extra pipeline inputs)."""
   rows = [tokenize(p) for p in prompts for _ in range(per_prompt)]
   tok = jnp.asarray(np.stack([r[0] for r in rows]))
   mask = jnp.asarray(np.stack([r[1] for r in rows]))
-  x = sample_fn(params, tok, mask, key, jnp.asarray(plan.ts, jnp.float32), guidance_scale)
+  extra = () if inputs is None else (inputs,)  # (a sample_fn jitted with six in_shardings takes six arguments)
+  x = sample_fn(params, tok, mask, key, jnp.asarray(plan.ts, jnp.float32), guidance_scale, *extra)
   return images.to_uint8(np.asarray(x))
 
 
