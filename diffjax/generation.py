@@ -12,8 +12,8 @@ Outputs in ``output_dir``: ``NNNN.png`` per image; ``samples.npz`` (``images`` u
 to reproduce each image (the config, the sampling plan, per-image prompt and seed, the
 SHA-256 of every weight file read). ``config.lora``: LoRA files (diffusers or kohya format) merged
 into the pipeline's weights, each with its scale. ``config.controlnet``: ControlNets (diffusers folders or original
-single files) steering txt2img, img2img and inpainting of a Stable Diffusion model, one ``config.control_image``
-each (``pipelines.controlnet``).
+single files, or the ``controlnet/`` a finetune job wrote) steering txt2img, img2img and inpainting of a Stable
+Diffusion model or a diffjax U-Net workdir, one ``config.control_image`` each (``pipelines.controlnet``).
 """
 
 from __future__ import annotations
@@ -240,12 +240,13 @@ def with_controlnets(config, pipe: pipelines.Pipeline, params: dict, provenance:
   paths = schema.control_field(config, "controlnet")
   if not paths:
     return pipe, params, provenance, None
-  if config.task == "upscale" or provenance["kind"] == "diffjax" or "unet" not in params:
+  unet = pipelines.controlnet.unet_params(params)
+  if config.task == "upscale" or unet is None:
     raise ConfigError(f"config.controlnet: ControlNets steer txt2img, img2img and inpaint of a Stable Diffusion folder "
-                      f"or single file, not task {config.task!r} of {config.pretrained}")
+                      f"or single file or a diffjax U-Net workdir, not task {config.task!r} of {config.pretrained}")
   pipe, weights, files = _controlled(pipe, paths, config.dtype, tuple(_files_state(p) for p in paths))
   for path, w in zip(paths, weights, strict=True):
-    problem = pipelines.controlnet.unet_mismatch(w, params["unet"])
+    problem = pipelines.controlnet.unet_mismatch(w, unet)
     if problem:
       raise ConfigError(f"config.controlnet: {path} is a ControlNet for another U-Net: {problem}")
   names = schema.control_field(config, "control_image")

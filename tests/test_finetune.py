@@ -125,20 +125,74 @@ def test_a_controlnet_from_the_unet_starts_as_the_base(base):
   np.testing.assert_array_equal(np.asarray(controlled), np.asarray(plain))
 
 
-@pytest.mark.slow  # about 60 s
-def test_controlnet_training_writes_a_folder_and_scores_layouts(base, tmp_path):
-  """After training, the ControlNet folder (diffusers ControlNetModel) loads with the trained weights and the
-  evaluation reports the mask IoU of controlled and uncontrolled samples on held-out layouts."""
+def test_the_pipeline_steered_by_the_controlnet_predicts_what_training_trained(base):
+  """Sampling steers the base's pipeline with the ControlNet (``pipelines.controlnet.with_controlnets``, as the
+  generation job does); training runs ``ControlledTextToImage``. With the ControlNet's weights moved off their zero
+  start, both give the same prediction for the same inputs (conditional rows; the unconditional ones too, as
+  guess mode is off)."""
+  from diffjax import pipelines
+  from diffjax.models.text_to_image import controlnet_of
+
+  config = _controlnet_config(base)
+  config.controlnet.scale = 0.7
+  c, (params, frozen), _ = trainer.load_components(finetune.base_config(config), base)
+  tune = finetune.tuning(config, c, params, frozen)
+  leaves, tree = jax.tree.flatten(tune.trained)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  moved = jax.tree.unflatten(tree, [w + 0.05 * jax.random.normal(k, w.shape)
+                                   for w, k in zip(leaves, keys, strict=True)])
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  tokens, mask = (jnp.asarray(np.stack([c.tokenize(p)[i] for p in ("the digit seven", "")])) for i in (0, 1))
+  control = np.random.default_rng(0).random((2, 8, 8, 3)).astype(np.float32)
+  t = 0.3
+  model = tune.components.model
+  trained = model.apply({"params": tune.compose(moved, {"base": params})}, x, jnp.full((2,), t * c.pipe.time_scale),
+                        tokens, mask, control=jnp.asarray(control))
+  pipe = pipelines.controlnet.with_controlnets(c.pipe, [controlnet_of(model)])
+  inputs = pipelines.controlnet.control_inputs(pipelines.controlnet.Control([control], scales=0.7), batch=2,
+                                               height=8, width=8, ts=[t], denoise_final=True,
+                                               time_scale=c.pipe.time_scale)
+  pp = trainer.pipeline_params(params, frozen) | {"controlnet": moved, "control": inputs}
+  steered = pipe.predict(pp, x, jnp.full((2,), t * c.pipe.time_scale), pipe.encode_text(pp, tokens, mask))
+  plain = c.pipe.predict(pp, x, jnp.full((2,), t * c.pipe.time_scale), c.pipe.encode_text(pp, tokens, mask))
+  assert float(jnp.abs(steered - plain).max()) > 1e-3  # the ControlNet acts
+  # the same float32 operations in two compiled programs: only how XLA fuses and orders the sums may differ, a few
+  # ulps of the output's scale (seen: 3 ulps of max |output| = 2.2); 32 ulps leaves room for another CPU's kernels
+  scale = float(jnp.abs(trained).max())
+  np.testing.assert_allclose(np.asarray(steered), np.asarray(trained), rtol=0,
+                             atol=32 * np.finfo(np.float32).eps * scale)
+
+
+@pytest.mark.slow  # about 70 s
+def test_controlnet_training_writes_a_folder_that_scores_layouts_and_steers_the_generation_job(base, tmp_path):
+  """After training, the ControlNet folder (diffusers ControlNetModel) loads with the trained weights, the
+  evaluation reports the mask IoU of controlled and uncontrolled samples on held-out layouts, and the generation
+  job steers the base workdir with the folder and a control image file (its record names both)."""
+  from PIL import Image
+
+  from configs import generate as generate_config
   from diffjax.convert.controlnet import load_controlnet
 
   out = str(tmp_path / "cn")
   state = finetune.finetune(_controlnet_config(base), out)
-  _, loaded = load_controlnet(os.path.join(out, finetune.CONTROLNET_FOLDER))
+  folder = os.path.join(out, finetune.CONTROLNET_FOLDER)
+  _, loaded = load_controlnet(folder)
   for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(state.params), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   scores = json.load(open(os.path.join(out, "eval.json")))
   assert scores["num_layouts"] == 2 and 0.0 <= scores["tuned"]["mask_iou"] <= 1.0 and "base" in scores
   assert os.path.isfile(os.path.join(out, "control.png"))
+
+  edges = np.zeros((8, 8, 3), np.uint8)
+  edges[2:6, 2:6] = 255
+  Image.fromarray(edges).save(tmp_path / "edges.png")
+  job = generate_config.get_config()
+  job.update(dict(pretrained=base, prompts=("the digit seven",), height=8, width=8, controlnet=(folder,),
+                  control_image=(str(tmp_path / "edges.png"),)))
+  job.sampler.update(dict(name="dpmpp_2m", steps=3))
+  record = generation.generate(job, str(tmp_path / "generated"))
+  assert record["controlnet"][0]["path"] == os.path.abspath(folder)
+  assert os.path.isfile(tmp_path / "generated" / "0000.png")
 
 
 @pytest.mark.slow  # three short runs (about 30 s)

@@ -223,8 +223,9 @@ def with_controlnets(pipe: core.Pipeline, controlnets: Sequence[ControlNet]) -> 
   ``params['controlnet']`` and ``params['control']`` (module docstring).
 
   ``pipe`` must be a U-Net pipeline whose ``predict`` takes ``residuals`` (Stable Diffusion 1.x / 2.x and SD
-  inpainting folders and single files); its conditioning becomes ``(conditioning, ControlRows)``. Build it once
-  and reuse it: the host functions compile one program per pipeline object.
+  inpainting folders and single files, a diffjax text-to-image workdir's); its conditioning becomes
+  ``(conditioning, ControlRows)``. Build it once and reuse it: the host functions compile one program per pipeline
+  object.
   """
   nets = tuple(controlnets)
   if not nets:
@@ -276,6 +277,15 @@ def unet_mismatch(controlnet_params: Mapping, unet_params: Mapping) -> str | Non
   return "; ".join(bad) or None
 
 
+def unet_params(params: Mapping) -> Mapping | None:
+  """The U-Net's parameters in a pipeline's: a Stable Diffusion pipeline's ``'unet'``, a diffjax workdir's
+  ``'model'`` / ``'denoiser'``; None for another network."""
+  if "unet" in params:
+    return params["unet"]
+  model = params.get("model")
+  return model.get("denoiser") if isinstance(model, Mapping) else None
+
+
 def _check_run(pipe: core.Pipeline, params, control: Control) -> None:
   """The ControlNets' count against the control images', and each ControlNet against the U-Net (if params has one)."""
   k = len(control.images)
@@ -284,7 +294,8 @@ def _check_run(pipe: core.Pipeline, params, control: Control) -> None:
   if count != k:
     raise ValueError(f"{k} control images for {count} ControlNets in params['controlnet']: give one per ControlNet")
   for i, w in enumerate(_weights(params, k)):
-    problem = unet_mismatch(w, params["unet"]) if "unet" in params else None
+    unet = unet_params(params)
+    problem = None if unet is None else unet_mismatch(w, unet)
     if problem:
       raise ValueError(f"ControlNet {i} is for another U-Net: {problem}")
 

@@ -1,33 +1,24 @@
 """A ``Pipeline`` around diffjax's own ``TextToImage`` network (what the trainer trains).
 
 Parameters are ``{"model": TextToImage params (text encoder and U-Net), "vae": VAE params}`` (no
-"vae" in pixel space). A ``ControlledTextToImage`` (a ControlNet beside the network) also reads
-``"control_images"``: the control images (B, f H, f W, 3) in [0, 1] of the batch being sampled, an
-input like the noise (changing them does not recompile). (Stable Diffusion pipelines with
-ControlNets, ``controlnet.with_controlnets``, read ``"control"``, their per-run settings.) Turning a
-training workdir into these parameters is the trainer's job
+"vae" in pixel space). ``predict`` takes a ControlNet's residuals, so ``controlnet.with_controlnets``
+steers these pipelines as it steers Stable Diffusion's (a ControlNet that ``diffjax.train.finetune``
+trained beside the network). Turning a training workdir into these parameters is the trainer's job
 (``diffjax.train.trainer.load_pipeline``: it knows checkpoints).
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
-from diffjax.models.text_to_image import ControlledTextToImage, TextToImage
+from diffjax.models.text_to_image import TextToImage
 from diffjax.models.vae import AutoencoderKL
 from diffjax.pipelines import vae as vae_codec
 from diffjax.pipelines.core import Pipeline
 from diffjax.processes import Process
 
 
-def _guided(control, batch: int):
-  """Control images for a network batch of ``batch`` rows: classifier-free guidance runs each image's conditional
-  and unconditional rows next to each other (``samplers.guidance``), so each control image serves both."""
-  return control if control.shape[0] == batch else jnp.repeat(control, batch // control.shape[0], axis=0)
-
-
-def from_model(model: TextToImage | ControlledTextToImage, *, process: Process, target: str, tokenizer,
+def from_model(model: TextToImage, *, process: Process, target: str, tokenizer,
                image_shape: tuple, time_scale: float = 1.0, vae: AutoencoderKL | None = None) -> Pipeline:
   """The pipeline of ``model`` trained on ``process`` to predict ``target``.
 
@@ -45,11 +36,10 @@ def from_model(model: TextToImage | ControlledTextToImage, *, process: Process, 
   def encode_text(params, ids, mask):
     return model.apply({"params": params["model"]}, ids, mask, method=model.encode_text)
 
-  def predict(params, x, t, context):
-    return model.apply({"params": params["model"]}, x, t, context, method=model.predict)
-
-  def predict_controlled(params, x, t, context):
-    return model.apply({"params": params["model"]}, x, t, context, _guided(params["control_images"], x.shape[0]),
+  def predict(params, x, t, context, residuals=None):
+    """``residuals``: a ControlNet's (down residuals, mid residual), added to the U-Net's skips and middle block."""
+    down, mid = (None, None) if residuals is None else residuals
+    return model.apply({"params": params["model"]}, x, t, context, down_residuals=down, mid_residual=mid,
                        method=model.predict)
 
   latent = {}
@@ -59,8 +49,7 @@ def from_model(model: TextToImage | ControlledTextToImage, *, process: Process, 
                   encode_image=lambda p, images, noise: vae_codec.encode(vae, p["vae"], images, noise))
     if image_shape[-1] != vae.config.latent_channels:
       raise ValueError(f"image_shape {image_shape} does not end in the VAE's {vae.config.latent_channels} channels")
-  controlled = isinstance(model, ControlledTextToImage)
-  return Pipeline(tokenize=tokenize, encode_text=encode_text, predict=predict_controlled if controlled else predict,
+  return Pipeline(tokenize=tokenize, encode_text=encode_text, predict=predict,
                   process=process, target=target,
                   latent_channels=image_shape[-1], downsample=downsample if vae is not None else 1,
                   time_scale=time_scale, max_length=tokenizer.max_length,

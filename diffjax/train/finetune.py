@@ -28,7 +28,7 @@ from absl import logging
 from clu import metric_writers
 from PIL import Image
 
-from diffjax import images
+from diffjax import images, pipelines
 from diffjax.adapters import lora, lora_files, textual_inversion
 from diffjax.convert.controlnet import save_controlnet
 from diffjax.data import pipeline, shapes
@@ -269,8 +269,8 @@ def _controlnet(cn, c: trainer.Components, unet_params: dict, key) -> Tuning:
   config = ControlNetConfig.from_unet(c.model.unet, conditioning_embedding_out_channels=channels)
   model = ControlledTextToImage(c.model, config, scale=cn.scale)
   compose = _base_with(lambda p, full: {"base": full, "controlnet": p})
-  return Tuning(controlnet_from_unet(unet_params, config, key=key), compose,
-                trainer.with_network(c, model, c.tokenizer))
+  # training runs the controlled network; sampling steers the base's pipeline (``evaluate_control``)
+  return Tuning(controlnet_from_unet(unet_params, config, key=key), compose, c._replace(model=model))
 
 
 def _textual_inversion(ti, c: trainer.Components, text_params: dict) -> Tuning:
@@ -383,16 +383,16 @@ def finetune(config, workdir: str):
 
   # -- outputs ----------------------------------------------------------------------------
   write_outputs(config, workdir, state.ema_params, tc)
-  # compose gives the whole network: sampling gets the base's other frozen parts (the VAE) beside it
-  tuned = (tune.compose(state.ema_params, train_frozen), frozen and {**frozen, "model": {}})
-  models = {"tuned": (trainer.make_sample_fn(tc, plan), tuned, tc.tokenize)}
-  if config.method != "textual_inversion":  # (the base cannot read the new token)
-    models["base"] = (sample_fn, (base_params, frozen), c.tokenize)
   if not config.eval.prompts:
     scores = {}
   elif config.method == "controlnet":
-    scores = evaluate_control(config, base, plan, models, data_dir, workdir)
-  else:
+    scores = evaluate_control(config, base, plan, c, (base_params, frozen), controlnet_of(tc.model),
+                              state.ema_params, data_dir, workdir)
+  else:  # compose gives the whole network: sampling gets the base's other frozen parts (the VAE) beside it
+    tuned = (tune.compose(state.ema_params, train_frozen), frozen and {**frozen, "model": {}})
+    models = {"tuned": (trainer.make_sample_fn(tc, plan), tuned, tc.tokenize)}
+    if config.method != "textual_inversion":  # (the base cannot read the new token)
+      models["base"] = (sample_fn, (base_params, frozen), c.tokenize)
     scores = evaluate(config, base, plan, models, instances, prior, workdir)
   scores |= {"trained_parameters": n_trained, "base_parameters": n_base, "method": config.method}
   with open(os.path.join(workdir, "eval.json"), "w") as f:
@@ -455,12 +455,15 @@ def evaluate(config, base, plan, models: dict, instances, prior, workdir: str) -
   return scores
 
 
-def evaluate_control(config, base, plan, models: dict, data_dir: str, workdir: str) -> dict:
-  """The ControlNet on held-out layouts: the first ``eval.prompts x eval.samples_per_prompt`` examples of the base
-  data's ``controlnet.eval_split``, each sampled once for its caption with its own control map, by the tuned
-  model (with control) and the base (without). Per model: the mean IoU of the samples' shape masks with the
-  control's mask (``shapes.control_map`` "mask" of both), the fraction with IoU >= 0.8, and for a shapes base the
-  per-attribute accuracy. ``control.png``: rows of control maps, tuned samples, base samples."""
+def evaluate_control(config, base, plan, c: trainer.Components, params, net, net_params, data_dir: str,
+                     workdir: str) -> dict:
+  """The ControlNet ``net`` (parameters ``net_params``) on held-out layouts: the first ``eval.prompts x
+  eval.samples_per_prompt`` examples of the base data's ``controlnet.eval_split``, each sampled once for its caption
+  with its own control map by the base pipeline steered by ``net`` (``pipelines.controlnet.with_controlnets``, as the
+  generation job runs it) and, for comparison, by the base alone (``params``: the base's (trained, frozen)). Per
+  model: the mean IoU of the samples' shape masks with the control's mask (``shapes.control_map`` "mask" of both),
+  the fraction with IoU >= 0.8, and for a shapes base the per-attribute accuracy. ``control.png``: rows of control
+  maps, tuned samples, base samples."""
   from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy, mask_iou
 
   n = config.eval.prompts * config.eval.samples_per_prompt
@@ -470,18 +473,24 @@ def evaluate_control(config, base, plan, models: dict, data_dir: str, workdir: s
   control = shapes.control_map(real, config.controlnet.conditioning)
   wanted_mask = shapes.control_map(real, "mask")[..., 0] > 0.5  # (N, H, W) bool
   captions = [pipeline.caption_text(e["caption"]) for e in examples]
+  size = base.data.image_size
+  steered = c._replace(pipe=pipelines.controlnet.with_controlnets(c.pipe, [net]))
+  inputs = {"controlnet": net_params,
+            "control": pipelines.controlnet.control_inputs(
+                pipelines.controlnet.Control([control], scales=config.controlnet.scale), batch=len(examples),
+                height=size, width=size, ts=plan.ts, denoise_final=plan.denoise_final, time_scale=c.pipe.time_scale)}
+  runs = {"tuned": (trainer.make_sample_fn(steered, plan), inputs), "base": (trainer.make_sample_fn(c, plan), None)}
   key = jax.random.fold_in(jax.random.key(config.seed), 7)
   scores, grid = {}, [np.round(control * 255).astype(np.uint8)]
-  for which, (sample_fn, params, tokenize) in models.items():
-    inputs = {"control_images": jnp.asarray(control)} if which == "tuned" else None
-    samples = trainer.generate(sample_fn, params, captions, plan, base.sampler.guidance_scale, tokenize, 1, key,
-                               inputs)
+  for which, (sample_fn, extra) in runs.items():
+    samples = trainer.generate(sample_fn, params, captions, plan, base.sampler.guidance_scale, c.tokenize, 1, key,
+                               extra)
     grid.append(samples)
     iou = mask_iou(samples, wanted_mask)
     scores[which] = {"mask_iou": float(iou.mean()), "iou_at_least_0.8": float((iou >= 0.8).mean())}
     if base.data.name == "shapes_captions":
       scores[which] |= attribute_accuracy(samples, {a: [e[a] for e in examples] for a in ATTRIBUTES})
-  labels = ["control maps"] + [f"{w}" + (" (with control)" if w == "tuned" else " (no control)") for w in models]
+  labels = ["control maps", "tuned (with control)", "base (no control)"]
   channels = grid[1].shape[-1]  # (a one-channel model's samples: its control maps in grey)
   grid[0] = grid[0][..., :channels]
   images.save_labeled_grid(np.concatenate(grid), labels, os.path.join(workdir, "control.png"))

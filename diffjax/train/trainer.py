@@ -212,7 +212,7 @@ def _text_to_image_pipe(model: TextToImage, spec: steps.DiffusionSpec, tokenizer
 
 def with_network(c: Components, model, tokenizer) -> Components:
   """``c`` with another network and tokenizer for the same images (textual inversion's added tokens and the larger
-  token table they need, a ``ControlledTextToImage``): tokenize and pipeline follow; the empty caption's ids stay."""
+  token table they need): tokenize and pipeline follow; the empty caption's ids stay."""
   return c._replace(model=model, tokenizer=tokenizer, tokenize=tokenize_fn(tokenizer.max_length, tokenizer),
                     pipe=_text_to_image_pipe(model, c.spec, tokenizer, c.image_shape, c.latent))
 
@@ -260,8 +260,8 @@ def make_sample_fn(c: Components, plan: pipelines.Plan, latent_mark: wm.LatentKe
   caption, decoded with the VAE of a latent model. ``params`` is the pair (trained params, ``c.frozen``);
   the initial noise is the standard normal drawn with the first half of ``key`` (with ``latent_mark``'s
   pattern written into it when given), the solver's randomness the second. ``inputs``: more entries of
-  the pipeline's parameters (a ``ControlledTextToImage``'s "control_images"). ``jit_options`` go to
-  ``jax.jit`` (shardings)."""
+  the pipeline's parameters (a ``controlnet.with_controlnets`` pipeline's "controlnet" and "control").
+  ``jit_options`` go to ``jax.jit`` (shardings)."""
 
   def sample_fn(params, tok, m, key, ts, w, inputs=None):
     k_init, k_solver = jax.random.split(key)
