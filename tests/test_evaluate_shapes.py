@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffjax.data import shapes
-from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
+from diffjax.evaluate.shapes import ATTRIBUTES, asked_attributes, attribute_accuracy
 
 
 def _rendered(rng, colour_of=lambda c: c):
@@ -82,3 +82,14 @@ def test_a_new_colour_word_is_rendered_and_judged(tmp_path):
   reds = np.stack([shapes.render("red", q["shape"], q["count"], q["position"], np.random.default_rng(i))
                    for i, q in enumerate(asked)])
   assert attribute_accuracy(reds, wanted, colours)["colour"] == 0.0
+
+
+def test_what_an_example_asks_for_comes_from_its_labels_else_its_caption():
+  labels = {"colour": 2, "shape": 2, "count": 1, "position": "top"}
+  assert asked_attributes(labels, "anything") == labels
+  assert asked_attributes({}, "two red squares on the left") == {"colour": "red", "shape": "square", "count": 2,
+                                                                 "position": "left"}
+  assert asked_attributes({}, "a <c> circle at the top") is None  # a colour word the colours do not name
+  colours = dict(shapes.COLOURS) | {"<c>": (170, 40, 210)}
+  assert asked_attributes({}, "a <c> circle at the top", colours)["colour"] == "<c>"
+  assert asked_attributes({}, "the digit seven") is None

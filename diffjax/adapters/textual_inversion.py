@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.convert.files import PICKLE_SUFFIXES, PickleRefusedError, read_safetensors, write_safetensors
-from diffjax.models.tokenizers import CLIPTokenizer
+from diffjax.models.tokenizers import TakesAddedTokens
 
 TABLE = ('embeddings', 'token_embedding', 'embedding')  # the token table's path in CLIP text params
 ENCODERS = ('text_encoder', 'text_encoder_2')  # the pipelines' names, in the order of ``Embedding.vectors``
@@ -215,7 +215,7 @@ def write_embedding(path: str | os.PathLike, embedding: Embedding) -> None:
 
 
 # -- prompts ----------------------------------------------------------------------------------------------------------
-def _expand(tokenizer: CLIPTokenizer, prompt: str) -> str:
+def _expand(tokenizer: TakesAddedTokens, prompt: str) -> str:
   # diffusers' _maybe_convert_prompt: a plain substring replacement of each added token seen in the prompt (as
   # tokenized: normalized) that has ``_1`` companions. diffusers visits the tokens in set order; first-seen order
   # here gives the same prompt except for contrived overlaps of tokens.
@@ -229,7 +229,7 @@ def _expand(tokenizer: CLIPTokenizer, prompt: str) -> str:
   return prompt
 
 
-def expand_prompt(tokenizer: CLIPTokenizer, prompt: str | Sequence[str]) -> str | list[str]:
+def expand_prompt(tokenizer: TakesAddedTokens, prompt: str | Sequence[str]) -> str | list[str]:
   """``prompt`` (or each of a list) with every multi-vector token ``tok`` written as ``tok tok_1 ... tok_{n-1}``,
   exactly as diffusers' ``maybe_convert_prompt``; tokenize the result. Single-vector and unknown tokens are kept."""
   if isinstance(prompt, str):
@@ -292,7 +292,7 @@ def fit_config(config, text_params: Mapping):
   return dataclasses.replace(config, vocab_size=int(token_table(text_params).shape[0]))
 
 
-def initial_vectors(tokenizer: CLIPTokenizer, text_params: Mapping, word: str, num_vectors: int = 1, *,
+def initial_vectors(tokenizer: TakesAddedTokens, text_params: Mapping, word: str, num_vectors: int = 1, *,
                     several_tokens: bool = False) -> np.ndarray:
   """(num_vectors, D) float32 copies of ``word``'s row, the start of training (diffusers' ``initializer_token``);
   ValueError unless ``word`` is one token, or with ``several_tokens`` the mean of its tokens' rows (a byte
@@ -305,7 +305,7 @@ def initial_vectors(tokenizer: CLIPTokenizer, text_params: Mapping, word: str, n
 
 
 # -- tokenizers and params together -----------------------------------------------------------------------------------
-def _check_fit(embedding: Embedding, tokenizers: Sequence[CLIPTokenizer], text_params: Sequence[Mapping]) -> None:
+def _check_fit(embedding: Embedding, tokenizers: Sequence[TakesAddedTokens], text_params: Sequence[Mapping]) -> None:
   """ValueError unless ``embedding`` can be added to these encoders (count, widths, ids, free tokens)."""
   src, token, n = embedding.source, embedding.token, len(text_params)
   if len(tokenizers) != n:
@@ -333,8 +333,8 @@ def _check_fit(embedding: Embedding, tokenizers: Sequence[CLIPTokenizer], text_p
                        f'to load the embedding under another name')
 
 
-def add_embedding(embedding: Embedding, tokenizers: Sequence[CLIPTokenizer], text_params: Sequence[Mapping]
-                  ) -> tuple[list[CLIPTokenizer], list[dict]]:
+def add_embedding(embedding: Embedding, tokenizers: Sequence[TakesAddedTokens], text_params: Sequence[Mapping]
+                  ) -> tuple[list[TakesAddedTokens], list[dict]]:
   """(tokenizers, text params) with ``embedding``'s tokens added and its vectors appended, per text encoder.
 
   ``tokenizers`` and ``text_params`` hold one entry per text encoder, in ``ENCODERS`` order (SD: 1;
@@ -352,15 +352,15 @@ def add_embedding(embedding: Embedding, tokenizers: Sequence[CLIPTokenizer], tex
   return new_tokenizers, new_params
 
 
-def load_textual_inversion(source: str | os.PathLike | Mapping, tokenizers: Sequence[CLIPTokenizer],
+def load_textual_inversion(source: str | os.PathLike | Mapping, tokenizers: Sequence[TakesAddedTokens],
                            text_params: Sequence[Mapping], *, token: str | None = None, allow_pickle: bool = False
-                           ) -> tuple[list[CLIPTokenizer], list[dict]]:
+                           ) -> tuple[list[TakesAddedTokens], list[dict]]:
   """``add_embedding(read_embedding(source, token), tokenizers, text_params)``: diffusers'
   ``load_textual_inversion`` for one file, as new tokenizers and params."""
   return add_embedding(read_embedding(source, token, allow_pickle=allow_pickle), tokenizers, text_params)
 
 
-def extract_embedding(token: str, tokenizers: Sequence[CLIPTokenizer], text_params: Sequence[Mapping]
+def extract_embedding(token: str, tokenizers: Sequence[TakesAddedTokens], text_params: Sequence[Mapping]
                       ) -> Embedding:
   """The ``Embedding`` of an added ``token``: the rows of ``token``, ``token_1``, ... in each encoder's table
   (the inverse of ``add_embedding``; write it with ``write_embedding``)."""

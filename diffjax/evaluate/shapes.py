@@ -64,6 +64,18 @@ def attribute_accuracy(images, attributes, colours: dict | None = None) -> dict[
   return {k: float(v.mean()) for k, v in right.items()}
 
 
+def asked_attributes(record: dict, caption: str, colours: dict | None = None) -> dict | None:
+  """What a shapes example asks for: its labels ({attribute: value} for every one of ``ATTRIBUTES``), else its
+  caption's words (``data.shapes.parse_caption`` with ``colours``, e.g. a textual-inversion token as a colour);
+  None when neither says."""
+  if all(a in record for a in ATTRIBUTES):
+    return {a: record[a] for a in ATTRIBUTES}
+  try:
+    return shapes.parse_caption(caption, shapes.COLOURS if colours is None else colours)
+  except ValueError:
+    return None
+
+
 def mask_iou(images, wanted: np.ndarray) -> np.ndarray:
   """(N,) intersection over union of where ``images`` (N, H, W, C) uint8 have shapes (``shapes.control_map``'s mask)
   and the masks ``wanted`` (N, H, W) bool; 1 where both are empty."""

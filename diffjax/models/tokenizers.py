@@ -26,6 +26,7 @@ import os
 import re
 import unicodedata
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -416,6 +417,22 @@ class WordPieceTokenizer:
     texts = [texts] if isinstance(texts, str) else list(texts)
     n = self.max_length if max_length == -1 else max_length
     return _batch([_wrap(self.encode(t), self.cls_id, self.sep_id, n) for t in texts], n, self.pad_id, padding)
+
+
+class TakesAddedTokens(Protocol):
+  """A tokenizer that takes added tokens (``CLIPTokenizer``, ``ByteTokenizer``): what textual inversion needs."""
+
+  added: dict[str, int]  # added token -> id
+  max_length: int
+
+  @property
+  def vocab(self) -> dict[str, int]: ...
+
+  def with_added_tokens(self, tokens: Sequence[str]) -> TakesAddedTokens: ...
+
+  def tokenize(self, text: str) -> list[str]: ...
+
+  def encode(self, text: str) -> list[int]: ...
 
 
 # -- bytes ----------------------------------------------------------------------------------------------------------

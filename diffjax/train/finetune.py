@@ -431,7 +431,7 @@ def evaluate(config, base, plan, models: dict, instances, prior, workdir: str) -
   base) for up to ``eval.prompts`` instance captions and as many prior captions, ``eval.samples_per_prompt`` each:
   ``finetune.png`` (a row per model and prompt) and, for a shapes base, per-attribute accuracy
   (``evaluate.shapes.attribute_accuracy``) of what each caption asks for."""
-  from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy
+  from diffjax.evaluate.shapes import ATTRIBUTES, asked_attributes, attribute_accuracy
 
   n = config.eval.samples_per_prompt
   colours = _colours(config)
@@ -446,7 +446,8 @@ def evaluate(config, base, plan, models: dict, instances, prior, workdir: str) -
       samples = trainer.generate(sample_fn, params, prompts, plan, base.sampler.guidance_scale, tokenize, n, key)
       rows.append(samples)
       labels += [f"{which}: {p}" for p in prompts]
-      asked = [_asked(examples[p], p, colours) for p in prompts] if base.data.name == "shapes_captions" else [None]
+      shapes_base = base.data.name == "shapes_captions"
+      asked = [asked_attributes(examples[p], p, colours) for p in prompts] if shapes_base else [None]
       if all(q is not None for q in asked):
         wanted = {a: np.repeat([q[a] for q in asked], n) for a in ATTRIBUTES}
         scores.setdefault(name, {})[which] = attribute_accuracy(samples, wanted, colours)
@@ -520,15 +521,3 @@ def _colours(config) -> dict:
   if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
     raise ConfigError(f"config.eval.token_colour = {config.eval.token_colour!r}: expected R,G,B in 0..255")
   return dict(shapes.COLOURS) | {config.textual_inversion.token: rgb}
-
-
-def _asked(record: dict, caption: str, colours: dict) -> dict | None:
-  """What a shapes example asks for: its labels, else its caption's words; None when neither says."""
-  from diffjax.evaluate.shapes import ATTRIBUTES
-
-  if all(a in record for a in ATTRIBUTES):
-    return {a: record[a] for a in ATTRIBUTES}
-  try:
-    return shapes.parse_caption(caption, colours)
-  except ValueError:
-    return None
