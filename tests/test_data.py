@@ -40,6 +40,11 @@ def test_digits_builder_is_the_real_sklearn_data(data_dir):
   assert digits.prompt_for(7) == "a handwritten digit seven"
   with pytest.raises(ValueError, match="splits"):
     pipeline.load_source("digits_captions", "validation", data_dir)
+  both = pipeline.load_source("digits_captions", "train+test[:10]", data_dir)  # a union: train, then test's first 10
+  assert len(both) == 1507
+  np.testing.assert_array_equal(both[1500]["image"], test[3]["image"])
+  with pytest.raises(ValueError, match="splits"):
+    pipeline.load_source("digits_captions", "train+validation", data_dir)
 
 
 def test_shapes_checker_recovers_every_attribute_of_rendered_images():

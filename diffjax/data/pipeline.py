@@ -29,7 +29,8 @@ def caption_text(caption) -> str:
 
 
 def load_source(name: str, split: str, data_dir: str | None = None):
-  """A random-access data source of TFDS dataset ``name``, split ``split`` (slices such as "train[:512]" too).
+  """A random-access data source of TFDS dataset ``name``, split ``split`` (slices such as "train[:512]" and
+  unions such as "train+held_out" too, TFDS's split syntax).
 
   Embedded datasets (``EMBEDDED``) are built into ``data_dir`` on first use, offline.
   """
@@ -40,7 +41,7 @@ def load_source(name: str, split: str, data_dir: str | None = None):
     builder = getattr(__import__(module, fromlist=[cls]), cls)(data_dir=data_dir)
     builder.download_and_prepare()
     splits = sorted(builder.info.splits)
-    if split.split("[")[0] not in splits:
+    if any(part.split("[")[0].strip() not in splits for part in split.split("+")):
       raise ValueError(f"dataset {name!r} has splits {splits}, not {split!r}")
     return builder.as_data_source(split=split)
   return tfds.data_source(name, split=split, data_dir=data_dir)
