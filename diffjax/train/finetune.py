@@ -386,7 +386,7 @@ def finetune(config, workdir: str):
   if not config.eval.prompts:
     scores = {}
   elif config.method == "controlnet":
-    scores = evaluate_control(config, base, plan, c, (base_params, frozen), controlnet_of(tc.model),
+    scores = evaluate_control(config, base, plan, c, sample_fn, (base_params, frozen), controlnet_of(tc.model),
                               state.ema_params, data_dir, workdir)
   else:  # compose gives the whole network: sampling gets the base's other frozen parts (the VAE) beside it
     tuned = (tune.compose(state.ema_params, train_frozen), frozen and {**frozen, "model": {}})
@@ -456,12 +456,13 @@ def evaluate(config, base, plan, models: dict, instances, prior, workdir: str) -
   return scores
 
 
-def evaluate_control(config, base, plan, c: trainer.Components, params, net, net_params, data_dir: str,
+def evaluate_control(config, base, plan, c: trainer.Components, sample_fn, params, net, net_params, data_dir: str,
                      workdir: str) -> dict:
   """The ControlNet ``net`` (parameters ``net_params``) on held-out layouts: the first ``eval.prompts x
   eval.samples_per_prompt`` examples of the base data's ``controlnet.eval_split``, each sampled once for its caption
   with its own control map by the base pipeline steered by ``net`` (``pipelines.controlnet.with_controlnets``, as the
-  generation job runs it) and, for comparison, by the base alone (``params``: the base's (trained, frozen)). Per
+  generation job runs it) and, for comparison, by the base alone (``sample_fn``, ``trainer.make_sample_fn`` of
+  ``c``; ``params``: the base's (trained, frozen)). Per
   model: the mean IoU of the samples' shape masks with the control's mask (``shapes.control_map`` "mask" of both),
   the fraction with IoU >= 0.8, and for a shapes base the per-attribute accuracy. ``control.png``: rows of control
   maps, tuned samples, base samples."""
@@ -480,7 +481,7 @@ def evaluate_control(config, base, plan, c: trainer.Components, params, net, net
             "control": pipelines.controlnet.control_inputs(
                 pipelines.controlnet.Control([control], scales=config.controlnet.scale), batch=len(examples),
                 height=size, width=size, ts=plan.ts, denoise_final=plan.denoise_final, time_scale=c.pipe.time_scale)}
-  runs = {"tuned": (trainer.make_sample_fn(steered, plan), inputs), "base": (trainer.make_sample_fn(c, plan), None)}
+  runs = {"tuned": (trainer.make_sample_fn(steered, plan), inputs), "base": (sample_fn, None)}
   key = jax.random.fold_in(jax.random.key(config.seed), 7)
   scores, grid = {}, [np.round(control * 255).astype(np.uint8)]
   for which, (sample_fn, extra) in runs.items():
