@@ -22,7 +22,8 @@ Every image is marked (--config.watermark=none opts out); which marks images car
 python -m diffjax.main --mode=detect --config=configs/generate.py --workdir=/tmp/det \
     --config.pretrained=PATH --config.detect.images=/tmp/gen (writes /tmp/det/detection.json).
 LoRA files merged into the weights: --config.lora="('style.safetensors', 'detail.safetensors:0.5')".
-ControlNets (txt2img, img2img, inpaint of an SD 1.x/2.x model; diffusers folders or original single files), one
+ControlNets (txt2img, img2img, inpaint of an SD 1.x/2.x model or a diffjax U-Net workdir; diffusers folders, original
+single files or the controlnet/ a finetune job wrote, with the controlnet.scale it trained at as controlnet_scale), one
 control image each (resized to the output): --config.controlnet="('canny_cn', 'depth.safetensors')"
   --config.control_image="('edges.png', 'depth.png')" --config.controlnet_scale="(1.0, 0.5)"
   --config.control_start=0.0 --config.control_end=0.8 (fractions of the steps) --config.guess_mode=True.
@@ -40,7 +41,8 @@ def get_config(arg: str = ""):
   config.prediction_type = ""  # single-file checkpoints only: "" = the family's default (SD 1 epsilon, SD 2 v)
   # LoRA files (diffusers/peft or kohya safetensors) merged into the weights: "FILE" or "FILE:SCALE" each
   config.lora = ()
-  # ControlNets (diffusers folders or original single files) and one control image each, resized to the output;
+  # ControlNets (diffusers folders, original single files, a finetune job's controlnet/) and one control image each,
+  # resized to the output (a diffjax workdir's: set height and width to its image size);
   # scale, start and end (fractions of the steps the ControlNet acts in): one for all ControlNets or one each
   config.controlnet = ()
   config.control_image = ()

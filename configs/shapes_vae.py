@@ -13,8 +13,8 @@ median is the black background. In two 300-step CPU runs (channels (32, 64, 64),
 L1 reconstructed near-black images (held-out PSNR 16.1 dB, checker read 0% of them right)
 while L2 brought the shapes back, blurred (22.6 dB, all attributes right for 37%). The KL
 weight is small (as in LDM); the latent scale is fixed afterwards by the scaling factor.
-Sized for a 2-core CPU (1.9 steps/s): the full run reconstructs held-out images at 30.2 dB
-(README: per-attribute table). On a GPU, wider channels (64, 128, 128) and longer runs fit.
+Sized for a 2-core CPU (1.9 steps/s; README: the measured reconstructions, per attribute). On a GPU, wider
+channels (64, 128, 128) and longer runs fit.
 """
 
 import ml_collections
@@ -28,7 +28,8 @@ def get_config(arg: str = ""):
   # The images of every caption pair, the held-out ones too: the autoencoder is an image codec, and the held-out
   # pairs test the LDM's text conditioning. Trained on "train" alone (20,000 images, no blue triangle), the VAE of
   # session 15 read back 39% of the held-out blue triangles as triangles (61% as circles), capping any U-Net there.
-  c.data = dict(name="shapes_captions", data_dir="", train_split="train+held_out", eval_split="held_out",
+  # (the evaluation's split is one the VAE never trained on: "validation", the seen pairs' other images)
+  c.data = dict(name="shapes_captions", data_dir="", train_split="train+held_out", eval_split="validation",
                 batch_size=32, image_size=32, channels=3, max_shift=0, max_caption_length=48)
   # channels: per level from 32x32 down; len(channels) - 1 halvings. disc_*: the PatchGAN (off: disc_weight=0).
   c.vae = dict(channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_groups=8,

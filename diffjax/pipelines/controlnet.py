@@ -1,7 +1,8 @@
 """ControlNet in the generation pipelines (Zhang, Rao and Agrawala 2023): txt2img, img2img and inpainting steered by
 one or several ControlNets, as diffusers' ``StableDiffusionControlNet{,Img2Img,Inpaint}Pipeline``.
 
-``with_controlnets(pipe, controlnets)`` wraps a Stable Diffusion ``Pipeline`` (or ``InpaintingPipeline``): its
+``with_controlnets(pipe, controlnets)`` wraps a Stable Diffusion ``Pipeline`` (or ``InpaintingPipeline``, or a diffjax
+workdir's text-to-image pipeline): its
 ``predict`` runs every ControlNet on the latents (the first ``latent_channels`` channels of the network's input: an
 inpainting U-Net's mask and masked-image channels are the U-Net's alone, as in diffusers), sums their residuals
 (diffusers' ``MultiControlNetModel``) and hands the sum to the U-Net. Its parameters are the base pipeline's plus
@@ -232,7 +233,7 @@ def with_controlnets(pipe: core.Pipeline, controlnets: Sequence[ControlNet]) -> 
     raise ValueError("with_controlnets needs at least one ControlNet")
   if "residuals" not in inspect.signature(pipe.predict).parameters:
     raise ValueError(f"this {type(pipe).__name__}'s network takes no ControlNet residuals (the U-Net of a Stable "
-                     f"Diffusion 1.x / 2.x pipeline does)")
+                     f"Diffusion 1.x / 2.x pipeline or of a diffjax text-to-image workdir does)")
   pool = bool(nets[0].config.global_pool_conditions)  # diffusers: then guess mode, whatever is asked
   channels = pipe.latent_channels
 
@@ -293,8 +294,8 @@ def _check_run(pipe: core.Pipeline, params, control: Control) -> None:
   count = 0 if weights is None else 1 if isinstance(weights, Mapping) else len(weights)
   if count != k:
     raise ValueError(f"{k} control images for {count} ControlNets in params['controlnet']: give one per ControlNet")
+  unet = unet_params(params)
   for i, w in enumerate(_weights(params, k)):
-    unet = unet_params(params)
     problem = None if unet is None else unet_mismatch(w, unet)
     if problem:
       raise ValueError(f"ControlNet {i} is for another U-Net: {problem}")

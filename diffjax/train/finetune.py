@@ -269,8 +269,8 @@ def _controlnet(cn, c: trainer.Components, unet_params: dict, key) -> Tuning:
   config = ControlNetConfig.from_unet(c.model.unet, conditioning_embedding_out_channels=channels)
   model = ControlledTextToImage(c.model, config, scale=cn.scale)
   compose = _base_with(lambda p, full: {"base": full, "controlnet": p})
-  # training runs the controlled network; sampling steers the base's pipeline (``evaluate_control``)
-  return Tuning(controlnet_from_unet(unet_params, config, key=key), compose, c._replace(model=model))
+  # training runs the controlled network; sampling steers the base's pipeline (``evaluate_control``), none here
+  return Tuning(controlnet_from_unet(unet_params, config, key=key), compose, c._replace(model=model, pipe=None))
 
 
 def _textual_inversion(ti, c: trainer.Components, text_params: dict) -> Tuning:
