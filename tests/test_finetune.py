@@ -110,21 +110,6 @@ def _controlnet_config(base):
   return _config(base, method="controlnet", prior__weight=0.0, instance__caption_contains="", eval__prompts=2)
 
 
-def test_a_controlnet_from_the_unet_starts_as_the_base(base):
-  """A ControlNet made from the base's U-Net changes nothing before training (zero convolutions): the controlled
-  model's prediction equals the base's bit for bit, whatever the control image."""
-  config = _controlnet_config(base)
-  c, (params, frozen), _ = trainer.load_components(finetune.base_config(config), base)
-  tune = finetune.tuning(config, c, params, frozen)
-  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
-  tokens, mask = (jnp.asarray(np.stack([c.tokenize("the digit seven")[i]] * 2)) for i in (0, 1))
-  control = jnp.asarray(np.random.default_rng(0).random((2, 8, 8, 3)), jnp.float32)
-  controlled = tune.components.model.apply({"params": tune.compose(tune.trained, {"base": params})}, x,
-                                           jnp.full((2,), 500.0), tokens, mask, control=control)
-  plain = c.model.apply({"params": params}, x, jnp.full((2,), 500.0), tokens, mask)
-  np.testing.assert_array_equal(np.asarray(controlled), np.asarray(plain))
-
-
 def _moved_controlnet(base, scale=1.0):
   """(config, base components, (params, frozen), tuning, ControlNet weights moved off their zero start)."""
   config = _controlnet_config(base)
@@ -138,11 +123,13 @@ def _moved_controlnet(base, scale=1.0):
   return config, c, (params, frozen), tune, moved
 
 
-def test_the_pipeline_steered_by_the_controlnet_predicts_what_training_trained(base):
-  """Sampling steers the base's pipeline with the ControlNet (``pipelines.controlnet.with_controlnets``, as the
-  generation job does); training runs ``ControlledTextToImage``. With the ControlNet's weights moved off their zero
-  start, both give the same prediction for the same inputs, bit for bit: run eagerly, both paths are the same
-  operations (the scale a float32 0.7 in both, the guidance-row factor an exact 1.0)."""
+def test_a_controlnet_starts_as_the_base_and_the_steered_pipeline_predicts_what_training_trained(base):
+  """A ControlNet made from the base's U-Net changes nothing before training (zero convolutions): the controlled
+  model's prediction equals the base's bit for bit, whatever the control image. Sampling steers the base's pipeline
+  with the ControlNet (``pipelines.controlnet.with_controlnets``, as the generation job does) where training ran
+  ``ControlledTextToImage``: with the ControlNet's weights moved off their zero start, both give the same
+  prediction bit for bit (run eagerly, both paths are the same operations: the scale a float32 0.7 in both, the
+  guidance-row factor an exact 1.0)."""
   from diffjax import pipelines
   from diffjax.models.text_to_image import controlnet_of
 
@@ -158,13 +145,14 @@ def test_the_pipeline_steered_by_the_controlnet_predicts_what_training_trained(b
                                                height=8, width=8, ts=[t], denoise_final=True,
                                                time_scale=c.pipe.time_scale)
   pp = trainer.pipeline_params(params, frozen) | {"controlnet": moved, "control": inputs}
+  controlled = lambda weights: model.apply({"params": tune.compose(weights, {"base": params})}, x, times, tokens,
+                                           mask, control=jnp.asarray(control))
   with jax.disable_jit():
-    trained = model.apply({"params": tune.compose(moved, {"base": params})}, x, times, tokens, mask,
-                          control=jnp.asarray(control))
+    plain = c.model.apply({"params": params}, x, times, tokens, mask)
+    np.testing.assert_array_equal(np.asarray(controlled(tune.trained)), np.asarray(plain))
     steered = pipe.predict(pp, x, times, pipe.encode_text(pp, tokens, mask))
-    plain = c.pipe.predict(pp, x, times, c.pipe.encode_text(pp, tokens, mask))
-  assert float(jnp.abs(steered - plain).max()) > 1e-3  # the ControlNet acts
-  np.testing.assert_array_equal(np.asarray(steered), np.asarray(trained))
+    np.testing.assert_array_equal(np.asarray(steered), np.asarray(controlled(moved)))
+  assert float(jnp.abs(steered - plain).max()) > 1e-3  # the moved ControlNet acts
 
 
 def test_sampling_with_the_controlnet_gives_each_image_its_own_control(base):

@@ -180,6 +180,7 @@ def test_a_second_job_on_unchanged_files_reuses_the_loaded_pipeline(folder):
   assert generation.load_cached(str(folder)) is not first  # a changed weight file is read again
 
 
+@pytest.mark.slow  # about 60 s (the calibration itself is tests/test_calibration.py's, in the default suite)
 def test_calibrate_a_pretrained_pipeline_then_generate_with_the_fitted_sampler(folder, tmp_path):
   """--mode=calibrate of a generation config fits samplers to the folder's pipeline (txt2img, guided as
   configured); sampler.name=fitted then generates with them, and a run guided otherwise is refused."""
