@@ -1,13 +1,14 @@
 """A folder of shapes in a colour the shapes captions never name, captioned with a new token, for textual inversion.
 
-    python -m experiments.new_colour --out=/tmp/purple --token="<purple>" --rgb=170,40,210 --num=16
-    python -m diffjax.main --config=configs/finetune.py --workdir=/tmp/ti_purple \
+    python -m experiments.new_colour --out=/tmp/orange --token="<orange>" --rgb=255,140,0 --num=16
+    python -m diffjax.main --config=configs/finetune.py --workdir=/tmp/ti_orange \
         --config.base=/tmp/shapes_ldm --config.vae_workdir=/tmp/shapes_vae --config.method=textual_inversion \
-        --config.textual_inversion.token="<purple>" --config.textual_inversion.initializer=red \
-        --config.instance.folder=/tmp/purple --config.prior.weight=0 --config.eval.token_colour=170,40,210
+        --config.textual_inversion.token="<orange>" --config.textual_inversion.initializer=red \
+        --config.instance.folder=/tmp/orange --config.prior.weight=0 --config.eval.token_colour=255,140,0
 
-Writes ``NNNN.png`` (32 x 32 RGB, the shapes data's renderer) and ``metadata.jsonl`` lines
-``{"file_name": "0000.png", "text": "two <purple> circles at the top"}``: random shape, count
+(The colour must be one the shapes VAE can draw: it reconstructs orange, and turns purple, grey or white green;
+README, Fine-tuning.) Writes ``NNNN.png`` (32 x 32 RGB, the shapes data's renderer) and ``metadata.jsonl`` lines
+``{"file_name": "0000.png", "text": "two <orange> circles at the top"}``: random shape, count
 and position per image (seeded), every caption in the data's grammar with the token for the
 colour. With ``eval.token_colour`` the fine-tuning job judges its samples' colour against the
 data's four colours and this one (nearest mean colour of the shapes' pixels).
