@@ -439,17 +439,18 @@ def evaluate(config, base, plan, models: dict, instances, prior, workdir: str) -
   if prior:
     groups["prior"] = _distinct(prior, config.eval.prompts)
   key = jax.random.fold_in(jax.random.key(config.seed), 6)
+  shapes_base = base.data.name == "shapes_captions"
   scores, rows, labels = {}, [], []
   for name, examples in groups.items():
     prompts = list(examples)
+    asked = [asked_attributes(examples[p], p, colours) for p in prompts] if shapes_base else [None]
+    judged = all(q is not None for q in asked)
+    wanted = {a: np.repeat([q[a] for q in asked], n) for a in ATTRIBUTES} if judged else None
     for which, (sample_fn, params, tokenize) in models.items():
       samples = trainer.generate(sample_fn, params, prompts, plan, base.sampler.guidance_scale, tokenize, n, key)
       rows.append(samples)
       labels += [f"{which}: {p}" for p in prompts]
-      shapes_base = base.data.name == "shapes_captions"
-      asked = [asked_attributes(examples[p], p, colours) for p in prompts] if shapes_base else [None]
-      if all(q is not None for q in asked):
-        wanted = {a: np.repeat([q[a] for q in asked], n) for a in ATTRIBUTES}
+      if judged:
         scores.setdefault(name, {})[which] = attribute_accuracy(samples, wanted, colours)
   images.save_labeled_grid(np.concatenate(rows), labels, os.path.join(workdir, "finetune.png"))
   logging.info("fine-tuning evaluation: %s", scores)
