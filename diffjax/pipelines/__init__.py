@@ -12,7 +12,7 @@ maps diffusers scheduler configs to diffjax's process, solver and grid.
 from diffjax.pipelines import calibrate, controlnet
 from diffjax.pipelines.core import Guidance, Pipeline, denoiser, img2img, strength_start, txt2img
 from diffjax.pipelines.folders import from_pretrained
-from diffjax.pipelines.generate import Output, generate, plan_for
+from diffjax.pipelines.generate import Output, generate, on_mesh, plan_for
 from diffjax.pipelines.inpaint import InpaintingPipeline, RePaint, inpaint, inpaint_blended, inpaint_conditioned
 from diffjax.pipelines.inversion import Inverted, invert_images
 from diffjax.pipelines.schedulers import DiffusersScheduler, Plan
@@ -23,4 +23,5 @@ from diffjax.pipelines.upscale import UpscalePipeline, upscale, upscale_image
 __all__ = ["DiffusersScheduler", "Guidance", "InpaintingPipeline", "Inverted", "Output", "Pipeline", "Plan", "RePaint",
            "UpscalePipeline", "assemble_sdxl", "calibrate", "controlnet", "denoiser", "from_pretrained",
            "from_single_file", "generate", "img2img", "inpaint", "inpaint_blended", "inpaint_conditioned",
-           "invert_images", "plan_for", "sdxl_from_pretrained", "strength_start", "txt2img", "upscale", "upscale_image"]
+           "invert_images", "on_mesh", "plan_for", "sdxl_from_pretrained", "strength_start", "txt2img", "upscale",
+           "upscale_image"]

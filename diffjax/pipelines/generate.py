@@ -168,6 +168,30 @@ def request(pipe: core.Pipeline, prompts, negative_prompts, seed, height: int, w
                  pipe.tokenize_checked(prompts) + negative_tokens)
 
 
+def on_mesh(mesh: jax.sharding.Mesh | None, batch: int, params, *per_call):
+  """``(params, *per_call)`` placed on ``mesh``: the parameters copied to every device (a no-op for parameters
+  already so placed: place them once, ``on_mesh(mesh, 1, params)[0]``) and every array whose leading axis is
+  the ``batch`` of images split over all of the mesh's devices, anything else replicated. Returned unchanged
+  for ``mesh=None``. Placement decides where the work runs, never the result: XLA moves rows between devices
+  where a program needs them (see ``benchmarks/README.md``, sampler_throughput)."""
+  if mesh is None:
+    return (params, *per_call)
+  if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+    raise ValueError("pipelines generate on a mesh of this process's devices (images come back to this host); "
+                     "a multi-process mesh needs each process to feed its rows (benchmarks/sampler_throughput.py does)")
+  if per_call and batch % mesh.size:
+    raise ValueError(f"{batch} images do not split over the mesh's {mesh.size} devices: give a multiple of "
+                     f"{mesh.size} prompts")
+  # Auto axes (jax.make_mesh's default is Explicit): XLA propagates the batch split through the networks.
+  mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(jax.sharding.AxisType.Auto,) * mesh.devices.ndim)
+  spec = jax.sharding.PartitionSpec
+  replicated = jax.sharding.NamedSharding(mesh, spec())
+  split = jax.sharding.NamedSharding(mesh, spec(mesh.axis_names))
+  per_image = lambda a: np.ndim(a) > 0 and np.shape(a)[0] == batch
+  place = lambda a: jax.device_put(a, split if per_image(a) else replicated)
+  return (jax.device_put(params, replicated), *jax.tree.map(place, per_call))
+
+
 def batched(a: np.ndarray, b: int, what: str) -> np.ndarray:
   """``a`` (1 or b, ...) broadcast to (b, ...)."""
   if a.shape[0] not in (1, b):
@@ -189,7 +213,8 @@ def finish(pipe: core.Pipeline, params, latents, record: dict, watermark: wm.Wat
 def generate(pipe: core.Pipeline, params, prompts: str | Sequence[str], *, negative_prompts=None,
              height: int = 512, width: int = 512, plan: Plan | None = None, guidance_scale: float = 7.5,
              guidance: core.Guidance | None = None, seed: int | Sequence[int] = 0, noise=None, image=None,
-             strength: float = 0.8, image_noise=None, watermark: wm.Watermark = wm.DEFAULT) -> Output:
+             strength: float = 0.8, image_noise=None, watermark: wm.Watermark = wm.DEFAULT,
+             mesh: jax.sharding.Mesh | None = None) -> Output:
   """txt2img, or img2img with ``image``, for one image per prompt.
 
   Args:
@@ -206,6 +231,8 @@ def generate(pipe: core.Pipeline, params, prompts: str | Sequence[str], *, negat
     image_noise: (B, h, w, c) standard normal for the VAE posterior sample of ``image``.
     watermark: the marks every image carries (``diffjax.watermark``; ``watermark.NONE``: none). The
       latent mark goes into txt2img's initial noise when it is drawn here (not into a given ``noise``).
+    mesh: run on these devices (of this process), the images split over them (``on_mesh``; B must be a
+      multiple of the device count); None: the default device.
   """
   if pipe.entry != "generate":
     raise ValueError(f"a {type(pipe).__name__}'s network takes more inputs than a prompt: use "
@@ -219,18 +246,21 @@ def generate(pipe: core.Pipeline, params, prompts: str | Sequence[str], *, negat
   key = (plan.name, plan.options, plan.denoise_final, guidance, plan.custom_solver)
   if image is None:
     noise, latent_mark = watermark.mark_noise(noise, drawn)
+    params, tokens, noise = on_mesh(mesh, req.shape[0], params, req.tokens, noise)
     run = _program(pipe, "txt2img", *key)
-    latents = run(params, *req.tokens, noise, jnp.asarray(plan.ts), jnp.float32(guidance_scale), req.solver_key,
+    latents = run(params, *tokens, noise, jnp.asarray(plan.ts), jnp.float32(guidance_scale), req.solver_key,
                   init_scale=jnp.float32(plan.init_scale))
     return finish(pipe, params, latents, {"task": "txt2img"} | record, watermark, latent_mark)
   if pipe.encode_image is None:
     raise ValueError("img2img needs a pipeline with an image encoder (a VAE)")
   pixels = batched(_check_image(image, height, width, 3), req.shape[0], "init images")
   image_noise = given_or(req.draws[1], image_noise, "image_noise")
-  image_latents = _encoder(pipe)(params, jnp.asarray(2.0 * pixels - 1.0), image_noise)
+  params, tokens, pixels, image_noise, noise = on_mesh(mesh, req.shape[0], params, req.tokens, pixels, image_noise,
+                                                       noise)
+  image_latents = _encoder(pipe)(params, 2.0 * pixels - 1.0, image_noise)
   start = first_step(plan, strength)
   run = _program(pipe, "img2img", *key)
-  latents = run(params, *req.tokens, image_latents, noise, jnp.asarray(plan.ts[start:]),
+  latents = run(params, *tokens, image_latents, noise, jnp.asarray(plan.ts[start:]),
                 jnp.float32(guidance_scale), req.solver_key)
   return finish(pipe, params, latents,
                 {"task": "img2img"} | record | {"strength": float(strength), "first_step": start}, watermark)

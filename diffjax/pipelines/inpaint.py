@@ -43,6 +43,7 @@ from diffjax.pipelines.generate import (
   finish,
   first_step,
   given_or,
+  on_mesh,
   plan_for,
   request,
   solver_for,
@@ -289,7 +290,8 @@ def _check_mask(mask, height: int, width: int) -> np.ndarray:
 def inpaint(pipe: core.Pipeline, params, prompts, image, mask, *, negative_prompts=None, height: int, width: int,
             plan: Plan | None = None, guidance_scale: float = 7.5, guidance: core.Guidance | None = None,
             seed: int | Sequence[int] = 0, noise=None, image_noise=None, strength: float = 1.0,
-            repaint: RePaint | None = None, watermark: wm.Watermark = wm.DEFAULT) -> Output:
+            repaint: RePaint | None = None, watermark: wm.Watermark = wm.DEFAULT,
+            mesh: jax.sharding.Mesh | None = None) -> Output:
   """Inpaint ``image`` where ``mask`` is set, one image per prompt.
 
   An ``InpaintingPipeline`` (a 9-channel SD inpainting folder) runs ``inpaint_conditioned``;
@@ -308,6 +310,7 @@ def inpaint(pipe: core.Pipeline, params, prompts, image, mask, *, negative_promp
       strength's first grid point (diffusers' rounding, ``core.strength_start``).
     repaint: ``RePaint`` options for the blended mode (None: no resampling).
     watermark: the pixel mark every image carries (``diffjax.watermark``; the latent mark is txt2img's).
+    mesh: as in ``generate.generate``: the images split over its devices.
   """
   guidance = guidance or core.Guidance()
   if not 0.0 < strength <= 1.0:
@@ -324,8 +327,10 @@ def inpaint(pipe: core.Pipeline, params, prompts, image, mask, *, negative_promp
   pixel_mask = jnp.asarray(batched(_check_mask(mask, height, width), b, "masks"))
   noise = given_or(req.draws[0], noise, "noise")
   image_noise = given_or(jnp.stack(req.draws[1:]), image_noise, "image_noise (image, masked image)")
+  params, tokens, pixels, pixel_mask, noise, image_noise = on_mesh(mesh, b, params, req.tokens, pixels, pixel_mask,
+                                                                   noise, tuple(image_noise))
 
-  images = jnp.asarray(2.0 * pixels - 1.0)
+  images = 2.0 * jnp.asarray(pixels) - 1.0
   region = latent_region(pixel_mask, pipe.downsample)
   encode = _encoder(pipe)
   image_latents = encode(params, images, image_noise[0]) if strength < 1.0 or not conditioned else None
@@ -336,7 +341,7 @@ def inpaint(pipe: core.Pipeline, params, prompts, image, mask, *, negative_promp
   inputs = (image_latents,)
   if conditioned:
     inputs += (encode(params, masked_image(images, pixel_mask), image_noise[1]),)
-  latents = run(params, *req.tokens, *inputs, region, noise, ts, jnp.float32(guidance_scale), req.solver_key,
+  latents = run(params, *tokens, *inputs, region, noise, ts, jnp.float32(guidance_scale), req.solver_key,
                 init_scale=init_scale)
   record = {"task": "inpaint", "mode": "conditioned" if conditioned else "blended"}
   record |= req.record(height, width, plan, guidance_scale, guidance)

@@ -39,6 +39,7 @@ from diffjax.pipelines.generate import (
   draw_noise,
   finish,
   given_or,
+  on_mesh,
   plan_for,
   request,
   solver_for,
@@ -151,7 +152,7 @@ def _low_res_images(image, multiple: int) -> np.ndarray:
 def upscale(pipe: UpscalePipeline, params, prompts: str | Sequence[str], image, *, noise_level: int = 20,
             negative_prompts=None, plan: Plan | None = None, guidance_scale: float = 9.0,
             guidance: core.Guidance | None = None, seed: int | Sequence[int] = 0, noise=None,
-            image_noise=None, watermark: wm.Watermark = wm.DEFAULT) -> Output:
+            image_noise=None, watermark: wm.Watermark = wm.DEFAULT, mesh: jax.sharding.Mesh | None = None) -> Output:
   """Upscale ``image`` 4x (the VAE's factor) guided by ``prompts``, one image per prompt.
 
   Args:
@@ -165,6 +166,7 @@ def upscale(pipe: UpscalePipeline, params, prompts: str | Sequence[str], image, 
     noise: (B, h, w, c) standard normal initial latents; image_noise: (B, h, w, 3) standard normal,
       the draw that noises the low-res image. Both default to draws from each image's seed.
     watermark: the pixel mark every image carries (``diffjax.watermark``; the latent mark is txt2img's).
+    mesh: as in ``generate.generate``: the images split over its devices.
 
   Returns:
     ``Output`` with images (B, f h, f w, 3) in [0, 1] (f = ``pipe.downsample``, 4) and latents (B, h, w, c).
@@ -182,8 +184,10 @@ def upscale(pipe: UpscalePipeline, params, prompts: str | Sequence[str], image, 
   noise = given_or(req.draws[0], noise, "noise")
   # The image noise from each image's seed too: the key of img2img's image noise, at the image's shape.
   image_noise = given_or(draw_noise(req.seeds, (h, w, IMAGE_CHANNELS))[0][1], image_noise, "image_noise")
+  params, tokens, low, image_noise, noise = on_mesh(mesh, req.shape[0], params, req.tokens, 2.0 * low - 1.0,
+                                                    image_noise, noise)
   run = _compiled(pipe, plan.name, plan.options, plan.denoise_final, guidance, plan.custom_solver)
-  latents = run(params, *req.tokens, jnp.asarray(2.0 * low - 1.0), image_noise, jnp.int32(level), noise,
+  latents = run(params, *tokens, jnp.asarray(low), image_noise, jnp.int32(level), noise,
                 jnp.asarray(plan.ts), jnp.float32(guidance_scale), req.solver_key,
                 init_scale=jnp.float32(plan.init_scale))
   record = {"task": "upscale"} | req.record(height, width, plan, guidance_scale, guidance)
