@@ -14,10 +14,16 @@
 
 Each file holds ``weights`` (K,), ``means`` (K, d), ``variances`` (K, d) in float64,
 the format of ``diffjax.analytic.GaussianMixture.load``.
+
+``python -m benchmarks.make_mixtures --random SEED [SEED ...] --out DIR`` writes mixtures the
+benchmark has never seen, ``DIR/random<SEED>.npz``, drawn from a family (``random_mixture``) wider
+than the three above: any d in [2, 256], 2 to 32 components, sharp or broad, isotropic or not,
+means that are independent or image-like: what the fitted sampler's robustness is measured on.
 """
 
 from __future__ import annotations
 
+import argparse
 import pathlib
 
 import numpy as np
@@ -62,16 +68,64 @@ def gmm256(rng, k=10):
   return weights / weights.sum(), means, variances
 
 
+def random_mixture(rng) -> tuple[tuple, str]:
+  """((weights, means, variances), description) of one mixture from a wide family.
+
+  d log-uniform in [2, 256]; K uniform in [2, 32]; weights uniform in [0.2, 1.8] (normalized);
+  means N(0, s^2) per coordinate with s log-uniform in [0.3, 1.5], or (for d >= 16, 30% of the
+  time; d is then rounded to a square) s times smooth fields as in gmm256; modes sharp (standard
+  deviations log-uniform in [0.01, 0.1], down to a third of SD's smallest noise level) or broad
+  ([0.1, 1]); isotropic (one standard deviation per component) or anisotropic (per coordinate,
+  spread over up to two decades below the component's).
+  """
+  d = int(np.clip(np.round(np.exp(rng.uniform(np.log(2), np.log(256)))), 2, 256))
+  k = int(rng.integers(2, 33))
+  spread = float(np.exp(rng.uniform(np.log(0.3), np.log(1.5))))
+  smooth = d >= 16 and rng.uniform() < 0.3
+  side = int(round(np.sqrt(d)))
+  d = side * side if smooth else d
+  means = spread * (_smooth_field(rng, k, side=side) if smooth else rng.standard_normal((k, d)))
+  sharp, isotropic = rng.uniform() < 0.5, rng.uniform() < 0.5
+  lo, hi = (0.01, 0.1) if sharp else (0.1, 1.0)
+  std = np.exp(rng.uniform(np.log(lo), np.log(hi), (k, 1)))
+  if not isotropic:
+    std = std * 10.0 ** rng.uniform(-2.0, 0.0, (k, d))  # up to two decades below the component's scale
+  variances = np.broadcast_to(std**2, (k, d)).copy()
+  weights = rng.uniform(0.2, 1.8, k)
+  what = (f"d={d} K={k} {'sharp' if sharp else 'broad'} {'isotropic' if isotropic else 'anisotropic'} "
+          f"{'smooth-field' if smooth else 'gaussian'} means (spread {spread:.2f})")
+  return (weights / weights.sum(), means, variances), what
+
+
+def write_random(seed: int, out) -> tuple[pathlib.Path, str]:
+  """(path, description) of ``random_mixture`` number ``seed`` written to ``out/random<seed>.npz``."""
+  (w, m, v), what = random_mixture(np.random.default_rng([seed, 7]))
+  path = pathlib.Path(out) / f"random{seed}.npz"
+  np.savez_compressed(path, weights=w, means=m, variances=v)
+  return path, what
+
+
 MIXTURES = {"gmm2d": (gmm2d, 0), "gmm64": (gmm64, 1), "gmm256": (gmm256, 2)}
 
 
-def main():
-  DATA_DIR.mkdir(parents=True, exist_ok=True)
-  for name, (fn, seed) in MIXTURES.items():
-    w, m, v = fn(np.random.default_rng(seed))
-    np.savez_compressed(DATA_DIR / f"{name}.npz", weights=w, means=m, variances=v)
-    print(f"{name}: K={len(w)}, d={m.shape[1]}, data std {np.sqrt(np.mean(v) + np.var(m)):.3f}, "
-          f"min/max variance {v.min():.2e}/{v.max():.2e}")
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--random", type=int, nargs="*", help="seeds of random_mixture draws (else: the three files)")
+  parser.add_argument("--out", default=str(DATA_DIR), help="directory to write to")
+  args = parser.parse_args(argv)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  made = []
+  for name, (fn, seed) in MIXTURES.items() if args.random is None else ():
+    np.savez_compressed(out / f"{name}.npz", **dict(zip(("weights", "means", "variances"),
+                                                         fn(np.random.default_rng(seed)), strict=True)))
+    made.append((out / f"{name}.npz", ""))
+  made += [write_random(seed, out) for seed in args.random or ()]
+  for path, what in made:
+    with np.load(path) as f:
+      w, m, v = f["weights"], f["means"], f["variances"]
+    print(f"{path.stem}: K={len(w)}, d={m.shape[1]}, data std {np.sqrt(np.mean(v) + np.var(m)):.3f}, "
+          f"min/max variance {v.min():.2e}/{v.max():.2e} {what}")
 
 
 if __name__ == "__main__":

@@ -371,8 +371,12 @@ def calibration_batch_sizes(dim: int, lattice: int = CALIB_LATTICE) -> tuple[int
   return fit, int(np.clip(2**23 // dim, 16384, 32768))
 
 
+SEARCH_SHARE = 0.7  # of a calibration's time budget: reference paths and grid searches (the rest: refinement)
+
+
 def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine_steps: int = 0,
-              log=print, lattice_size: int = CALIB_LATTICE, val_batch: int | None = None) -> dict:
+              log=print, lattice_size: int = CALIB_LATTICE, val_batch: int | None = None,
+              time_budget_s: float | None = None) -> dict:
   """Fits ``optimized_grids`` samplers to ``problem``'s model for every budget k <= ``max_nfe`` with the library's
   ``calibration.calibrate``, the reference being the mixture's own float64 flow (``Problem.reference_path``).
 
@@ -383,7 +387,9 @@ def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine
   its ``starting_grids``, candidates scored on the validation batch). Then ``refine_steps`` Adam steps
   of ``optimized_grids.refine`` on the fitting batch's final error (coefficients and grid jointly;
   the iterate best on the validation batch is kept). The model is evaluated with
-  ``Problem.fast_denoiser``. Returns the JSON-able record, costs included.
+  ``Problem.fast_denoiser``. ``time_budget_s`` bounds the whole calibration: SEARCH_SHARE of it for
+  the reference and the searches (the library's ``time_budget_s``), what is left for the refinements,
+  shared in proportion to k. Returns the JSON-able record, costs included.
   """
   from diffjax.samplers import calibration
   from diffjax.samplers import optimized_grids as og
@@ -414,25 +420,34 @@ def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine
   budgets = [k for k in nfes if 2 <= k <= min(lattice_size, max_nfe)]
   lib = calibration.calibrate(p, lambda x, t, cond: fast(x, t), x_fit, x_val, budgets, key={}, path=None,
                               lattice=lattice_size, history=CALIB_HISTORY, reference=exact, progress=False,
+                              time_budget_s=None if time_budget_s is None else SEARCH_SHARE * time_budget_s,
                               log=lambda s: log(f"  {s}"))
   record = dict(sha256=_sha256(problem.path), process=problem.process_name, calib_seed=calib_seed, batch=batch,
-                val_batch=val_batch, lattice=lattice_size, history=CALIB_HISTORY,
+                val_batch=val_batch, lattice=lattice_size, history=CALIB_HISTORY, time_budget_s=time_budget_s,
                 reference_cost=dict(seconds=lib["reference"]["seconds"], evaluations=lib["reference"]["evaluations"]),
                 samplers={}, device=jax.devices()[0].device_kind)
   x_fit_t, x_val_t = p.prior_std * x_fit, p.prior_std * x_val  # at t_max, as the library starts
-  for k, entry in lib["samplers"].items():
+  ks = sorted(lib["samplers"], key=int)
+  for i, k in enumerate(ks):
+    entry = lib["samplers"][k]
     fitted, t_refine = og.FittedSampler.from_dict(entry), time.time()
     searched_rmse = fitted.calib_rmse
+    deadline = None
+    if time_budget_s is not None:  # this budget's share of the time left, in proportion to k
+      deadline = t_refine + max(t0 + time_budget_s - t_refine, 0.0) * int(k) / sum(int(j) for j in ks[i:])
+    done = 0
     if refine_steps:
-      fitted, _ = og.refine(p, fitted, fast, x_fit_t, jnp.asarray(targets[True]), steps=refine_steps,
-                            validation=(x_val_t, jnp.asarray(targets[False])))
+      fitted, trace = og.refine(p, fitted, fast, x_fit_t, jnp.asarray(targets[True]), steps=refine_steps,
+                                validation=(x_val_t, jnp.asarray(targets[False])), deadline=deadline)
+      done = trace[-1][0] if trace else 0  # fewer than refine_steps when the deadline stopped it
     t_refine = time.time() - t_refine
     record["samplers"][k] = dict(entry, **fitted.to_dict(), seconds=entry["seconds"] + t_refine,
-                                 searched_rmse=searched_rmse, refine_steps=refine_steps,
-                                 refine_evaluations=refine_steps * int(k))  # each with its backward pass
+                                 searched_rmse=searched_rmse, refine_steps=done,
+                                 refine_evaluations=done * int(k))  # each with its backward pass
     log(f"  calibrated k={k}: validation RMSE {searched_rmse:.3e} after the grid search ({entry['candidates']} "
-        f"candidate grids, {entry['evaluations']} batched evaluations, {entry['seconds']:.0f}s), "
-        f"{fitted.calib_rmse:.3e} after {refine_steps} refinement steps ({t_refine:.0f}s)")
+        f"candidate grids, {entry['evaluations']} batched evaluations, {entry['seconds']:.0f}s"
+        f"{', stopped by the time budget' if entry.get('stopped_early') else ''}), "
+        f"{fitted.calib_rmse:.3e} after {done} refinement steps ({t_refine:.0f}s)")
   record["seconds"] = time.time() - t0
   return record
 
@@ -472,7 +487,8 @@ def calibrated_config(args) -> Config:
       else:
         print(f"  [{problem.name}] calibrating {name} (seed {args.calib_seed}) ...", flush=True)
         rec = calibrate(problem, args.nfes, args.calib_seed, args.calib_max_nfe, args.refine_steps,
-                        log=lambda s: print(s, flush=True), val_batch=args.calib_val_batch)
+                        log=lambda s: print(s, flush=True), val_batch=args.calib_val_batch,
+                        time_budget_s=60.0 * args.calib_minutes if args.calib_minutes > 0 else None)
         rec["computed_now"] = True
       problem.calibration = rec
     if problem.calibration is None:
@@ -690,7 +706,7 @@ def evaluate(problem: Problem, configs, nfes, dump_dir=None, log=print):
         raise AssertionError(f"{cfg.name}: used {run.nfe} evaluations with a budget of {k}")
       ref = problem.reference(run.x_start, run.sigma_start)
       results[cfg.name][k] = dict(rmse=rmse(run.x_final, ref), sw2=sliced_w2(run.x_final, data, directions),
-                                  nfe=run.nfe)
+                                  nfe=run.nfe, finite=bool(np.all(np.isfinite(run.x_final))))
       if dump_dir is not None:
         dump_dir.mkdir(parents=True, exist_ok=True)
         np.savez(dump_dir / f"{cfg.name}-nfe{k}.npz", x_start=np.asarray(run.x_start, np.float32),
@@ -713,7 +729,8 @@ def calibration_summary(rec) -> str:
           f"lattice {rec['lattice']}): references {ref['evaluations']} float64 evaluations / {ref['seconds']:.0f}s, "
           f"search {search_ev} float32 evaluations + refinement "
           f"{sum(e.get('refine_evaluations', 0) for e in rec['samplers'].values())} evaluations with gradients "
-          f"/ {search_s:.0f}s (all budgets), total {rec['seconds']:.0f}s on {rec.get('device', 'cpu')}")
+          f"/ {search_s:.0f}s (all budgets), total {rec['seconds']:.0f}s on {rec.get('device', 'cpu')}"
+          + (f" (time budget {rec['time_budget_s']:.0f}s)" if rec.get("time_budget_s") else ""))
 
 
 def format_table(results, extra, nfes):
@@ -819,6 +836,7 @@ def parse_args(argv=None):
   ap.add_argument("--dump", default=None, help="directory for <config>-nfe<k>.npz files")
   ap.add_argument("--plot", default=None, help="PNG path (default: DIR/sampler_accuracy.png or ./sampler_accuracy.png)")
   ap.add_argument("--ref_tol", type=float, default=1e-8, help="rtol = atol of the float64 dopri5 reference")
+  ap.add_argument("--json", default=None, help="also write every result, the ratios and the calibration here")
   ap.add_argument("--only", default=None, help="regex: run only matching configurations")
   ap.add_argument("--no-peers", dest="peers", action="store_false", help="skip diffusers / k-diffusion")
   ap.add_argument("--extended", action="store_true", help="more grid options for diffjax and the peers")
@@ -830,6 +848,9 @@ def parse_args(argv=None):
                        "over the standard solvers shrinks)")
   ap.add_argument("--refine_steps", type=int, default=500,
                   help="Adam steps refining each fitted sampler on its final error (0: the grid search only)")
+  ap.add_argument("--calib_minutes", type=float, default=10.0,
+                  help="wall-clock bound of a live calibration per mixture (searches and refinement stop early, "
+                  "keeping the best found); 0: none")
   ap.add_argument("--calib_val_batch", type=int, default=None,
                   help="validation samples of the calibration (default: calibration_batch_sizes)")
   ap.add_argument("--calibration_file", default=str(CALIBRATION_FILE), help="JSON cache of calibrated samplers")
@@ -854,7 +875,7 @@ def main(argv=None):
   configs = build_configs(args, ksampling)
   family_of = {c.name: c.family for c in configs}
   dump = pathlib.Path(args.dump) if args.dump else None
-  all_results, t_start = {}, time.time()
+  all_results, calibrations, t_start = {}, {}, time.time()
   for path in gmms:
     problem = Problem(path, args.process, args.n, args.seed, args.ref_tol)
     print(f"[{problem.name}] running {len(configs)} configurations ...", flush=True)
@@ -863,6 +884,7 @@ def main(argv=None):
     results, extra = evaluate(problem, configs, args.nfes, sub, log=lambda s: print(s, flush=True))
     all_results[problem.name] = (results, extra)
     rec = getattr(problem, "calibration", None)
+    calibrations[problem.name] = rec
     if rec:
       extra["calibration"] = calibration_summary(rec)
       if rec.pop("computed_now", False) and args.save_calibration:
@@ -876,8 +898,14 @@ def main(argv=None):
   for results, extra in all_results.values():
     print(format_table(results, extra, args.nfes))
     print()
-  text, _ = summary(all_results, args.nfes, family_of)
+  text, ratios = summary(all_results, args.nfes, family_of)
   print(text)
+  if args.json:
+    out = {mix: {"results": results, "families": family_of, "floor": extra["floor"],
+                 "calibration": calibrations.get(mix),
+                 "ratio_best_diffjax_to_best_peer": {str(k): ratios[(mix, k)] for k in args.nfes}}
+           for mix, (results, extra) in all_results.items()}
+    pathlib.Path(args.json).write_text(json.dumps(out, indent=1, default=float) + "\n")
   plot_path = pathlib.Path(args.plot) if args.plot else (dump / "sampler_accuracy.png" if dump else
                                                          pathlib.Path("sampler_accuracy.png"))
   plot_path.parent.mkdir(parents=True, exist_ok=True)

@@ -118,3 +118,20 @@ def test_a_calibration_for_something_else_is_refused_in_one_line(calibrated, tmp
     calibration.load_fitted(str(bad), KEY, 5)
   with pytest.raises(ValueError, match=r"budgets \[1\] are outside \[2, 24\]"):
     calibration.calibrate(SD, denoise, x_fit, x_val, (1,), key=KEY, path=str(tmp_path / "x.json"), lattice=24)
+
+
+def test_a_calibration_out_of_time_fits_every_budget_from_its_starting_grids(calibrated):
+  """``time_budget_s``: a search whose share of the time is spent stops after its starting grids, still fitting
+  every budget; the full search (the fixture's, same reference) can only improve on them."""
+  path, record, (x_fit, c_fit, x_val, c_val) = calibrated
+  with np.load(path + ".reference.npz") as z:
+    stored = {True: (z["states"], z["target"]), False: (None, z["target_val"])}
+  out = calibration.calibrate(SD, denoise, x_fit, x_val, (3, 5), key=KEY, path=None, cond_fit=c_fit, cond_val=c_val,
+                              lattice=24, reference=lambda x, cond, keep_states: (*stored[keep_states], 0),
+                              time_budget_s=0.0, progress=False, log=lambda s: None)
+  lattice_ts = np.asarray(out["lattice"])
+  for k in ("3", "5"):
+    cut, full = out["samplers"][k], record["samplers"][k]
+    assert cut["stopped_early"] and not full["stopped_early"]
+    assert cut["candidates"] == len(calibration.starting_grids(SD, lattice_ts, int(k))) < full["candidates"]
+    assert full["calib_rmse"] <= cut["calib_rmse"] and np.isfinite(cut["calib_rmse"])

@@ -6,6 +6,8 @@ generated the reference; for isotropic Gaussian data x~ - mu stays a fixed multi
 its start, so one fitted coefficient per step makes the sampler exact on any fresh noise.
 """
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,6 +175,19 @@ def test_search_remembers_repeated_evaluations_without_changing_its_result(monke
   assert remembered.evaluations < 0.75 * fresh.evaluations, (remembered.evaluations, fresh.evaluations)
 
 
+def test_a_search_past_its_deadline_scores_its_starts_only_and_a_late_one_matches_no_deadline():
+  denoise, lattice, x, states, target = _lattice_reference(16, 12, 256)
+  init = [og.snap_to_lattice(lattice, grids.karras(SD, 4, rho=rho)) for rho in (3.0, 7.0)]
+  args, kwargs = (SD, denoise, x, lattice, states, target, 4), dict(history=3, init=init, max_sweeps=2)
+  late = og.search_grid(*args, **kwargs, deadline=time.time() + 3600)
+  free = og.search_grid(*args, **kwargs)
+  assert late.indices == free.indices and late.candidates == free.candidates > 2 and not late.stopped_early
+  cut = og.search_grid(*args, **kwargs, deadline=time.time() - 1)
+  starts = [og.fit_multistep(SD, denoise, x, lattice[np.asarray(i)], states[np.asarray(i)], target, 3) for i in init]
+  assert cut.stopped_early and cut.candidates == len(init)
+  assert cut.sampler.calib_rmse == min(s.calib_rmse for s in starts)
+
+
 def test_rollout_is_the_fitted_sampler_in_float64():
   """``rollout`` (the search's validation, step by step in float64) computes what ``FittedSampler.sample`` does."""
   denoise, lattice, x, states, target = _lattice_reference(12, 14, 512)
@@ -213,6 +228,10 @@ def test_refine_lowers_the_validation_error_and_keeps_a_valid_grid():
                              rtol=1e-4)
   assert out.ts[0] == pytest.approx(float(ts[0])) and np.all(np.diff(out.ts) < 0)
   assert out.beta[0, 0] == 0 and out.beta[1, 1] == 0  # no weight on outputs before the first point
+  # Past its deadline, refinement stops after one step and scores the iterate it reached.
+  _, cut = og.refine(SD, start, denoise, x_fit, fine(x_fit), steps=40, learning_rate=1e-2,
+                     validation=(x_val, fine(x_val)), eval_every=10, deadline=time.time() - 1)
+  assert [i for i, _, _ in cut] == [1]
 
 
 def test_lstsq_drops_a_zero_regressor():

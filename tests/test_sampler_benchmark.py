@@ -142,3 +142,33 @@ def test_calibration_record_scores_on_the_requested_validation_batch():
   target = problem.reference(np.asarray(x_val) / float(p.alpha(fitted.ts[0])), float(p.edm_sigma(fitted.ts[0])))
   out = fitted.sample(p, problem.fast_denoiser(), x_val)
   np.testing.assert_allclose(rec["samplers"]["3"]["calib_rmse"], np.sqrt(np.mean((out - target) ** 2)), rtol=1e-3)
+
+
+def test_random_mixtures_span_the_family_and_the_robustness_table_reads_the_benchmark_json(tmp_path):
+  """``make_mixtures.random_mixture`` draws valid mixtures over the whole family (d in [2, 256], sharp and broad,
+  isotropic and not, smooth-field means at square d); ``sampler_robustness`` reads fitted / best-peer ratios."""
+  from benchmarks import make_mixtures, sampler_robustness
+
+  kinds, dims = set(), []
+  for seed in range(60):
+    (w, m, v), what = make_mixtures.random_mixture(np.random.default_rng([seed, 7]))
+    d = m.shape[1]
+    assert w.shape == (m.shape[0],) and v.shape == m.shape and 2 <= m.shape[0] <= 32 and 2 <= d <= 256
+    np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-12)
+    assert np.all(w > 0) and np.all(v > 0) and np.all(np.isfinite(m))
+    iso = "isotropic" in what.split()
+    assert iso == bool(np.all(v == v[:, :1]))
+    if "smooth-field" in what:
+      assert round(np.sqrt(d)) ** 2 == d
+    kinds.add(tuple(what.split()[2:5]))
+    dims.append(d)
+  assert len(kinds) >= 6 and min(dims) <= 4 and max(dims) >= 128, (kinds, min(dims), max(dims))
+  path, what = make_mixtures.write_random(3, tmp_path)
+  assert sa.Problem(path, "sd", 4, 0, 1e-6).dim == int(what.split()[0][2:])
+
+  entry = {"families": {"fitted_ms4-searched": "diffjax", "euler-karras": "diffjax", "dpm": "k-diffusion",
+                        "unipc": "diffusers"},
+           "results": {"fitted_ms4-searched": {"5": {"rmse": 0.02}}, "euler-karras": {"5": {"rmse": 0.01}},
+                       "dpm": {"5": {"rmse": 0.08}}, "unipc": {"5": {"rmse": 0.05}}}}
+  assert sampler_robustness.fitted_over_peer(entry, 5) == (0.02, 0.05, "unipc")
+  assert sampler_robustness.parse_seeds("1,4,7-9") == [1, 4, 7, 8, 9]

@@ -156,7 +156,8 @@ def _reference_error(process, denoise, x, cond, lattice_ts, states, target, tol:
 
 def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, path: str | None, cond_fit=None,
               cond_val=None, lattice: int = 64, history: int = 3, tol: float = 1e-5, chunk: int = 256, check: int = 64,
-              reference=None, moves=(1, 2, 4), max_sweeps: int = 6, progress: bool = True, log=print) -> dict:
+              reference=None, moves=(1, 2, 4), max_sweeps: int = 6, time_budget_s: float | None = None,
+              progress: bool = True, log=print) -> dict:
   """Fits a sampler for every budget in ``budgets`` and writes the record to ``path`` (module docstring).
 
   Args:
@@ -178,11 +179,15 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
       in place of the Dormand-Prince solve (``reference_paths``' contract, x at the lattice's first
       time), e.g. for a model whose flow is known in closed form; its error is not measured.
     moves, max_sweeps: the grid search's (``optimized_grids.search_grid``).
+    time_budget_s: wall-clock seconds for this call: what the reference paths leave is shared among
+      the budgets still to fit in proportion to k (each search stops at its share's end, keeping the
+      best grid found; its entry says ``stopped_early``). None: every search runs to its end.
 
   Returns:
     The record: ``key``, ``lattice`` (times), ``reference`` (tol, error, evaluations, seconds)
     and ``samplers`` {str(k): FittedSampler fields + search cost}.
   """
+  t_start = time.time()
   key = _as_stored(key)
   budgets = sorted({int(k) for k in budgets})
   bad = [k for k in budgets if not 2 <= k <= lattice]
@@ -224,15 +229,21 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
       _write_json(path, record)
   fit_denoise = jax.jit(lambda x, t: denoise(x, t, cond_fit))
   val_denoise = jax.jit(lambda x, t: denoise(x, t, cond_val))
-  for k in tqdm.tqdm([k for k in budgets if str(k) not in record["samplers"]], desc="fitting budgets", unit="budget",
-                     disable=not progress):
+  todo = [k for k in budgets if str(k) not in record["samplers"]]
+  for i, k in enumerate(tqdm.tqdm(todo, desc="fitting budgets", unit="budget", disable=not progress)):
+    deadline = None
+    if time_budget_s is not None:  # this budget's share of the time left, in proportion to k
+      now = time.time()
+      deadline = now + max(t_start + time_budget_s - now, 0.0) * k / sum(todo[i:])
     res = og.search_grid(process, fit_denoise, x_fit, lattice_ts, states, target, k, history=min(history, k),
                          validation=(x_val, jnp.asarray(target_val)), validation_denoise=val_denoise,
-                         init=starting_grids(process, lattice_ts, k), moves=moves, max_sweeps=max_sweeps)
+                         init=starting_grids(process, lattice_ts, k), moves=moves, max_sweeps=max_sweeps,
+                         deadline=deadline)
     record["samplers"][str(k)] = res.sampler.to_dict() | {
-        "indices": res.indices, "candidates": res.candidates, "evaluations": res.evaluations, "seconds": res.seconds}
+        "indices": res.indices, "candidates": res.candidates, "evaluations": res.evaluations, "seconds": res.seconds,
+        "stopped_early": res.stopped_early}
     if path is not None:
       _write_json(path, record)
     log(f"NFE {k}: validation RMSE {res.sampler.calib_rmse:.3e} ({res.candidates} candidate grids, "
-        f"{res.seconds:.0f} s)")
+        f"{res.seconds:.0f} s{', stopped by the time budget' if res.stopped_early else ''})")
   return record

@@ -403,11 +403,12 @@ class SearchResult:
   evaluations: int  # batched denoiser calls (each on the whole calibration batch)
   candidates: int
   seconds: float
+  stopped_early: bool = False  # the search's deadline cut it short
 
 
 def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target, n_points: int, *,
                 history: int = 3, free_ratio: bool = True, validation=None, validation_denoise=None, init=(),
-                moves=(1, 2, 4, 8), max_sweeps: int = 6) -> SearchResult:
+                moves=(1, 2, 4, 8), max_sweeps: int = 6, deadline: float | None = None) -> SearchResult:
   """Coordinate search of an N-point grid over lattice points, each candidate scored after ``fit_multistep``.
 
   Args:
@@ -426,6 +427,8 @@ def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target
       best-scoring one starts the search. Default: N points evenly spaced in index.
     moves: index offsets tried for each interior/last point, both directions.
     max_sweeps: passes over the points (stops early when a pass improves nothing).
+    deadline: a ``time.time()`` after which no further candidate is tried (the starting grids are
+      always scored); the result's ``stopped_early`` says whether it cut the search short.
 
   Returns:
     ``SearchResult`` (its sampler's ``calib_rmse`` is the score). A candidate costs at most N
@@ -460,8 +463,9 @@ def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target
     if len(idx) != n_points or idx[0] != 0 or any(b <= a for a, b in zip(idx, idx[1:], strict=False)):
       raise ValueError(f"bad initial lattice indices {idx}: need {n_points} increasing indices from 0")
   best = min(inits, key=score)
-  for _ in range(max_sweeps):
-    improved = False
+
+  def neighbours():
+    """Each point of the best grid so far moved by each move (``best`` is read as each candidate is made)."""
     for pos in range(1, n_points):
       for move in moves:
         for sign in (1, -1):
@@ -469,15 +473,23 @@ def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target
           cand[pos] += sign * move
           lo = cand[pos - 1] + 1
           hi = cand[pos + 1] - 1 if pos + 1 < n_points else size - 1
-          if not lo <= cand[pos] <= hi:
-            continue
-          if score(cand) < score(best):
-            best, improved = cand, True
-    if not improved:
+          if lo <= cand[pos] <= hi:
+            yield cand
+
+  stopped = False
+  for _ in range(max_sweeps):
+    improved = False
+    for cand in neighbours():
+      if deadline is not None and time.time() > deadline:
+        stopped = True
+        break
+      if score(cand) < score(best):
+        best, improved = cand, True
+    if stopped or not improved:
       break
   evaluations = fit_denoise.calls + (val_denoise.calls if validation is not None else 0)
   return SearchResult(cache[tuple(best)], best, evaluations=evaluations, candidates=len(cache),
-                      seconds=time.time() - t0)
+                      seconds=time.time() - t0, stopped_early=stopped)
 
 
 def log_sigma_lattice(process: Process, size: int, t_start=None, t_end=None) -> Array:
@@ -504,7 +516,8 @@ def snap_to_lattice(lattice_ts, ts) -> list:
 # Joint refinement by gradient descent on the final error.
 # ------------------------------------------------------------------------------------
 def refine(process: Process, fitted: FittedSampler, denoise, x, target, *, steps: int = 300,
-           learning_rate: float = 3e-3, validation=None, eval_every: int = 25, move_grid: bool = True):
+           learning_rate: float = 3e-3, validation=None, eval_every: int = 25, move_grid: bool = True,
+           deadline: float | None = None):
   """Refines a ``FittedSampler`` by Adam on its final mean squared error, differentiating through the sampler.
 
   ``fit_multistep`` fits each step to the reference state at the next grid point
@@ -522,6 +535,7 @@ def refine(process: Process, fitted: FittedSampler, denoise, x, target, *, steps
     validation: optional (x_val, target_val): the iterate with the lowest validation RMSE
       (checked every ``eval_every`` steps, the start included) is returned; else the last.
     move_grid: also optimize the grid points.
+    deadline: a ``time.time()`` at which the iterations stop early (the iterate reached is scored).
 
   Returns:
     (FittedSampler, history): ``calib_rmse`` is the returned sampler's validation (or
@@ -568,13 +582,16 @@ def refine(process: Process, fitted: FittedSampler, denoise, x, target, *, steps
   best = (float(score(params)) if score else float("inf"), params)
   for i in range(1, steps + 1):
     params, opt_state, fit_rmse = update(params, opt_state)
-    if score is not None and (i % eval_every == 0 or i == steps):
+    last = i == steps or (deadline is not None and time.time() > deadline)
+    if score is not None and (i % eval_every == 0 or last):
       val = float(score(params))
       log.append((i, float(fit_rmse), val))
       if val < best[0]:
         best = (val, params)
     elif score is None:
       log.append((i, float(fit_rmse), float("nan")))
+    if last:
+      break
   chosen = best[1] if score is not None else params
   calib = best[0] if score is not None else float(rmse(chosen, x, target))
   out = FittedSampler(np.asarray(grid(chosen), np.float64), np.asarray(chosen["beta"] * mask, np.float64),
