@@ -371,7 +371,8 @@ def calibration_batch_sizes(dim: int, lattice: int = CALIB_LATTICE) -> tuple[int
   return fit, int(np.clip(2**23 // dim, 16384, 32768))
 
 
-SEARCH_SHARE = 0.7  # of a calibration's time budget: reference paths and grid searches (the rest: refinement)
+SEARCH_SHARE = 0.7  # of a calibration's time budget: reference paths and grid searches
+REFINE_END = 0.95  # refinements stop by this share: a candidate or a step running at a deadline ends after it
 
 
 def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine_steps: int = 0,
@@ -388,8 +389,8 @@ def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine
   of ``optimized_grids.refine`` on the fitting batch's final error (coefficients and grid jointly;
   the iterate best on the validation batch is kept). The model is evaluated with
   ``Problem.fast_denoiser``. ``time_budget_s`` bounds the whole calibration: SEARCH_SHARE of it for
-  the reference and the searches (the library's ``time_budget_s``), what is left for the refinements,
-  shared in proportion to k. Returns the JSON-able record, costs included.
+  the reference and the searches (the library's ``time_budget_s``), what is left up to REFINE_END of it
+  for the refinements, shared in proportion to k. Returns the JSON-able record, costs included.
   """
   from diffjax.samplers import calibration
   from diffjax.samplers import optimized_grids as og
@@ -434,7 +435,8 @@ def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine
     searched_rmse = fitted.calib_rmse
     deadline = None
     if time_budget_s is not None:  # this budget's share of the time left, in proportion to k
-      deadline = t_refine + max(t0 + time_budget_s - t_refine, 0.0) * int(k) / sum(int(j) for j in ks[i:])
+      left = t0 + REFINE_END * time_budget_s - t_refine
+      deadline = t_refine + max(left, 0.0) * int(k) / sum(int(j) for j in ks[i:])
     done = 0
     if refine_steps:
       fitted, trace = og.refine(p, fitted, fast, x_fit_t, jnp.asarray(targets[True]), steps=refine_steps,
