@@ -97,12 +97,21 @@ def random_mixture(rng) -> tuple[tuple, str]:
   return (weights / weights.sum(), means, variances), what
 
 
+def random_draw(seed: int) -> tuple[tuple, str]:
+  """``random_mixture`` number ``seed`` (its own generator: the same mixture whatever else was drawn)."""
+  return random_mixture(np.random.default_rng([seed, 7]))
+
+
+def write(path, arrays) -> pathlib.Path:
+  """(weights, means, variances) to the npz file ``path`` (the format of ``GaussianMixture.load``)."""
+  np.savez_compressed(path, **dict(zip(("weights", "means", "variances"), arrays, strict=True)))
+  return pathlib.Path(path)
+
+
 def write_random(seed: int, out) -> tuple[pathlib.Path, str]:
-  """(path, description) of ``random_mixture`` number ``seed`` written to ``out/random<seed>.npz``."""
-  (w, m, v), what = random_mixture(np.random.default_rng([seed, 7]))
-  path = pathlib.Path(out) / f"random{seed}.npz"
-  np.savez_compressed(path, weights=w, means=m, variances=v)
-  return path, what
+  """(path, description) of ``random_draw(seed)`` written to ``out/random<seed>.npz``."""
+  arrays, what = random_draw(seed)
+  return write(pathlib.Path(out) / f"random{seed}.npz", arrays), what
 
 
 MIXTURES = {"gmm2d": (gmm2d, 0), "gmm64": (gmm64, 1), "gmm256": (gmm256, 2)}
@@ -115,16 +124,13 @@ def main(argv=None):
   args = parser.parse_args(argv)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  made = []
-  for name, (fn, seed) in MIXTURES.items() if args.random is None else ():
-    np.savez_compressed(out / f"{name}.npz", **dict(zip(("weights", "means", "variances"),
-                                                         fn(np.random.default_rng(seed)), strict=True)))
-    made.append((out / f"{name}.npz", ""))
-  made += [write_random(seed, out) for seed in args.random or ()]
-  for path, what in made:
-    with np.load(path) as f:
-      w, m, v = f["weights"], f["means"], f["variances"]
-    print(f"{path.stem}: K={len(w)}, d={m.shape[1]}, data std {np.sqrt(np.mean(v) + np.var(m)):.3f}, "
+  if args.random is None:
+    made = [(name, fn(np.random.default_rng(seed)), "") for name, (fn, seed) in MIXTURES.items()]
+  else:
+    made = [(f"random{seed}", *random_draw(seed)) for seed in args.random]
+  for name, (w, m, v), what in made:
+    write(out / f"{name}.npz", (w, m, v))
+    print(f"{name}: K={len(w)}, d={m.shape[1]}, data std {np.sqrt(np.mean(v) + np.var(m)):.3f}, "
           f"min/max variance {v.min():.2e}/{v.max():.2e} {what}")
 
 

@@ -433,10 +433,8 @@ def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine
     entry = lib["samplers"][k]
     fitted, t_refine = og.FittedSampler.from_dict(entry), time.time()
     searched_rmse = fitted.calib_rmse
-    deadline = None
-    if time_budget_s is not None:  # this budget's share of the time left, in proportion to k
-      left = t0 + REFINE_END * time_budget_s - t_refine
-      deadline = t_refine + max(left, 0.0) * int(k) / sum(int(j) for j in ks[i:])
+    deadline = (None if time_budget_s is None else
+                calibration.share_of_time(t0 + REFINE_END * time_budget_s, int(k), [int(j) for j in ks[i:]]))
     done = 0
     if refine_steps:
       fitted, trace = og.refine(p, fitted, fast, x_fit_t, jnp.asarray(targets[True]), steps=refine_steps,

@@ -13,7 +13,24 @@ import pytest
 # implementations of the same networks to. A wrong row order or a lost row moves images by O(0.1).
 IMAGE_ATOL = 1e-4
 
-_WORKER = textwrap.dedent("""
+# Prepended to each worker: records, for every placement a pipeline call makes with a mesh, over how many devices
+# its per-image arrays were split (so a call that ignored ``mesh`` would be seen, not just give the same images).
+SPY = textwrap.dedent("""
+    import importlib, jax
+    # the modules themselves (the package's attributes of these names are its functions)
+    _modules = [importlib.import_module(f"diffjax.pipelines.{m}") for m in ("generate", "inpaint", "upscale")]
+    SPLIT_OVER, _placed = [], _modules[0].on_mesh
+    def _spy(mesh, batch, params, *per_call):
+      out = _placed(mesh, batch, params, *per_call)
+      if mesh is not None:
+        SPLIT_OVER.append(min(len(a.sharding.device_set) for a in jax.tree.leaves(out[1:])
+                              if a.ndim and a.shape[0] == batch))
+      return out
+    for _module in _modules:
+      _module.on_mesh = _spy
+""")
+
+_WORKER = SPY + textwrap.dedent("""
     import json, sys
     import jax, numpy as np
     from diffjax import pipelines
@@ -35,8 +52,9 @@ _WORKER = textwrap.dedent("""
     out = {}
     for task, call in calls.items():
       one, split = call(seed=3), call(seed=3, mesh=mesh)
+      split_over = SPLIT_OVER.pop()
       other = call(seed=4, mesh=mesh)
-      out[task] = dict(diff=float(np.abs(one.images - split.images).max()),
+      out[task] = dict(diff=float(np.abs(one.images - split.images).max()), split_over=split_over,
                        seed_diff=float(np.abs(other.images - split.images).max()),
                        row_diff=float(np.abs(split.images[0] - split.images[1]).max()),
                        finite=bool(np.isfinite(split.images).all()), shape=list(split.images.shape))
@@ -64,6 +82,7 @@ def test_generation_on_a_two_device_mesh_matches_one_device(tmp_path):
   out = on_two_devices(_WORKER, _tiny_pipeline(tmp_path, "ddim")[1], SIZE)
   for task in ("txt2img", "img2img", "inpaint"):
     r = out[task]
+    assert r["split_over"] == 2, (task, r)  # the call did split its images over both devices
     assert r["shape"] == [2, SIZE, SIZE, 3] and r["finite"], (task, r)
     assert r["diff"] <= IMAGE_ATOL, (task, r)
     # The comparison can fail: another seed, or the other prompt's row, is far outside the bound.

@@ -172,18 +172,20 @@ def _txt2img(config):
 
 def test_upscale_on_a_two_device_mesh_matches_one_device(models, low_res):
   """``upscale(mesh=)``: the images split over two devices are the one-device images (bound: the mesh test's)."""
-  from test_pipelines_mesh import IMAGE_ATOL, on_two_devices
+  from test_pipelines_mesh import IMAGE_ATOL, SPY, on_two_devices
 
   _, folder = models
   np.save(folder.parent / "low_res.npy", low_res[:2])
   out = on_two_devices(
-      "import json, sys, jax, numpy as np\n"
+      SPY + "import json, sys, jax, numpy as np\n"
       "from diffjax import pipelines\n"
       "pipe, params = pipelines.from_pretrained(sys.argv[1])\n"
       "low, mesh = np.load(sys.argv[2]), jax.make_mesh((2,), ('data',))\n"
       "run = lambda **kw: pipelines.upscale(pipe, params, ['a cat', 'a dog'], low, noise_level=40,\n"
       "                                     plan=pipelines.plan_for(pipe, 3), **kw).images\n"
       "one, split = run(), run(mesh=mesh)\n"
-      "print(json.dumps(dict(diff=float(np.abs(one - split).max()), rows=float(np.abs(split[0] - split[1]).max()))))",
+      "print(json.dumps(dict(diff=float(np.abs(one - split).max()), rows=float(np.abs(split[0] - split[1]).max()),\n"
+      "                      split_over=SPLIT_OVER)))",
       folder, folder.parent / "low_res.npy")
+  assert out["split_over"] == [2], out  # the mesh call split its images over both devices
   assert out["diff"] <= IMAGE_ATOL and out["rows"] > 100 * IMAGE_ATOL, out

@@ -151,7 +151,7 @@ def test_random_mixtures_span_the_family_and_the_robustness_table_reads_the_benc
 
   kinds, dims = set(), []
   for seed in range(60):
-    (w, m, v), what = make_mixtures.random_mixture(np.random.default_rng([seed, 7]))
+    (w, m, v), what = make_mixtures.random_draw(seed)
     d = m.shape[1]
     assert w.shape == (m.shape[0],) and v.shape == m.shape and 2 <= m.shape[0] <= 32 and 2 <= d <= 256
     np.testing.assert_allclose(w.sum(), 1.0, rtol=1e-12)

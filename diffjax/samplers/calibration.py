@@ -60,6 +60,13 @@ def starting_grids(process: Process, lattice_ts, k: int) -> list[list[int]]:
   return starts
 
 
+def share_of_time(end: float, k: int, remaining) -> float:
+  """The deadline (a ``time.time()``) of budget ``k``'s turn: its share, in proportion to k, of the time from now
+  to ``end`` among the ``remaining`` budgets (k included)."""
+  now = time.time()
+  return now + max(end - now, 0.0) * k / sum(remaining)
+
+
 def reference_paths(process: Process, denoise, x, cond, lattice_ts, *, tol: float, chunk: int,
                     keep_states: bool = True, progress: bool = False) -> tuple[np.ndarray | None, np.ndarray, int]:
   """(states (L, B, ...) in x~ = x / alpha, target (B, ...), evaluations) of the probability-flow ODE from x.
@@ -231,10 +238,7 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
   val_denoise = jax.jit(lambda x, t: denoise(x, t, cond_val))
   todo = [k for k in budgets if str(k) not in record["samplers"]]
   for i, k in enumerate(tqdm.tqdm(todo, desc="fitting budgets", unit="budget", disable=not progress)):
-    deadline = None
-    if time_budget_s is not None:  # this budget's share of the time left, in proportion to k
-      now = time.time()
-      deadline = now + max(t_start + time_budget_s - now, 0.0) * k / sum(todo[i:])
+    deadline = None if time_budget_s is None else share_of_time(t_start + time_budget_s, k, todo[i:])
     res = og.search_grid(process, fit_denoise, x_fit, lattice_ts, states, target, k, history=min(history, k),
                          validation=(x_val, jnp.asarray(target_val)), validation_denoise=val_denoise,
                          init=starting_grids(process, lattice_ts, k), moves=moves, max_sweeps=max_sweeps,
