@@ -357,6 +357,7 @@ def default_diffjax_configs(extended=False):
 CALIBRATION_FILE = DATA_DIR / "calibrated_samplers.json"
 CALIB_LATTICE = 48
 CALIB_HISTORY = 4
+CALIB_RESTARTS = 8  # grid searches descend from every starting grid (7) that the time budget allows
 
 
 def _sha256(path) -> str:
@@ -384,8 +385,9 @@ def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine
   Protocol: a fitting batch (seed calib_seed) and a larger validation batch (calib_seed + 1)
   of pure noise at t_max, never the evaluation seed (sizes: ``calibration_batch_sizes``, or
   ``val_batch`` validation samples); states kept at ``lattice_size`` noise levels uniform in log
-  sigma; history CALIB_HISTORY; the library's grid search (moves of 1, 2 and 4 lattice points, from
-  its ``starting_grids``, candidates scored on the validation batch). Then ``refine_steps`` Adam steps
+  sigma; history CALIB_HISTORY; the library's grid search (moves of 1, 2 and 4 lattice points, descending
+  from each of its ``starting_grids`` in turn, best first, while the time allows; candidates scored on the
+  validation batch). Then ``refine_steps`` Adam steps
   of ``optimized_grids.refine`` on the fitting batch's final error (coefficients and grid jointly;
   the iterate best on the validation batch is kept). The model is evaluated with
   ``Problem.fast_denoiser``. ``time_budget_s`` bounds the whole calibration: SEARCH_SHARE of it for
@@ -420,7 +422,8 @@ def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine
   fast = problem.fast_denoiser()
   budgets = [k for k in nfes if 2 <= k <= min(lattice_size, max_nfe)]
   lib = calibration.calibrate(p, lambda x, t, cond: fast(x, t), x_fit, x_val, budgets, key={}, path=None,
-                              lattice=lattice_size, history=CALIB_HISTORY, reference=exact, progress=False,
+                              lattice=lattice_size, history=CALIB_HISTORY, restarts=CALIB_RESTARTS,
+                              reference=exact, progress=False,
                               time_budget_s=None if time_budget_s is None else SEARCH_SHARE * time_budget_s,
                               log=lambda s: log(f"  {s}"))
   record = dict(sha256=_sha256(problem.path), process=problem.process_name, calib_seed=calib_seed, batch=batch,

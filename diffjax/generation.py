@@ -305,8 +305,7 @@ def calibrate_pretrained(config, path: str) -> dict:
       pipe, params, list(cal.get("prompts") or config.prompts), path, key=key, guidance_scale=float(s.guidance_scale),
       height=config.height, width=config.width, budgets=cal.budgets, batch=cal.batch,
       validation_batch=cal.validation_batch, seed=cal.seed, negative_prompt=config.negative_prompt,
-      options=pipelines.Guidance(rescale=float(s.guidance_rescale)), lattice=cal.lattice, tol=cal.tol, chunk=cal.chunk,
-      log=logging.info)
+      options=pipelines.Guidance(rescale=float(s.guidance_rescale)), log=logging.info, **calibrate.settings_from(cal))
 
 
 def generate(config, output_dir: str) -> dict:

@@ -135,3 +135,32 @@ def test_a_calibration_out_of_time_fits_every_budget_from_its_starting_grids(cal
     assert cut["stopped_early"] and not full["stopped_early"]
     assert cut["candidates"] == len(calibration.starting_grids(SD, lattice_ts, int(k))) < full["candidates"]
     assert full["calib_rmse"] <= cut["calib_rmse"] and np.isfinite(cut["calib_rmse"])
+
+
+@pytest.mark.parametrize("k", [5, 8, 10])
+def test_the_search_starts_from_diffusers_linspace_timesteps(k):
+  """One starting grid is where diffusers' UniPC evaluates its network on "linspace" spacing (k + 1 timesteps
+  from 999 to 0, rounded, the 0 dropped), snapped to the lattice; the Karras and log-SNR starts end at t_min."""
+  diffusers = pytest.importorskip("diffusers")
+  from diffjax.samplers import optimized_grids as og
+
+  scheduler = diffusers.UniPCMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                timestep_spacing="linspace")
+  scheduler.set_timesteps(k)
+  lattice = np.asarray(og.log_sigma_lattice(SD, 48), np.float64)
+  theirs = og.snap_to_lattice(lattice, np.asarray(scheduler.timesteps, np.float64))
+  assert og.snap_to_lattice(lattice, calibration.uniform_t_short(SD, k)) == theirs
+  starts = calibration.starting_grids(SD, lattice, k)
+  assert theirs in starts and len(theirs) == k and theirs[-1] < len(lattice) - 1
+  assert og.snap_to_lattice(lattice, grids.log_snr_uniform(SD, k))[-1] == len(lattice) - 1
+
+
+def test_a_configs_calibration_section_names_the_search_settings():
+  """``pipelines.calibrate.settings_from``: what the jobs pass to ``calibrate`` (minutes -> seconds; 0: no bound)."""
+  from configs import default
+  from diffjax.pipelines.calibrate import settings_from
+
+  cal = default.get_config("tiny").calibration
+  assert settings_from(cal) == dict(lattice=cal.lattice, tol=cal.tol, chunk=cal.chunk, restarts=1, time_budget_s=None)
+  cal.update(dict(restarts=3, minutes=2.5))
+  assert settings_from(cal) == dict(lattice=cal.lattice, tol=cal.tol, chunk=cal.chunk, restarts=3, time_budget_s=150.0)

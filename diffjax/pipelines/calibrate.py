@@ -53,6 +53,14 @@ def prompted_noise(pipe: core.Pipeline, params, prompts: Sequence[str], seed: in
   return jax.random.normal(k_noise, (n,) + pipe.latent_shape(height, width)), context
 
 
+def settings_from(cal) -> dict:
+  """``calibration.calibrate``'s settings from a config's ``calibration`` section: ``lattice``, ``tol``, ``chunk``,
+  ``restarts`` (default 1) and ``minutes`` (the time bound; 0 or absent: none)."""
+  minutes = float(cal.get("minutes") or 0.0)
+  return dict(lattice=cal.lattice, tol=cal.tol, chunk=cal.chunk, restarts=int(cal.get("restarts") or 1),
+              time_budget_s=60.0 * minutes if minutes > 0 else None)
+
+
 def calibrate(pipe: core.Pipeline, params, prompts: Sequence[str], path: str, *, key: dict, guidance_scale: float,
               height: int, width: int, budgets, batch: int, validation_batch: int, seed: int, negative_prompt: str = "",
               options: core.Guidance = NO_OPTIONS, log=print, **settings) -> dict:

@@ -44,14 +44,26 @@ FITTED = "fitted"  # the name of a calibrated sampler (configs' sampler.name, a 
 KARRAS_RHO = (3.0, 5.0, 7.0, 10.0)  # Karras grids that seed the search, with uniform log-SNR and uniform t
 
 
+def uniform_t_short(process: Process, k: int):
+  """k of k + 1 points uniform in t from t_max, the last (t_min) dropped: where a k-step sampler on diffusers'
+  "linspace" timestep spacing evaluates the denoiser (its last evaluation one step above t_min; the final
+  estimate is that evaluation's output)."""
+  return grids.uniform_t(process, k + 1)[:-1]
+
+
 class CalibrationError(ValueError):
   """A calibration file that is unreadable or made for another model, process, guidance scale or budget."""
 
 
 def starting_grids(process: Process, lattice_ts, k: int) -> list[list[int]]:
   """Initial k-point grids of the search as lattice indices: Karras (each rho in ``KARRAS_RHO``), uniform
-  log-SNR and uniform t, snapped to the lattice (duplicates dropped)."""
-  makers = [functools.partial(grids.karras, rho=rho) for rho in KARRAS_RHO] + [grids.log_snr_uniform, grids.uniform_t]
+  log-SNR, uniform t and ``uniform_t_short``, snapped to the lattice (duplicates dropped).
+
+  The last start is there because on mixtures with sharp modes diffusers' samplers on their "linspace"
+  spacing beat every sampler on the other grids, and the search, moving one point at a time, did not find
+  such a grid from them (benchmarks/README.md, the unseen-mixture table)."""
+  makers = [functools.partial(grids.karras, rho=rho) for rho in KARRAS_RHO] + [grids.log_snr_uniform, grids.uniform_t,
+                                                                             uniform_t_short]
   starts = []
   for make in makers:
     idx = og.snap_to_lattice(lattice_ts, make(process, k))
@@ -163,7 +175,8 @@ def _reference_error(process, denoise, x, cond, lattice_ts, states, target, tol:
 
 def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, path: str | None, cond_fit=None,
               cond_val=None, lattice: int = 64, history: int = 3, tol: float = 1e-5, chunk: int = 256, check: int = 64,
-              reference=None, moves=(1, 2, 4), max_sweeps: int = 6, time_budget_s: float | None = None,
+              reference=None, moves=(1, 2, 4), max_sweeps: int = 6, restarts: int = 1,
+              time_budget_s: float | None = None,
               progress: bool = True, log=print) -> dict:
   """Fits a sampler for every budget in ``budgets`` and writes the record to ``path`` (module docstring).
 
@@ -185,7 +198,9 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
     reference: ``(x, cond, keep_states) -> (states (L, B, ...) or None, target (B, ...), evaluations)``
       in place of the Dormand-Prince solve (``reference_paths``' contract, x at the lattice's first
       time), e.g. for a model whose flow is known in closed form; its error is not measured.
-    moves, max_sweeps: the grid search's (``optimized_grids.search_grid``).
+    moves, max_sweeps, restarts: the grid search's (``optimized_grids.search_grid``; ``restarts``: how many
+      of the ``starting_grids``, best first, a search descends from; with ``time_budget_s``, as many as
+      the budget's share allows).
     time_budget_s: wall-clock seconds for this call: what the reference paths leave is shared among
       the budgets still to fit in proportion to k (each search stops at its share's end, keeping the
       best grid found; its entry says ``stopped_early``). None: every search runs to its end.
@@ -242,12 +257,13 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
     res = og.search_grid(process, fit_denoise, x_fit, lattice_ts, states, target, k, history=min(history, k),
                          validation=(x_val, jnp.asarray(target_val)), validation_denoise=val_denoise,
                          init=starting_grids(process, lattice_ts, k), moves=moves, max_sweeps=max_sweeps,
-                         deadline=deadline)
+                         restarts=restarts, deadline=deadline)
     record["samplers"][str(k)] = res.sampler.to_dict() | {
         "indices": res.indices, "candidates": res.candidates, "evaluations": res.evaluations, "seconds": res.seconds,
-        "stopped_early": res.stopped_early}
+        "stopped_early": res.stopped_early, "descents": res.descents}
     if path is not None:
       _write_json(path, record)
     log(f"NFE {k}: validation RMSE {res.sampler.calib_rmse:.3e} ({res.candidates} candidate grids, "
+        f"{res.descents} descent{'s' if res.descents > 1 else ''}, "
         f"{res.seconds:.0f} s{', stopped by the time budget' if res.stopped_early else ''})")
   return record

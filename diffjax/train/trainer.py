@@ -587,8 +587,10 @@ def calibrate_checkpoint(config, workdir: str, path: str) -> dict:
   drawn from ``seed`` (never an evaluation's), each sample with a prompt drawn from ``prompts``
   (default ``config.prompts``) and guided with ``config.sampler.guidance_scale`` against the empty
   prompt, as the model is sampled; reference paths by dopri5 at ``tol``, ``chunk`` samples at a
-  time, kept at ``lattice`` noise levels. The file is keyed by ``calibration_key``; sample with it
-  by ``--config.sampler.name=fitted --config.sampler.calibration=PATH``. A killed calibration resumes.
+  time, kept at ``lattice`` noise levels; each budget's grid search descends from ``restarts`` starting
+  grids, within ``minutes`` for the whole calibration where it is > 0. The file is keyed by
+  ``calibration_key``; sample with it by ``--config.sampler.name=fitted --config.sampler.calibration=PATH``.
+  A killed calibration resumes.
   """
   cal = config.calibration
   pipe, params, step = load_pipeline(config, workdir)
@@ -600,5 +602,5 @@ def calibrate_checkpoint(config, workdir: str, path: str) -> dict:
   return pipelines.calibrate.calibrate(
       pipe, params, prompts, path, key=calibration_key(config, params),
       guidance_scale=float(config.sampler.guidance_scale), height=size, width=size, budgets=cal.budgets,
-      batch=cal.batch, validation_batch=cal.validation_batch, seed=cal.seed, lattice=cal.lattice, tol=cal.tol,
-      chunk=cal.chunk, log=logging.info)
+      batch=cal.batch, validation_batch=cal.validation_batch, seed=cal.seed, log=logging.info,
+      **pipelines.calibrate.settings_from(cal))
