@@ -357,7 +357,6 @@ def default_diffjax_configs(extended=False):
 CALIBRATION_FILE = DATA_DIR / "calibrated_samplers.json"
 CALIB_LATTICE = 48
 CALIB_HISTORY = 4
-CALIB_RESTARTS = 8  # grid searches descend from every starting grid (7) that the time budget allows
 
 
 def _sha256(path) -> str:
@@ -422,7 +421,7 @@ def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine
   fast = problem.fast_denoiser()
   budgets = [k for k in nfes if 2 <= k <= min(lattice_size, max_nfe)]
   lib = calibration.calibrate(p, lambda x, t, cond: fast(x, t), x_fit, x_val, budgets, key={}, path=None,
-                              lattice=lattice_size, history=CALIB_HISTORY, restarts=CALIB_RESTARTS,
+                              lattice=lattice_size, history=CALIB_HISTORY, restarts=None,
                               reference=exact, progress=False,
                               time_budget_s=None if time_budget_s is None else SEARCH_SHARE * time_budget_s,
                               log=lambda s: log(f"  {s}"))

@@ -202,6 +202,7 @@ def test_restarts_return_the_best_descent_of_all_starts():
   assert every.sampler.calib_rmse == min(r.sampler.calib_rmse for r in alone)
   assert every.indices == min(alone, key=lambda r: r.sampler.calib_rmse).indices
   assert every.sampler.calib_rmse < one.sampler.calib_rmse, (every.sampler.calib_rmse, one.sampler.calib_rmse)
+  assert og.search_grid(*args, **kwargs, init=starts, restarts=None).descents == len(starts)  # None: every start
   cut = og.search_grid(*args, **kwargs, init=starts, restarts=len(starts), deadline=time.time() - 1)
   assert cut.stopped_early and cut.descents == 1 and cut.candidates == len(starts)
 

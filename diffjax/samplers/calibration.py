@@ -175,7 +175,7 @@ def _reference_error(process, denoise, x, cond, lattice_ts, states, target, tol:
 
 def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, path: str | None, cond_fit=None,
               cond_val=None, lattice: int = 64, history: int = 3, tol: float = 1e-5, chunk: int = 256, check: int = 64,
-              reference=None, moves=(1, 2, 4), max_sweeps: int = 6, restarts: int = 1,
+              reference=None, moves=(1, 2, 4), max_sweeps: int = 6, restarts: int | None = 1,
               time_budget_s: float | None = None,
               progress: bool = True, log=print) -> dict:
   """Fits a sampler for every budget in ``budgets`` and writes the record to ``path`` (module docstring).
@@ -199,8 +199,8 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
       in place of the Dormand-Prince solve (``reference_paths``' contract, x at the lattice's first
       time), e.g. for a model whose flow is known in closed form; its error is not measured.
     moves, max_sweeps, restarts: the grid search's (``optimized_grids.search_grid``; ``restarts``: how many
-      of the ``starting_grids``, best first, a search descends from; with ``time_budget_s``, as many as
-      the budget's share allows).
+      of the ``starting_grids``, best first, a search descends from, None: all; with ``time_budget_s``, as
+      many as the budget's share allows).
     time_budget_s: wall-clock seconds for this call: what the reference paths leave is shared among
       the budgets still to fit in proportion to k (each search stops at its share's end, keeping the
       best grid found; its entry says ``stopped_early``). None: every search runs to its end.

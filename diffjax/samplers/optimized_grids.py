@@ -409,7 +409,7 @@ class SearchResult:
 
 def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target, n_points: int, *,
                 history: int = 3, free_ratio: bool = True, validation=None, validation_denoise=None, init=(),
-                moves=(1, 2, 4, 8), max_sweeps: int = 6, restarts: int = 1,
+                moves=(1, 2, 4, 8), max_sweeps: int = 6, restarts: int | None = 1,
                 deadline: float | None = None) -> SearchResult:
   """Coordinate search of an N-point grid over lattice points, each candidate scored after ``fit_multistep``.
 
@@ -429,8 +429,8 @@ def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target
       best-scoring one starts the search. Default: N points evenly spaced in index.
     moves: index offsets tried for each interior/last point, both directions.
     max_sweeps: passes over the points (stops early when a pass improves nothing).
-    restarts: how many of the ``init`` grids, best-scoring first, a search descends from; the
-      best grid any descent reaches is returned. Descents from different starts end in different
+    restarts: how many of the ``init`` grids, best-scoring first, a search descends from (None: all);
+      the best grid any descent reaches is returned. Descents from different starts end in different
       local minima (e.g. 5.1e-2 to 7.7e-2 from the seven ``calibration.starting_grids`` at NFE 10
       on a sharp 24-D mixture, where the best start's descent gave 5.8e-2).
     deadline: a ``time.time()`` after which no further candidate is tried (the starting grids are
@@ -497,7 +497,7 @@ def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target
     return at[0], False
 
   best, descents = ranked[0], 0
-  for start in ranked[:max(restarts, 1)]:
+  for start in ranked if restarts is None else ranked[:max(restarts, 1)]:
     reached, stopped = descend(start)
     descents += 1
     if score(reached) < score(best):
