@@ -16,8 +16,12 @@ import jax
 import pytest
 
 if os.environ.get("DIFFJAX_TEST_XLA_CACHE", "1") != "0":
-  _CACHE = tempfile.mkdtemp(prefix="diffjax-tests-xla-")
-  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  # The first process to import this file (pytest itself, or the xdist controller) makes the folder and removes
+  # it at exit; xdist workers inherit the path through the environment and share it.
+  _CACHE = os.environ.get("DIFFJAX_TEST_XLA_CACHE_DIR")
+  if _CACHE is None:
+    _CACHE = os.environ["DIFFJAX_TEST_XLA_CACHE_DIR"] = tempfile.mkdtemp(prefix="diffjax-tests-xla-")
+    atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
   jax.config.update("jax_compilation_cache_dir", _CACHE)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # programs worth the disk write
 
