@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.convert import configs, ldm
+from diffjax.convert import configs, ldm, transformer_single_file
 from diffjax.convert.files import find_weights, read_json_config, read_weights, write_safetensors
 from diffjax.convert.keys import IGNORED_KEYS, flax_from_state_dict, state_dict_from_flax
 from diffjax.models.dit import DiT, init_dit
@@ -150,15 +150,36 @@ def _load_folder(folder: str, allow_pickle: bool, **kw) -> Loaded:
 
 
 def _load_single_file(path: str, allow_pickle: bool, **kw) -> dict[str, Loaded]:
-  return models_from_ldm(read_weights(path, allow_pickle), path, **kw)
+  state = read_weights(path, allow_pickle)
+  if transformer_single_file.variant_of(state) is not None:
+    return {'transformer': transformer_from_original(state, path, consume=True, **kw)}  # the state is ours alone
+  return models_from_ldm(state, path, **kw)
+
+
+def transformer_from_original(state: dict[str, np.ndarray], path: str, *, variant: str | None = None,
+                              consume: bool = False, **kw) -> Loaded:
+  """(module, params) of an original single-file SD3 / SD3.5, FLUX.1 or DiT checkpoint's state dict read from
+  ``path`` (``diffjax.convert.transformer_single_file``): the same as from the diffusers folder of its model.
+
+  ``variant`` ('sd3', 'sd3.5', 'flux-dev', 'flux-schnell' or 'dit'): the file must be that one, else a
+  ``WeightMismatchError`` says what it is. ``consume``: empty ``state`` while converting. ``kw``: ``build``'s.
+  """
+  kind, config, state = transformer_single_file.to_diffusers(state, path, variant, consume=consume)
+  return build(kind, config, state, what=f'{path} (its tensors under diffusers names)', consume=True, **kw)
 
 
 def models_from_ldm(state: Mapping[str, np.ndarray], path: str, **kw) -> dict[str, Loaded]:
   """{'unet' | 'vae' | 'text_encoder': (module, params)} of a single-file state dict read from ``path``."""
+  found = transformer_single_file.variant_of(state)
+  if found is not None:
+    raise ValueError(f'{path}: an original {transformer_single_file.VARIANTS[found][0]} transformer checkpoint, not '
+                     f'a Stable Diffusion 1.x / 2.x one; load_pretrained reads it')
   parts = ldm.split_checkpoint(state)
   if not parts:
-    raise ValueError(f'{path}: not an original Stable Diffusion checkpoint (no keys starting with '
-                     f'{ldm.UNET_PREFIX!r}, {ldm.VAE_PREFIX!r} or {ldm.CLIP_PREFIX!r})')
+    raise ValueError(f'{path}: not a single-file checkpoint diffjax reads: neither an original Stable Diffusion '
+                     f'1.x / 2.x checkpoint (keys starting with {ldm.UNET_PREFIX!r}, {ldm.VAE_PREFIX!r} or '
+                     f'{ldm.CLIP_PREFIX!r}) nor an original SD3 / SD3.5 (joint_blocks.N), FLUX.1 (double_blocks.N, '
+                     f'single_blocks.N) or DiT (blocks.N, y_embedder) transformer')
   out = {}
   if 'unet' in parts:
     cfg, state = ldm.unet_from_ldm(parts['unet'])
@@ -193,7 +214,13 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=j
         (and ``text_encoder_2/``, ``text_encoder_3/``) subfolders;
       * an original single-file Stable Diffusion 1.x/2.x checkpoint (``.safetensors``
         with ``model.diffusion_model.*``, ``first_stage_model.*`` and
-        ``cond_stage_model.*`` keys); the architecture is inferred from tensor shapes.
+        ``cond_stage_model.*`` keys); the architecture is inferred from tensor shapes;
+      * an original single-file transformer checkpoint: Stability's SD3 / SD3.5
+        (``model.diffusion_model.joint_blocks.*``; other models in the file are left out),
+        Black Forest Labs' FLUX.1 [dev] or [schnell] (``double_blocks.*``, ``single_blocks.*``)
+        or facebookresearch's DiT (``blocks.*``, ``y_embedder.*``; a ``.pt`` needs ``allow_pickle``);
+        recognised by its keys, the architecture inferred from tensor shapes
+        (``diffjax.convert.transformer_single_file``; ``transformer_from_original`` asks for a variant).
     dtype: computation dtype of the returned modules (e.g. ``jnp.bfloat16``).
     param_dtype: dtype of the returned parameters (float32 by default, whatever the file holds).
     allow_pickle: also read pickled checkpoints (.ckpt, .bin, .pt), which can execute
@@ -202,14 +229,17 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=j
   Returns:
     ``(module, params)`` for a model folder: ``module.apply({'params': params}, ...)``
     runs it (U-Net and VAE inputs are NHWC). For a pipeline folder or a single-file
-    checkpoint, a dict {'unet' | 'vae' | 'text_encoder' ...: (module, params)}.
+    checkpoint, a dict {'unet' | 'vae' | 'text_encoder' ...: (module, params)}; for a
+    single-file transformer checkpoint {'transformer': (module, params)}, the module an
+    ``MMDiT``, ``Flux`` or ``DiT`` with the parameters its diffusers folder would give.
 
   Raises:
     WeightMismatchError: the weights do not fit the architecture; the message lists
       every missing, unexpected and mis-shaped key.
     WeightFileError: a malformed weight file, shard index or config.json (invalid JSON, a
       field of the wrong type, a missing required field); the message starts with the file.
-    ValueError: an architecture option diffjax does not implement.
+    ValueError: an architecture option diffjax does not implement, or a single file of none of the
+      families above.
   """
   p = os.fspath(path)
   kw = dict(dtype=dtype, param_dtype=param_dtype)
