@@ -193,6 +193,16 @@ def test_t5_tokenizer_appends_eos_pads_and_truncates(t5_folder, tmp_path):
   assert out.input_ids[1, -1] == 1 and out.attention_mask[1].all()  # truncated: </s> kept last
   assert tok.decode(out.input_ids[0]) == 'a photo of a cat'
   assert tok('a  photo   of a cat', max_length=None).input_ids.shape[1] == n  # spaces collapsed, no padding limit
+  # a tokenizer.json saved with padding and truncation on (transformers saves a called tokenizer so) reads the same
+  from tokenizers import Tokenizer
+  saved = Tokenizer.from_file(str(t5_folder / 'tokenizer.json'))
+  saved.enable_padding(length=7)
+  saved.enable_truncation(max_length=7)
+  (tmp_path / 'padded').mkdir()
+  saved.save(str(tmp_path / 'padded' / 'tokenizer.json'))
+  padded = T5Tokenizer.from_folder(tmp_path / 'padded', max_length=24)
+  assert padded.encode('a photo of a cat') == body
+  np.testing.assert_array_equal(padded(['a photo of a cat']).input_ids[0], out.input_ids[0])
   (tmp_path / 'spiece.model').write_bytes(b'')
   with pytest.raises(FileNotFoundError, match='only spiece.model'):
     T5Tokenizer.from_folder(tmp_path)

@@ -284,9 +284,14 @@ class T5Tokenizer:
           ' (only spiece.model: write one with transformers, T5TokenizerFast.from_pretrained(folder)'
           '.save_pretrained(folder))' if spiece else ''))
     try:
-      return cls(Tokenizer.from_file(path), max_length)
+      tokenizer = Tokenizer.from_file(path)
     except Exception as e:  # the library raises its own exception type for a malformed file
       raise ValueError(f'{path}: not a readable tokenizer.json ({e})') from e
+    # A tokenizer.json that transformers saved after a call keeps that call's padding and truncation, which
+    # ``encode`` would then apply (every prompt padded to that length): this class pads and truncates itself.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return cls(tokenizer, max_length)
 
   @property
   def vocab_size(self) -> int:

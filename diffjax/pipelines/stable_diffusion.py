@@ -34,6 +34,7 @@ SDXL_PARTS = ("text_encoder_2", "tokenizer_2")  # what an SDXL folder has beside
 # SD3's and Flux's folders (sd3.py, flux.py): a transformer and two text encoders at least
 TRANSFORMER_REQUIRED = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
                         "scheduler")
+PIXART_REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")  # one T5 encoder (pixart.py)
 
 
 def names(index: dict, component: str) -> bool:
@@ -52,10 +53,17 @@ def is_flux(index: dict) -> bool:
   return str(index.get("_class_name", "")).startswith("Flux")
 
 
+def is_pixart(index: dict) -> bool:
+  """Whether a model_index names a PixArt pipeline class (pixart.py; its loader refuses classes other than
+  PixArt-alpha's and PixArt-Sigma's)."""
+  return str(index.get("_class_name", "")).startswith("PixArt")
+
+
 def is_sdxl(index: dict) -> bool:
-  """Whether a model_index names a second text encoder or an SDXL pipeline class (and is not SD3's or Flux's)."""
+  """Whether a model_index names a second text encoder or an SDXL pipeline class (and is not SD3's, Flux's or
+  PixArt's)."""
   named = names(index, "text_encoder_2")
-  transformer = is_sd3(index) or is_flux(index)
+  transformer = is_sd3(index) or is_flux(index) or is_pixart(index)
   return not transformer and (named or str(index.get("_class_name", "")).startswith("StableDiffusionXL"))
 
 
@@ -71,6 +79,8 @@ def check_folder(folder: str) -> dict:
     required = TRANSFORMER_REQUIRED + (("text_encoder_3", "tokenizer_3") if names(index, "text_encoder_3") else ())
   elif is_flux(index):
     required = TRANSFORMER_REQUIRED
+  elif is_pixart(index):
+    required = PIXART_REQUIRED
   else:
     required = REQUIRED + (("low_res_scheduler",) if index.get("_class_name") == UPSCALER else ())
     required += SDXL_PARTS if is_sdxl(index) else ()
