@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.processes import DiscreteVP, Process, RectifiedFlow, resolution_mu
-from diffjax.samplers import SOLVERS, Solver, grids, make_solver, points_for_budget
+from diffjax.samplers import SOLVERS, Solver, grids, make_solver, points_for_budget, start_problem
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 FLOW_MATCH = "FlowMatchEulerDiscreteScheduler"
@@ -74,6 +74,9 @@ class Plan:
       raise ValueError(f"unknown grid {grid!r}; available: {sorted(grids.GRIDS)}")
     solver = make_solver(name, process, **options)
     ts = np.asarray(grids.GRIDS[grid](process, points_for_budget(solver, nfe)), np.float64)
+    problem = start_problem(name, process, ts[0])
+    if problem:
+      raise ValueError(problem)
     return cls(solver, ts, True, float(process.prior_std), name, tuple(sorted(options.items())))
 
 

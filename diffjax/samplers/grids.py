@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -19,6 +20,16 @@ from diffjax.processes import Process
 def _range(process, t_start, t_end):
   return (process.t_max if t_start is None else t_start,
           process.t_min if t_end is None else t_end)
+
+
+def _needs_signal(process, t_start, grid: str) -> None:
+  """ValueError if ``t_start`` is pure noise (alpha = 0, as rectified flow's t = 1): a grid spaced in log-SNR or
+  in sigma / alpha cannot start there (-inf, inf). Checked where the values are concrete (not under jit)."""
+  alpha = process.alpha(t_start)
+  if not isinstance(alpha, jax.core.Tracer) and float(alpha) <= 0.0:
+    raise ValueError(f"the {grid} grid is spaced in log-SNR (sigma / alpha), which is infinite at t_start = "
+                     f"{float(t_start):g}, where this process is pure noise (alpha = 0): use uniform_t or "
+                     f"quadratic_t, or start below it")
 
 
 def uniform_t(process: Process, n: int, t_start=None, t_end=None):
@@ -37,6 +48,7 @@ def quadratic_t(process: Process, n: int, t_start=None, t_end=None):
 def log_snr_uniform(process: Process, n: int, t_start=None, t_end=None):
   """Uniform in log-SNR (DPM-Solver's "logSNR" spacing). Needs alpha(t_start) > 0."""
   t_start, t_end = _range(process, t_start, t_end)
+  _needs_signal(process, t_start, "log_snr")
   lam = jnp.linspace(process.log_snr(t_start), process.log_snr(t_end), n)
   return process.t_from_log_snr(lam)
 
@@ -50,6 +62,7 @@ def karras(process: Process, n: int, sigma_min=None, sigma_max=None, rho=7.0):
   if sigma_min is None:
     sigma_min = process.edm_sigma(process.t_min)
   if sigma_max is None:
+    _needs_signal(process, process.t_max, "karras")
     sigma_max = process.edm_sigma(process.t_max)
   u = jnp.linspace(0.0, 1.0, n)
   inv_rho = 1.0 / rho
