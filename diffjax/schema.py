@@ -215,6 +215,29 @@ def dataset_known(name: str) -> bool:
   return name.split("/")[0].split(":")[0] in tfds.list_builders()
 
 
+def _grid_problem(c) -> str | None:
+  """Why ``sampler.grid`` cannot serve ``diffusion.process`` (a log-SNR grid from pure noise), or None."""
+  from diffjax import processes
+  from diffjax.samplers import grids
+  if _process_problem(c) or c.sampler.grid not in grids.GRIDS:
+    return None  # reported by their own rules
+  try:
+    grids.GRIDS[c.sampler.grid](processes.make_process(c.diffusion.process, **c.diffusion.get("process_options", {})),
+                                max(int(c.sampler.nfe), 2))
+  except ValueError as e:
+    return f"a grid this process can start on: {e}"
+  return None
+
+
+def _start_problem(c) -> str | None:
+  """Why ``sampler.name`` cannot start where ``diffusion.process`` is pure noise (``samplers.start_problem``)."""
+  from diffjax import processes, samplers
+  if _process_problem(c) or _grid_problem(c) or c.sampler.grid not in _grids():
+    return None  # reported by their own rules
+  process = processes.make_process(c.diffusion.process, **c.diffusion.get("process_options", {}))
+  return samplers.start_problem(c.sampler.name, process, _grids()[c.sampler.grid](process, 2)[0])
+
+
 def solver_options_problem(name: str, options: Mapping, process_name: str = "sd") -> str | None:
   """Why ``options`` cannot configure solver ``name`` (unknown keywords, or its factory refuses them), or None."""
   from diffjax import processes
@@ -286,13 +309,47 @@ FITTED_RULES = (
          lambda c: f"evaluation counts <= calibration.lattice={c.calibration.lattice}",
          when=lambda c: c.get("calibration") is not None),
 )
+# The denoiser of the train family (``trainer.build_model``): a U-Net, or SD3's MMDiT on patches. Each backbone's own
+# fields are required with it and refused with the other (``BACKBONE_RULES``); num_heads serves both.
+BACKBONES = ("unet", "mmdit")
+UNET_FIELDS = dict(channels=CHANNELS, layers_per_block=COUNT, attention_levels=sequence(FLAG, min_len=1),
+                   norm_groups=COUNT, dropout=PROBABILITY, mid_block_attention=FLAG)
+MMDIT_FIELDS = dict(width=COUNT, depth=COUNT, patch_size=COUNT, qk_norm=FLAG)
+
+
+def _backbone(c) -> str:
+  return c.model.get("backbone", "unet")
+
+
+def _backbone_rules() -> tuple[Rule, ...]:
+  rules = []
+  for backbone, fields in (("unet", UNET_FIELDS), ("mmdit", MMDIT_FIELDS)):
+    other = "mmdit" if backbone == "unet" else "unet"
+    for name in fields:
+      rules.append(Rule(f"model.{name}", lambda c, n=name: n in c.model,
+                        lambda c, b=backbone: f"a value: model.backbone = {b!r} needs it",
+                        when=lambda c, b=backbone: _backbone(c) == b))
+      rules.append(Rule(f"model.{name}", lambda c, n=name: n not in c.model,
+                        lambda c, b=backbone: f"no value: it belongs to model.backbone = {b!r}",
+                        when=lambda c, o=other: _backbone(c) == o))
+  return tuple(rules)
+
+
+BACKBONE_RULES = _backbone_rules()
+
+
+def _unet(c) -> bool:
+  return _backbone(c) == "unet"
+
+
 TRAIN = dict(
     job=text(("train",)), seed=NONNEG,
     data=dict(name=text(), data_dir=text(), train_split=SPLIT, batch_size=COUNT, image_size=COUNT, channels=COUNT,
               max_shift=NONNEG, max_caption_length=integer(2), cache_latents=Field((bool,), optional=True)),
-    model=dict(channels=CHANNELS, layers_per_block=COUNT, attention_levels=sequence(FLAG, min_len=1),
-               num_heads=COUNT, text_width=COUNT, text_layers=COUNT, text_heads=COUNT, norm_groups=COUNT,
-               dropout=PROBABILITY, mid_block_attention=FLAG, remat=FLAG,
+    model=dict(backbone=text(BACKBONES, optional=True, note="default 'unet'"),
+               **{k: dataclasses.replace(f, optional=True) for k, f in UNET_FIELDS.items()},
+               **{k: dataclasses.replace(f, optional=True) for k, f in MMDIT_FIELDS.items()},
+               num_heads=COUNT, text_width=COUNT, text_layers=COUNT, text_heads=COUNT, remat=FLAG,
                attention=text(_attention_implementations, optional=True)),
     diffusion=dict(process=text(_processes), process_options=Field((Mapping,), optional=True), target=text(_targets),
                    weighting=text(_weightings), weighting_options=Field((Mapping,), optional=True),
@@ -320,14 +377,20 @@ TRAIN = dict(
 TRAIN_RULES = (
     Rule("optim.warmup_steps", lambda c: c.optim.warmup_steps < c.train.num_steps,
          lambda c: f"0 <= warmup_steps < train.num_steps={c.train.num_steps}"),
+    *BACKBONE_RULES,
     Rule("model.attention_levels", lambda c: len(c.model.attention_levels) == len(c.model.channels),
-         lambda c: f"one entry per level of model.channels ({len(c.model.channels)})"),
+         lambda c: f"one entry per level of model.channels ({len(c.model.channels)})", when=_unet),
     Rule("data.image_size", lambda c: c.data.image_size % _levels(c.model.channels) == 0,
-         lambda c: f"a multiple of 2**(levels - 1) = {_levels(c.model.channels)}"),
+         lambda c: f"a multiple of 2**(levels - 1) = {_levels(c.model.channels)}", when=_unet),
     Rule("model.norm_groups", lambda c: _divides(c.model.norm_groups, c.model.channels),
-         lambda c: f"a divisor of every entry of model.channels {tuple(c.model.channels)}"),
+         lambda c: f"a divisor of every entry of model.channels {tuple(c.model.channels)}", when=_unet),
     Rule("model.num_heads", lambda c: _divides(c.model.num_heads, _attention_channels(c.model)),
-         lambda c: f"a divisor of the channels of every attention level {_attention_channels(c.model)}"),
+         lambda c: f"a divisor of the channels of every attention level {_attention_channels(c.model)}",
+         when=_unet),
+    Rule("model.num_heads", lambda c: c.model.width % c.model.num_heads == 0,
+         lambda c: f"a divisor of model.width={c.model.width}", when=lambda c: not _unet(c)),
+    Rule("model.patch_size", lambda c: c.data.image_size % c.model.patch_size == 0,  # latents: latent.build too
+         lambda c: f"a divisor of data.image_size={c.data.image_size}", when=lambda c: not _unet(c)),
     Rule("model.text_heads", lambda c: c.model.text_width % c.model.text_heads == 0,
          lambda c: f"a divisor of model.text_width={c.model.text_width}",
          when=lambda c: c.get("text") is None or c.text.mode != "frozen_pretrained"),
@@ -338,6 +401,8 @@ TRAIN_RULES = (
          lambda c: solver_options_problem(c.sampler.name, c.sampler.get("options", {}), c.diffusion.process)),
     *FITTED_RULES,
     Rule("diffusion.process_options", lambda c: _process_problem(c) is None, _process_problem),
+    Rule("sampler.grid", lambda c: _grid_problem(c) is None, _grid_problem),
+    Rule("sampler.name", lambda c: _start_problem(c) is None, _start_problem),
     Rule("mesh.rules", lambda c: _mesh_rules_problem(c) is None, _mesh_rules_problem),
     Rule("distributed.process_id", lambda c: c.distributed.process_id < c.distributed.num_processes,
          lambda c: f"0 <= process_id < distributed.num_processes={c.distributed.num_processes}",
@@ -534,8 +599,11 @@ def _value(config, field: str):
 def check_rules(config, rules: Iterable[Rule]) -> None:
   for rule in rules:
     if rule.when(config) and not rule.ok(config):
-      raise ConfigError(f"config.{rule.field} = {_value(config, rule.field)!r} is invalid: "
-                        f"expected {rule.expected(config)}")
+      try:
+        value = _value(config, rule.field)
+      except KeyError:  # an optional field that this config needs
+        raise ConfigError(f"config.{rule.field} is missing: expected {rule.expected(config)}") from None
+      raise ConfigError(f"config.{rule.field} = {value!r} is invalid: expected {rule.expected(config)}")
 
 
 def validate(config, job: str | None = None) -> None:

@@ -19,13 +19,14 @@ from collections.abc import Mapping
 import ml_collections
 import pytest
 
-from configs import default, generate, sampler_demo, shapes_ldm, shapes_vae
+from configs import default, generate, sampler_demo, shapes_ldm, shapes_mmdit, shapes_vae
 from diffjax import schema
 from diffjax.schema import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {  # every config file and variant of the repository, by family
-    "train": [default.get_config(), default.get_config("tiny"), shapes_ldm.get_config(), shapes_ldm.get_config("tiny")],
+    "train": [default.get_config(), default.get_config("tiny"), shapes_ldm.get_config(), shapes_ldm.get_config("tiny"),
+              shapes_mmdit.get_config(), shapes_mmdit.get_config("tiny")],
     "train_vae": [shapes_vae.get_config(), shapes_vae.get_config("tiny")],
     "generate": [generate.get_config(), generate.get_config("tiny")],
     "sampler_demo": [sampler_demo.get_config(), sampler_demo.get_config("tiny")],
@@ -132,6 +133,7 @@ HAND_WRITTEN = [  # (family, field, value, the field the message must name)
     ("sampler_demo", "samplers", "euler,nosuch", "samplers"),
     ("sampler_demo", "nfe", 0, "nfe"),
 ]
+UNET_ONLY = {("train", "data.image_size")}  # the U-Net's halvings refuse it; an MMDiT's patches of 1 take it
 SETUP = {("generate", "sampler.options"): {"sampler.name": "dpmpp_2m"},
          ("generate", "mask_image"): {"task": "inpaint", "init_image": "x.png"}}
 
@@ -173,10 +175,38 @@ def test_generated_bad_overrides_name_the_field(family):
 @pytest.mark.parametrize("family,field,value,named", HAND_WRITTEN)
 def test_hand_written_bad_overrides_name_the_field(family, field, value, named):
   for config in CONFIGS[family]:
+    if (family, field) in UNET_ONLY and config.model.get("backbone") == "mmdit":
+      continue
     for other, v in SETUP.get((family, field), {}).items():
       config = _with(config, other, v)
     with pytest.raises(ConfigError, match=rf"^config\.{named.replace('.', r'[.]')} "):
       schema.validate(_with(config, field, value))
+
+
+@pytest.mark.parametrize("config,field,value,message", [
+    (shapes_ldm.get_config(), "model.width", 64,
+     "config.model.width = 64 is invalid: expected no value: it belongs to model.backbone = 'mmdit'"),
+    (shapes_mmdit.get_config(), "model.channels", (32, 64),
+     "config.model.channels = (32, 64) is invalid: expected no value: it belongs to model.backbone = 'unet'"),
+    (shapes_mmdit.get_config(), "model.backbone", "unet",
+     "config.model.channels is missing: expected a value: model.backbone = 'unet' needs it"),
+    (shapes_mmdit.get_config(), "model.patch_size", 3, "config.model.patch_size = 3 is invalid: expected a divisor "
+     "of data.image_size=32"),
+    (shapes_mmdit.get_config(), "model.num_heads", 5, "config.model.num_heads = 5 is invalid: expected a divisor of "
+     "model.width=192"),
+])
+def test_backbone_fields(config, field, value, message):
+  """Each backbone's fields are required with it and refused with the other, by name."""
+  with pytest.raises(ConfigError) as e:
+    schema.validate(_with(config, field, value))
+  assert str(e.value) == message
+
+
+def test_a_missing_backbone_field_is_named():
+  config = shapes_mmdit.get_config()
+  del config.model["depth"]
+  with pytest.raises(ConfigError, match=r"^config\.model\.depth is missing: expected a value: model.backbone = "):
+    schema.validate(config)
 
 
 @pytest.mark.parametrize("override,named", [("--config.optim.learning_rate=-1", "optim.learning_rate")])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import shapes_ldm, shapes_vae
+from configs import shapes_ldm, shapes_mmdit, shapes_vae
 from diffjax.convert import load_pretrained, save_pretrained
 from diffjax.data import pipeline, shapes
 from diffjax.evaluate import features, metrics
@@ -35,8 +35,8 @@ def vae_run(tmp_path_factory, data_dir):
   return config, workdir
 
 
-def _ldm_config(vae_workdir, data_dir, **text):
-  config = shapes_ldm.get_config("tiny")
+def _ldm_config(vae_workdir, data_dir, backbone=shapes_ldm, **text):
+  config = backbone.get_config("tiny")
   config.vae.workdir, config.data.data_dir = vae_workdir, data_dir
   config.text.update(text)
   return config
@@ -89,8 +89,9 @@ def test_vae_discriminator_starts_at_disc_start_and_trains(data_dir):
 
 
 @pytest.mark.slow  # minutes of compilation on 2 CPU cores: python -m pytest -m slow tests/test_latent.py
-def test_ldm_trains_samples_and_evaluates_held_out_captions(vae_run, data_dir, tmp_path):
-  config = _ldm_config(vae_run[1], data_dir)
+@pytest.mark.parametrize("backbone", [shapes_ldm, shapes_mmdit], ids=["unet", "mmdit"])
+def test_ldm_trains_samples_and_evaluates_held_out_captions(vae_run, data_dir, tmp_path, backbone):
+  config = _ldm_config(vae_run[1], data_dir, backbone)
   config.data.cache_latents = True
   workdir = str(tmp_path / "ldm")
   state = trainer.train_and_evaluate(config, workdir)
@@ -111,6 +112,39 @@ def test_ldm_trains_samples_and_evaluates_held_out_captions(vae_run, data_dir, t
   imgs = trainer.sample_from_checkpoint(config, workdir, ["a blue triangle on the left"], 2, str(tmp_path / "out"))
   assert imgs.shape == (2, 32, 32, 3) and imgs.dtype == np.uint8
   assert os.path.exists(tmp_path / "out" / "grid.png")
+
+
+def test_mmdit_backbone_reads_the_caption_trains_and_samples(vae_run, data_dir):
+  """configs/shapes_mmdit.py: the denoiser is an MMDiT whose prediction depends on the caption through both the
+  token states (joint attention) and the pooled vector (adaLN); it trains by rectified flow and samples."""
+  config = _ldm_config(vae_run[1], data_dir, shapes_mmdit)
+  c = trainer.build_components(config)
+  assert c.model.is_transformer and c.spec.target == "velocity"
+  state = jax.jit(c.init_state)()
+  assert set(state.params) == {"denoiser", "text_encoder"} and "transformer_blocks_1" in state.params["denoiser"]
+  tokens = jnp.stack([jnp.asarray(c.tokenize(p)) for p in ("a red circle on the left", "two blue squares")])
+  ids, mask = tokens[:, 0], tokens[:, 1]
+  x = jax.random.normal(jax.random.key(0), (2,) + c.image_shape)
+  t = jnp.full((2,), 500.0)
+  apply = lambda method, *a: c.model.apply({"params": state.params}, *a, method=method)
+  states, pooled = apply(c.model.encode_text, ids, mask)
+  assert states.shape == (2, config.data.max_caption_length, 32) and pooled.shape == (2, 32)
+  out = apply(c.model.predict, x, t, (states, pooled))
+  assert out.shape == x.shape and np.isfinite(out).all()
+  # each path moves the prediction far beyond float32 rounding (|out| ~ 1; measured changes are O(0.1))
+  for other in ((states[::-1], pooled), (states, pooled[::-1])):
+    assert float(jnp.max(jnp.abs(apply(c.model.predict, x, t, other) - out))) > 1e-3
+  step = jax.jit(lambda s, b: steps.train_step(s, b, c.null_tokens, c.null_mask, model=c.model, tx=c.tx, spec=c.spec,
+                                               frozen=c.frozen, encode=c.latent.encode)[0])
+  images = jnp.asarray(_held_out_images(data_dir, 2, "train"))
+  batch = {"image": images, "tokens": ids, "mask": mask}
+  new = step(step(state, batch), batch)  # the learning rate warms up from 0 at step 0
+  moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), new.params, state.params)
+  assert any(jax.tree.leaves(moved["text_encoder"])) and any(jax.tree.leaves(moved["denoiser"]))
+  plan = trainer.sample_plan(config, c.spec.process)
+  sample = trainer.make_sample_fn(c, plan)
+  imgs = sample((new.params, c.frozen), ids, mask, jax.random.key(1), jnp.asarray(plan.ts, jnp.float32), 3.0)
+  assert imgs.shape == (2, 32, 32, 3) and np.isfinite(imgs).all()
 
 
 def test_cached_latents_are_the_vae_posteriors_and_resume_exactly(vae_run, data_dir, tmp_path):
@@ -186,7 +220,7 @@ def test_frozen_text_encoder_and_vae_stay_frozen(vae_run, data_dir, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, c.frozen["model"]["text_encoder"], text_params)
   jax.tree.map(np.testing.assert_array_equal, c.frozen["vae"], vae_params)
   # the U-Net reads the frozen encoder: its cross-attention width is BERT's
-  assert c.model.unet.cross_attention_dim == 24
+  assert c.model.backbone.cross_attention_dim == 24
 
 
 def test_missing_vae_workdir_and_bad_settings_are_clear_errors(tmp_path):

@@ -1,4 +1,5 @@
-"""A text-conditioned denoiser network: a text transformer feeding a U-Net's cross-attention."""
+"""A text-conditioned denoiser network: a text transformer feeding a U-Net's cross-attention, or an MMDiT's
+joint attention (with the text's pooled vector in its adaLN)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from diffjax.models.controlnet import ControlNet, ControlNetConfig
+from diffjax.models.mmdit import MMDiT, MMDiTConfig
 from diffjax.models.text import BertConfig, BertEncoder, CLIPTextConfig, CLIPTextTransformer
 from diffjax.models.unet import UNet, UNetConfig
 
@@ -14,16 +16,19 @@ Array = jax.Array
 
 
 class TextToImage(nn.Module):
-  """U-Net conditioned on a text encoder (CLIP-style, or BERT for a pretrained one) through cross-attention.
+  """A denoiser conditioned on a text encoder (CLIP-style, or BERT for a pretrained one).
 
+  ``backbone``: a ``UNetConfig`` (the text's token states reach the U-Net through cross-attention) or an
+  ``MMDiTConfig`` (SD3's joint attention over [image patches, text tokens]; the text's pooled vector, the
+  state at the end-of-text token or BERT's, conditions the adaLN beside the time).
   ``__call__(x (B,H,W,C), t (B,) network time, tokens (B,L) int, mask (B,L) int)``
-  returns the U-Net's prediction (B,H,W,C). Unconditional predictions (for
+  returns the denoiser's prediction (B,H,W,C). Unconditional predictions (for
   classifier-free guidance) use the tokens of the empty caption. The parameters are
   {"text_encoder", "denoiser"}; a frozen text encoder's can be kept out of training
   (``init(..., method=TextToImage.predict)`` creates the denoiser's alone).
   """
 
-  unet: UNetConfig
+  backbone: UNetConfig | MMDiTConfig
   text: CLIPTextConfig | BertConfig
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
@@ -32,17 +37,34 @@ class TextToImage(nn.Module):
   def setup(self):
     encoder = BertEncoder if isinstance(self.text, BertConfig) else CLIPTextTransformer
     self.text_encoder = encoder(self.text, remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype)
-    self.denoiser = UNet(self.unet, remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype)
+    network = MMDiT if self.is_transformer else UNet
+    self.denoiser = network(self.backbone, remat=self.remat, attention_impl=self.attention_impl, dtype=self.dtype)
 
-  def encode_text(self, tokens: Array, mask: Array) -> Array:
-    """(B, L, text width) token states, the U-Net's cross-attention context."""
-    return self.text_encoder(tokens, mask).last_hidden_state
+  @property
+  def is_transformer(self) -> bool:
+    return isinstance(self.backbone, MMDiTConfig)
 
-  def predict(self, x: Array, t: Array, context: Array, *, deterministic: bool = True,
+  def encode_text(self, tokens: Array, mask: Array):
+    """The denoiser's text conditioning: (B, L, text width) token states for a U-Net; for an MMDiT the pair
+    (token states, pooled (B, text width))."""
+    out = self.text_encoder(tokens, mask)
+    return (out.last_hidden_state, out.pooled) if self.is_transformer else out.last_hidden_state
+
+  def predict(self, x: Array, t: Array, context, *, deterministic: bool = True,
               down_residuals: tuple | None = None, mid_residual: Array | None = None) -> Array:
-    """The U-Net's prediction (B,H,W,C) float32; ``down_residuals`` / ``mid_residual``: a ControlNet's."""
+    """The denoiser's prediction (B,H,W,C) float32; ``context``: ``encode_text``'s; ``down_residuals`` /
+    ``mid_residual``: a ControlNet's (U-Net only)."""
+    if self.is_transformer:
+      if down_residuals is not None or mid_residual is not None:
+        raise ValueError("ControlNet residuals steer a U-Net; this TextToImage's backbone is an MMDiT")
+      return self.denoiser(x, t, *context).astype(jnp.float32)
     return self.denoiser(x, t, context, deterministic=deterministic, down_residuals=down_residuals,
                          mid_residual=mid_residual).astype(jnp.float32)
+
+  def dummy_context(self, batch: int, length: int, width: int):
+    """Zeros shaped like ``encode_text``'s output for a text encoder of ``width`` (to initialise the denoiser alone)."""
+    states = jnp.zeros((batch, length, width))
+    return (states, jnp.zeros((batch, width))) if self.is_transformer else states
 
   def __call__(self, x: Array, t: Array, tokens: Array, mask: Array, *, deterministic: bool = True) -> Array:
     return self.predict(x, t, self.encode_text(tokens, mask), deterministic=deterministic)

@@ -260,13 +260,16 @@ def tuning(config, c: trainer.Components, params: dict, frozen) -> Tuning:
 def _controlnet(cn, c: trainer.Components, unet_params: dict, key) -> Tuning:
   """A ControlNet initialised from the base's U-Net (``ControlNet.from_unet``), the base frozen; its
   conditioning embedding takes control images at the data's pixel size down to the latent size."""
+  if c.model.is_transformer:
+    raise ConfigError("config.method = 'controlnet' copies the base's U-Net encoder; this base's backbone is an "
+                      "MMDiT (model.backbone = 'mmdit')")
   factor = c.latent.vae.config.downsample_factor if c.latent is not None else 1
   channels = tuple(cn.embedding_channels)
   if 2 ** (len(channels) - 1) != factor:
     raise ConfigError(f"config.controlnet.embedding_channels = {channels} downsample control images "
                       f"{2 ** (len(channels) - 1)}x; this base's images are {factor}x its latents: give "
                       f"{int(np.log2(factor)) + 1} entries")
-  config = ControlNetConfig.from_unet(c.model.unet, conditioning_embedding_out_channels=channels)
+  config = ControlNetConfig.from_unet(c.model.backbone, conditioning_embedding_out_channels=channels)
   model = ControlledTextToImage(c.model, config, scale=cn.scale)
   compose = _base_with(lambda p, full: {"base": full, "controlnet": p})
   # training runs the controlled network; sampling steers the base's pipeline (``evaluate_control``), none here

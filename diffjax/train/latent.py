@@ -119,7 +119,11 @@ def build(config) -> LatentParts:
     raise ValueError(f"config.data.image_size={config.data.image_size} is not a multiple of the VAE's "
                      f"downsampling factor {f}")
   shape = (config.data.image_size // f, config.data.image_size // f, vae.config.latent_channels)
-  if shape[0] % 2 ** (len(config.model.channels) - 1):
+  if config.model.get("backbone", "unet") == "mmdit":
+    if shape[0] % config.model.patch_size:
+      raise ValueError(f"the {shape[0]}x{shape[1]} latents do not split into config.model.patch_size="
+                       f"{config.model.patch_size} patches")
+  elif shape[0] % 2 ** (len(config.model.channels) - 1):
     raise ValueError(f"the {shape[0]}x{shape[1]} latents cannot be halved len(config.model.channels) - 1 = "
                      f"{len(config.model.channels) - 1} times: use fewer U-Net levels")
   frozen, text_config, tokenizer = {"vae": vae_params, "model": {}}, None, None
