@@ -218,12 +218,10 @@ def dataset_known(name: str) -> bool:
 def _grid_problem(c) -> str | None:
   """Why ``sampler.grid`` cannot serve ``diffusion.process`` (a log-SNR grid from pure noise), or None."""
   from diffjax import processes
-  from diffjax.samplers import grids
-  if _process_problem(c) or c.sampler.grid not in grids.GRIDS:
+  if _process_problem(c) or c.sampler.grid not in _grids():
     return None  # reported by their own rules
   try:
-    grids.GRIDS[c.sampler.grid](processes.make_process(c.diffusion.process, **c.diffusion.get("process_options", {})),
-                                max(int(c.sampler.nfe), 2))
+    _grids()[c.sampler.grid](processes.make_process(c.diffusion.process, **c.diffusion.get("process_options", {})), 2)
   except ValueError as e:
     return f"a grid this process can start on: {e}"
   return None
@@ -232,8 +230,8 @@ def _grid_problem(c) -> str | None:
 def _start_problem(c) -> str | None:
   """Why ``sampler.name`` cannot start where ``diffusion.process`` is pure noise (``samplers.start_problem``)."""
   from diffjax import processes, samplers
-  if _process_problem(c) or _grid_problem(c) or c.sampler.grid not in _grids():
-    return None  # reported by their own rules
+  # (its rule follows those of diffusion.process_options and sampler.grid, and check_rules stops at the first that
+  # fails: the process and the grid are valid here)
   process = processes.make_process(c.diffusion.process, **c.diffusion.get("process_options", {}))
   return samplers.start_problem(c.sampler.name, process, _grids()[c.sampler.grid](process, 2)[0])
 

@@ -61,13 +61,18 @@ class TextToImage(nn.Module):
     return self.denoiser(x, t, context, deterministic=deterministic, down_residuals=down_residuals,
                          mid_residual=mid_residual).astype(jnp.float32)
 
-  def dummy_context(self, batch: int, length: int, width: int):
-    """Zeros shaped like ``encode_text``'s output for a text encoder of ``width`` (to initialise the denoiser alone)."""
-    states = jnp.zeros((batch, length, width))
-    return (states, jnp.zeros((batch, width))) if self.is_transformer else states
+  def dummy_context(self, batch: int, length: int):
+    """Zeros shaped like ``encode_text``'s output for ``length`` tokens (to initialise the denoiser alone)."""
+    states = jnp.zeros((batch, length, self.text.hidden_size))
+    return (states, jnp.zeros((batch, pooled_width(self.text)))) if self.is_transformer else states
 
   def __call__(self, x: Array, t: Array, tokens: Array, mask: Array, *, deterministic: bool = True) -> Array:
     return self.predict(x, t, self.encode_text(tokens, mask), deterministic=deterministic)
+
+
+def pooled_width(text: CLIPTextConfig | BertConfig) -> int:
+  """Width of a text encoder's pooled vector: its projection's (CLIP with projection) or its hidden size."""
+  return getattr(text, "projection_dim", None) or text.hidden_size
 
 
 class ControlledTextToImage(nn.Module):

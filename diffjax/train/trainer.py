@@ -28,7 +28,7 @@ from diffjax.data import pipeline
 from diffjax.evaluate.shapes import ATTRIBUTES, attribute_accuracy, real_shapes
 from diffjax.models.mmdit import MMDiTConfig
 from diffjax.models.text import CLIPTextConfig
-from diffjax.models.text_to_image import TextToImage
+from diffjax.models.text_to_image import TextToImage, pooled_width
 from diffjax.models.tokenizers import ByteTokenizer
 from diffjax.models.unet import UNetConfig
 from diffjax.pipelines import Pipeline, programs, text_to_image
@@ -88,25 +88,24 @@ def build_model(config, latent=None) -> TextToImage:
   m = config.model
   channels = config.data.channels if latent is None else latent.latent_shape[-1]
   side = config.data.image_size if latent is None else latent.latent_shape[0]
-  text_width = m.text_width if latent is None or latent.text_config is None else latent.text_config.hidden_size
-  if m.get("backbone", "unet") == "mmdit":
-    p = m.patch_size
-    backbone = MMDiTConfig(sample_size=side, patch_size=p, in_channels=channels, out_channels=channels,
-                           num_layers=m.depth, head_dim=m.width // m.num_heads, num_heads=m.num_heads,
-                           joint_attention_dim=text_width, caption_projection_dim=m.width,
-                           pooled_projection_dim=text_width, pos_embed_max_size=side // p,
-                           qk_norm="rms_norm" if m.get("qk_norm", False) else None)
-  else:
-    backbone = UNetConfig(in_channels=channels, out_channels=channels,
-                          block_out_channels=tuple(m.channels), layers_per_block=m.layers_per_block,
-                          attention_levels=tuple(m.attention_levels), num_heads=m.num_heads,
-                          cross_attention_dim=text_width, norm_num_groups=m.norm_groups, dropout=m.dropout,
-                          mid_block_attention=m.mid_block_attention)
   text = CLIPTextConfig(vocab_size=ByteTokenizer.base_vocab_size, hidden_size=m.text_width,
                         intermediate_size=4 * m.text_width, num_layers=m.text_layers, num_heads=m.text_heads,
                         max_positions=config.data.max_caption_length, eos_token_id=ByteTokenizer.eos_id)
   if latent is not None and latent.text_config is not None:
     text = latent.text_config
+  if m.get("backbone", "unet") == "mmdit":
+    p = m.patch_size
+    backbone = MMDiTConfig(sample_size=side, patch_size=p, in_channels=channels, out_channels=channels,
+                           num_layers=m.depth, head_dim=m.width // m.num_heads, num_heads=m.num_heads,
+                           joint_attention_dim=text.hidden_size, caption_projection_dim=m.width,
+                           pooled_projection_dim=pooled_width(text), pos_embed_max_size=side // p,
+                           qk_norm="rms_norm" if m.get("qk_norm", False) else None)
+  else:
+    backbone = UNetConfig(in_channels=channels, out_channels=channels,
+                          block_out_channels=tuple(m.channels), layers_per_block=m.layers_per_block,
+                          attention_levels=tuple(m.attention_levels), num_heads=m.num_heads,
+                          cross_attention_dim=text.hidden_size, norm_num_groups=m.norm_groups, dropout=m.dropout,
+                          mid_block_attention=m.mid_block_attention)
   return TextToImage(backbone=backbone, text=text, remat=m.remat, dtype=jnp.dtype(config.train.compute_dtype),
                      attention_impl=m.get("attention", "auto"))
 
@@ -246,7 +245,7 @@ def build_components(config) -> Components:
     tok = jnp.zeros((1, config.data.max_caption_length), jnp.int32)
     x, t = jnp.zeros((1,) + shape), jnp.zeros((1,))
     if lat is not None and lat.text_config is not None:  # the frozen text encoder's parameters stay out
-      context = model.dummy_context(1, config.data.max_caption_length, lat.text_config.hidden_size)
+      context = model.dummy_context(1, config.data.max_caption_length)
       return model.init(k_init, x, t, context, method=model.predict)["params"]
     return model.init(k_init, x, t, tok, tok)["params"]
 
