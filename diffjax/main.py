@@ -46,6 +46,8 @@ _NUM_PER_PROMPT = flags.DEFINE_integer("num_samples_per_prompt", 4, "--mode=samp
 _OUTPUT = flags.DEFINE_string("output", None, "--mode=sample/evaluate: output directory (default WORKDIR/samples, "
                               "WORKDIR/evaluation).")
 _SEED = flags.DEFINE_integer("sample_seed", 0, "--mode=sample: seed of the initial noise.")
+_STEP = flags.DEFINE_integer("step", None, "--mode=sample/evaluate/calibrate of a training config: the checkpoint "
+                             "of this training step (default: the newest), e.g. to compare runs at equal FLOPs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -151,7 +153,7 @@ def main(argv):
   if _MODE.value == "calibrate" and config.job in ("train", "generate"):
     path = os.path.join(_OUTPUT.value or _WORKDIR.value, "calibration.json")
     if config.job == "train":
-      trainer.calibrate_checkpoint(config, _WORKDIR.value, path)
+      trainer.calibrate_checkpoint(config, _WORKDIR.value, path, _STEP.value)
     else:
       generation.calibrate_pretrained(config, path)
     logging.info("done: %s (sample with --config.sampler.name=fitted --config.sampler.calibration=%s)", path, path)
@@ -160,13 +162,14 @@ def main(argv):
     raise app.UsageError(f"--mode={_MODE.value} needs a diffusion config (job 'train'), not job {config.job!r}")
   if _MODE.value == "evaluate":
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "evaluation")
-    trainer.evaluate_checkpoint(config, _WORKDIR.value, output)
+    trainer.evaluate_checkpoint(config, _WORKDIR.value, output, _STEP.value)
     logging.info("done: eval.json and the sample grids are in %s", output)
     return
   if _MODE.value == "sample":
     prompts = list(_PROMPTS.value) or list(config.get("prompts", ()))
     output = _OUTPUT.value or os.path.join(_WORKDIR.value, "samples")
-    trainer.sample_from_checkpoint(config, _WORKDIR.value, prompts, _NUM_PER_PROMPT.value, output, _SEED.value)
+    trainer.sample_from_checkpoint(config, _WORKDIR.value, prompts, _NUM_PER_PROMPT.value, output, _SEED.value,
+                                   _STEP.value)
     logging.info("done: grid.png, samples.npz and samples.json are in %s", output)
     return
   JOBS[config.job](config, _WORKDIR.value)

@@ -371,11 +371,33 @@ TRAIN = dict(
     prompts=sequence(text(), optional=True),
     watermark=text(_watermarks, optional=True), watermark_seed=integer(0, 2**32 - 1, optional=True),
     watermark_radius=real(0.0, optional=True, note="0: 10/64 of the latent's side"),
+    repa=dict(weight=real(0.0, note="0: off"), layer=COUNT, projector_width=COUNT, optional=True),
+)
+
+
+def _repa_on(c) -> bool:
+  return c.get("repa") is not None and c.repa.weight > 0
+
+
+REPA_RULES = (  # train/repa.py: an MMDiT's image tokens aligned with the frozen VAE encoder's features of the batch
+    Rule("repa.weight", lambda c: not _unet(c),
+         lambda c: "0 with model.backbone = 'unet' (representation alignment reads a transformer's image tokens)",
+         when=_repa_on),
+    Rule("repa.weight", lambda c: c.get("vae") is not None and bool(c.vae.workdir),
+         lambda c: "0 without a latent model's VAE (vae.workdir): its encoder gives the target features",
+         when=_repa_on),
+    Rule("data.cache_latents", lambda c: not c.data.get("cache_latents"),
+         lambda c: "False with repa.weight > 0 (the targets are the VAE encoder's features of each batch's images)",
+         when=_repa_on),
+    Rule("repa.layer", lambda c: c.repa.layer <= c.model.depth,
+         lambda c: f"a block of the transformer: 1 <= layer <= model.depth={c.model.depth}",
+         when=lambda c: _repa_on(c) and not _unet(c)),
 )
 TRAIN_RULES = (
     Rule("optim.warmup_steps", lambda c: c.optim.warmup_steps < c.train.num_steps,
          lambda c: f"0 <= warmup_steps < train.num_steps={c.train.num_steps}"),
     *BACKBONE_RULES,
+    *REPA_RULES,
     Rule("model.attention_levels", lambda c: len(c.model.attention_levels) == len(c.model.channels),
          lambda c: f"one entry per level of model.channels ({len(c.model.channels)})", when=_unet),
     Rule("data.image_size", lambda c: c.data.image_size % _levels(c.model.channels) == 0,

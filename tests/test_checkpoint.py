@@ -43,6 +43,17 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, caplog):
   assert any("step 2 could not be restored" in r.getMessage() for r in caplog.records)
 
 
+def test_restore_a_given_step(tmp_path):
+  ckpt = Checkpointer(str(tmp_path), max_to_keep=3, async_save=False)
+  for step in (1, 2, 3):
+    ckpt.save(step, _state(step), {"next_index": step})
+  state, data, step = ckpt.restore(2, _state(0))
+  assert step == 2 and data == {"next_index": 2}
+  np.testing.assert_array_equal(state["params"]["w"], _state(2)["params"]["w"])
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 5 under .*the steps kept are \[1, 2, 3\]"):
+    ckpt.restore(5, _state(0))
+
+
 def test_no_checkpoint_and_no_nan_checkpoint(tmp_path):
   ckpt = Checkpointer(str(tmp_path))
   assert ckpt.restore_latest(_state(0)) is None

@@ -193,13 +193,38 @@ def test_hand_written_bad_overrides_name_the_field(family, field, value, named):
     (shapes_mmdit.get_config(), "model.patch_size", 3, "config.model.patch_size = 3 is invalid: expected a divisor "
      "of data.image_size=32"),
     (shapes_mmdit.get_config(), "model.num_heads", 5, "config.model.num_heads = 5 is invalid: expected a divisor of "
-     "model.width=192"),
+     "model.width=128"),
 ])
 def test_backbone_fields(config, field, value, message):
   """Each backbone's fields are required with it and refused with the other, by name."""
   with pytest.raises(ConfigError) as e:
     schema.validate(_with(config, field, value))
   assert str(e.value) == message
+
+
+@pytest.mark.parametrize("config,changes,message", [
+    (shapes_ldm.get_config(), {"repa": {"weight": 0.5, "layer": 1, "projector_width": 8}, "vae.workdir": "v"},
+     "config.repa.weight = 0.5 is invalid: expected 0 with model.backbone = 'unet' (representation alignment reads "
+     "a transformer's image tokens)"),
+    (shapes_mmdit.get_config(), {"repa.weight": 0.5},
+     "config.repa.weight = 0.5 is invalid: expected 0 without a latent model's VAE (vae.workdir): its encoder gives "
+     "the target features"),
+    (shapes_mmdit.get_config(), {"repa.weight": 0.5, "vae.workdir": "v"},
+     "config.data.cache_latents = True is invalid: expected False with repa.weight > 0 (the targets are the VAE "
+     "encoder's features of each batch's images)"),
+    (shapes_mmdit.get_config(), {"repa.weight": 0.5, "vae.workdir": "v", "data.cache_latents": False,
+                                 "repa.layer": 5},
+     "config.repa.layer = 5 is invalid: expected a block of the transformer: 1 <= layer <= model.depth=4"),
+])
+def test_representation_alignment_fields(config, changes, message):
+  for field, value in changes.items():
+    config = _with(config, field, value)
+  with pytest.raises(ConfigError) as e:
+    schema.validate(config)
+  assert str(e.value) == message
+  config = _with(config, "repa.weight", 0.0)  # off: nothing else is checked
+  if config.model.get("backbone") == "mmdit":
+    schema.validate(config)
 
 
 def test_a_missing_backbone_field_is_named():

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
@@ -144,6 +145,51 @@ def test_mmdit_backbone_reads_the_caption_trains_and_samples(vae_run, data_dir):
   plan = trainer.sample_plan(config, c.spec.process)
   sample = trainer.make_sample_fn(c, plan)
   imgs = sample((new.params, c.frozen), ids, mask, jax.random.key(1), jnp.asarray(plan.ts, jnp.float32), 3.0)
+  assert imgs.shape == (2, 32, 32, 3) and np.isfinite(imgs).all()
+
+
+def test_representation_alignment_trains_the_blocks_it_reads_and_never_samples(vae_run, data_dir):
+  """REPA (train/repa.py) adds weight x alignment of the tokens after block `layer`: the gradient of every parameter
+  after that block (the last block, the output layers) is the plain denoising gradient, the blocks up to it and
+  the projector get the alignment's too; the projector stays out of the sampling parameters."""
+  config = _ldm_config(vae_run[1], data_dir, shapes_mmdit)
+  config.repa.update(dict(weight=0.5, layer=1, projector_width=16))
+  c = trainer.build_components(config)
+  assert c.repa is not None and c.model.backbone.num_layers == 2
+  state = jax.jit(c.init_state)()
+  assert set(state.params) == {"denoiser", "text_encoder", "repa_projector"}
+  tokens = jnp.stack([jnp.asarray(c.tokenize(p)) for p in ("a red circle on the left", "two blue squares")])
+  batch = {"image": jnp.asarray(_held_out_images(data_dir, 2, "train")), "tokens": tokens[:, 0],
+           "mask": tokens[:, 1]}
+  sgd = optax.sgd(1.0)  # new params = params - gradient: the step's gradient, read back exactly
+  state = state.replace(opt_state=sgd.init(state.params))
+
+  def gradient(repa):
+    new, metrics, _ = steps.train_step(state, batch, c.null_tokens, c.null_mask, model=c.model, tx=sgd, spec=c.spec,
+                                       frozen=c.frozen, encode=c.latent.encode, repa=repa)
+    return jax.tree.map(lambda a, b: a - b, state.params, new.params), metrics.compute()
+
+  with_repa, scores = jax.jit(lambda: gradient(c.repa))()
+  plain, plain_scores = jax.jit(lambda: gradient(None))()
+  assert -1.0 <= scores["repa_alignment"] <= 1.0 and "repa_alignment" not in plain_scores
+  # the same forward pass: the reported denoising loss is the same (float32 rounding of another compilation)
+  np.testing.assert_allclose(scores["loss"], plain_scores["loss"], rtol=1e-5)
+  denoiser, plain_denoiser = with_repa["denoiser"], plain["denoiser"]
+  after = ["transformer_blocks_1", "norm_out", "proj_out"]
+  for name in after:
+    for a, b in zip(jax.tree.leaves(denoiser[name]), jax.tree.leaves(plain_denoiser[name]), strict=True):
+      # two compilations of one gradient: rounding of a few hundred float32 operations, ~1e-5 of the largest entry
+      np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.max(jnp.abs(b))) + 1e-12)
+  differs = lambda a, b: float(jnp.max(jnp.abs(a - b))) / float(jnp.max(jnp.abs(b)))
+  first = [differs(a, b) for a, b in zip(jax.tree.leaves(denoiser["transformer_blocks_0"]),
+                                         jax.tree.leaves(plain_denoiser["transformer_blocks_0"]), strict=True)]
+  assert max(first) > 1e-2  # the alignment's gradient, three orders above that rounding
+  assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(with_repa["repa_projector"]))
+  # sampling: the pipeline's parameters hold no projector, and the sampler runs on the REPA-trained state
+  assert "repa_projector" not in trainer.pipeline_params(state.params, c.frozen)["model"]
+  plan = trainer.sample_plan(config, c.spec.process)
+  imgs = trainer.make_sample_fn(c, plan)((state.params, c.frozen), batch["tokens"], batch["mask"],
+                                         jax.random.key(1), jnp.asarray(plan.ts, jnp.float32), 3.0)
   assert imgs.shape == (2, 32, 32, 3) and np.isfinite(imgs).all()
 
 

@@ -60,6 +60,12 @@ def test_tiny_run_trains_checkpoints_and_samples(tmp_path):
   assert record["kind"] == "diffjax" and record["step"] == 6 and record["weights_sha256"]
   np.testing.assert_array_equal(np.load(tmp_path / "generated" / "samples.npz")["images"], sampled)
   assert json.loads((tmp_path / "sample" / "samples.json").read_text())["step"] == 6
+  # --step: an earlier checkpoint's EMA weights (other images); a step that was not kept is refused naming those kept
+  early = trainer.sample_from_checkpoint(config, str(tmp_path), config.prompts[:2], 2, str(tmp_path / "early"), step=3)
+  assert json.loads((tmp_path / "early" / "samples.json").read_text())["step"] == 3
+  assert early.shape == sampled.shape and not np.array_equal(early, sampled)
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 4 .*the steps kept are \[3, 6\]"):
+    trainer.evaluate_checkpoint(config, str(tmp_path), str(tmp_path / "none"), step=4)
 
 
 @pytest.mark.slow  # about 2 minutes: a tiny run, then calibration, fitted sampling and the held-out benchmark

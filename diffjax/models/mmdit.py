@@ -221,6 +221,7 @@ class MMDiT(nn.Module):
     for i in range(c.num_layers):
       h, text = block(c, i == c.num_layers - 1, i in c.dual_attention_layers, self.attention_impl,
                       name=f'transformer_blocks_{i}', **kw)(h, text, temb)
+      self.sow('intermediates', 'image_tokens', h)  # (B, N, width) after each block: REPA reads one (train/repa.py)
     scale, shift = Modulation(2, name='norm_out', **kw)(temb)
     h = modulate(h, shift, scale)
     return unpatchify(dense(p * p * c.outputs, name='proj_out', **kw)(h), height // p, width // p, p)

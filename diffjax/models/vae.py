@@ -149,6 +149,7 @@ class Encoder(nn.Module):
                  name=f'down_blocks_{i}', **kw)(h)
     h = _MidBlock(c.block_out_channels[-1], c.norm_num_groups, c.mid_block_attention, self.remat, name='mid_block',
                   **kw)(h)
+    self.sow('intermediates', 'features', h)  # (B, H/f, W/f, last channels): REPA's targets (train/repa.py)
     h = nn.silu(group_norm(c.norm_num_groups, 1e-6, name='conv_norm_out', **kw)(h))
     return conv(2 * c.latent_channels, 3, name='conv_out', **kw)(h)
 

@@ -92,21 +92,33 @@ class Checkpointer:
         without a sharding are restored onto the first local device, whatever the
         device layout the checkpoint was written from.
     """
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract_state = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device),
-        jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state))
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
-        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        if restored.state is None:
-          raise ValueError("empty state")
+        state = self._restore_state(step, abstract_state)
       except Exception as e:  # noqa: BLE001 - any failure to read means: try an older one
         logging.warning("checkpoint at step %d could not be restored (%s: %s); trying an older one", step,
                         type(e).__name__, str(e)[:200])
         continue
-      return restored.state, self._restore_data(step), step
+      return state, self._restore_data(step), step
     return None
+
+  def restore(self, step: int, abstract_state) -> tuple[Any, dict | None, int]:
+    """(state, data_state, step) of the checkpoint of exactly ``step`` (``abstract_state`` as in
+    ``restore_latest``); FileNotFoundError naming the steps kept if there is none."""
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} under {self._directory}: the steps kept are "
+                              f"{self.all_steps() or 'none'}")
+    return self._restore_state(step, abstract_state), self._restore_data(step), step
+
+  def _restore_state(self, step: int, abstract_state):
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract_state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding or device),
+        jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state))
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    if restored.state is None:
+      raise ValueError("empty state")
+    return restored.state
 
   def _restore_data(self, step: int) -> dict | None:
     """This process's iterator state at ``step``; None (with a warning) if it has none, e.g. when the

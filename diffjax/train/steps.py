@@ -13,6 +13,7 @@ from flax import struct
 
 from diffjax import losses
 from diffjax.processes import Process
+from diffjax.train import repa as repa_lib
 
 NUM_SIGMA_BINS = 4  # the loss is also reported per log-SNR quartile of the process range
 
@@ -44,6 +45,13 @@ class TrainMetrics(clu_metrics.Collection):
   loss_sigma_bin1: _loss_in_sigma_bin(1)
   loss_sigma_bin2: _loss_in_sigma_bin(2)
   loss_sigma_bin3: _loss_in_sigma_bin(3)
+
+
+# ``TrainMetrics`` of a step with representation alignment (``loss`` stays the denoising loss alone);
+# ``repa_alignment``: the negative cosine similarity of projected tokens and targets (-1 best). (clu collects the
+# metrics a class annotates itself, not those of its bases: hence a new collection rather than a subclass.)
+RepaTrainMetrics = clu_metrics.Collection.create(**TrainMetrics.__annotations__,
+                                                 repa_alignment=clu_metrics.Average.from_output("repa_alignment"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +92,7 @@ def with_frozen(params: dict, frozen) -> dict:
 
 
 def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask: jax.Array, *, model, tx,
-               spec: DiffusionSpec, frozen=None, encode=None, compose=with_frozen):
+               spec: DiffusionSpec, frozen=None, encode=None, compose=with_frozen, repa=None):
   """One optimizer step on a batch {"image" (B,H,W,C), "tokens" (B,L), "mask" (B,L)[, "weight" (B,)][, "control"]}.
 
   The loss is the mean of the per-example losses, or with "weight" their weighted sum (e.g.
@@ -99,6 +107,9 @@ def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask
       learns to denoise, e.g. latents of a frozen VAE; None: ``batch["image"]``.
     compose: ``compose(trained params, frozen) -> the model's parameters`` (default
       ``with_frozen``; LoRA: the frozen base with the trained adapters merged in).
+    repa: a ``repa.RepaSpec``: the objective adds ``repa.weight`` times the alignment of the
+      denoiser's image tokens (projected by ``params["repa_projector"]``) with the batch's target
+      features (``RepaTrainMetrics``); None: the denoising loss alone.
 
   Returns (new state, ``TrainMetrics`` of this step, diagnostics: loss, per-example
   losses, gradient norm and batch image statistics, for the non-finite-loss error).
@@ -113,25 +124,38 @@ def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask
   tokens = jnp.where(drop, null_tokens[None], batch["tokens"])
   mask = jnp.where(drop, null_mask[None], batch["mask"])
   control = {"control": batch["control"]} if "control" in batch else {}  # (kept when the caption is dropped)
+  targets = None if repa is None else repa.targets(frozen, batch)
 
   def loss_fn(params):
+    sown = {}
+
     def predict(x_t, tt):
-      return model.apply({"params": compose(params, frozen)}, x_t, spec.time_scale * tt, tokens, mask,
-                         deterministic=False, rngs={"dropout": k_dropout}, **control)
+      args = ({"params": compose(params, frozen)}, x_t, spec.time_scale * tt, tokens, mask)
+      kw = dict(deterministic=False, rngs={"dropout": k_dropout}, **control)
+      if repa is None:
+        return model.apply(*args, **kw)
+      out, state = model.apply(*args, mutable=["intermediates"], **kw)
+      sown["tokens"] = repa_lib.image_tokens(state["intermediates"], repa.layer)
+      return out
 
     per_example = losses.denoising_loss(predict, x0, eps, t, spec.process, target=spec.target,
                                         weighting=spec.weighting, **dict(spec.weighting_options))
     loss = jnp.mean(per_example) if "weight" not in batch else jnp.sum(batch["weight"] * per_example)
-    return loss, per_example
+    if repa is None:
+      return loss, (loss, per_example, ())
+    aligned = jnp.mean(repa_lib.alignment(repa.projector.apply({"params": params[repa_lib.PARAMS]}, sown["tokens"]),
+                                          targets))
+    return loss + repa.weight * aligned, (loss, per_example, aligned)
 
-  (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (_, (loss, per_example, aligned)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = jax.tree.map(lambda e, p: spec.ema_decay * e + (1.0 - spec.ema_decay) * p, state.ema_params, params)
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
   grad_norm = optax.tree.norm(grads)
-  metrics = TrainMetrics.single_from_model_output(loss=loss, grad_norm=grad_norm, per_example_loss=per_example,
-                                                  sigma_bin=_sigma_bins(spec.process, t))
+  metrics = (TrainMetrics if repa is None else RepaTrainMetrics).single_from_model_output(
+      loss=loss, grad_norm=grad_norm, per_example_loss=per_example, sigma_bin=_sigma_bins(spec.process, t),
+      repa_alignment=aligned)
   diagnostics = {"loss": loss, "per_example_loss": per_example, "grad_norm": grad_norm,
                  "image_mean": jnp.mean(x0), "image_std": jnp.std(x0)}
   return new_state, metrics, diagnostics

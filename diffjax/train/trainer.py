@@ -34,6 +34,7 @@ from diffjax.models.unet import UNetConfig
 from diffjax.pipelines import Pipeline, programs, text_to_image
 from diffjax.schema import ConfigError
 from diffjax.train import latent, loop, sharding, steps
+from diffjax.train import repa as repa_lib
 from diffjax.train.checkpoint import Checkpointer
 
 # ----------------------------------------------------------------------------------
@@ -217,6 +218,7 @@ class Components(NamedTuple):
   frozen: object = None  # parameters used but not trained (``steps.train_step``)
   pipe: Pipeline | None = None  # the model side of generation (``pipeline_params`` gives its parameters)
   tokenizer: object = None  # what ``tokenize`` and the pipeline tokenize with
+  repa: repa_lib.RepaSpec | None = None  # representation alignment (``config.repa``), trained beside the model
 
 
 def _text_to_image_pipe(model: TextToImage, spec: steps.DiffusionSpec, tokenizer, shape: tuple, lat) -> Pipeline:
@@ -240,14 +242,20 @@ def build_components(config) -> Components:
   tokenize = tokenize_fn(config.data.max_caption_length, tokenizer)
   k_init, k_train, k_sample = jax.random.split(jax.random.key(config.seed), 3)
   shape = (config.data.image_size, config.data.image_size, config.data.channels) if lat is None else lat.latent_shape
+  repa = build_repa(config, lat)
 
   def init_boxed():
     tok = jnp.zeros((1, config.data.max_caption_length), jnp.int32)
     x, t = jnp.zeros((1,) + shape), jnp.zeros((1,))
     if lat is not None and lat.text_config is not None:  # the frozen text encoder's parameters stay out
       context = model.dummy_context(1, config.data.max_caption_length)
-      return model.init(k_init, x, t, context, method=model.predict)["params"]
-    return model.init(k_init, x, t, tok, tok)["params"]
+      params = model.init(k_init, x, t, context, method=model.predict)["params"]
+    else:
+      params = model.init(k_init, x, t, tok, tok)["params"]
+    if repa is not None:
+      tokens = jnp.zeros((1, 1, config.model.width))
+      params = {**params, repa_lib.PARAMS: repa.projector.init(jax.random.fold_in(k_init, 1), tokens)["params"]}
+    return params
 
   def init_state():
     params = flax.linen.meta.unbox(init_boxed())
@@ -259,11 +267,27 @@ def build_components(config) -> Components:
   pipe = _text_to_image_pipe(model, spec, tokenizer, shape, lat)
   return Components(spec, model, tx, tokenize, null_tokens, null_mask, shape, init_state,
                     jax.eval_shape(init_state), k_sample, jax.eval_shape(init_boxed), lat, lat and lat.frozen, pipe,
-                    tokenizer)
+                    tokenizer, repa)
+
+
+def build_repa(config, lat) -> repa_lib.RepaSpec | None:
+  """``config.repa`` (weight > 0) as a ``RepaSpec``: the MMDiT's tokens after block ``layer`` aligned through a
+  ``projector_width`` MLP with the frozen VAE encoder's features of the batch's images, pooled to the patches."""
+  r = config.get("repa")
+  if r is None or not r.weight:
+    return None
+  vae, patch = lat.vae, config.model.patch_size
+  features = vae.config.block_out_channels[-1]
+  targets = lambda frozen, batch: repa_lib.pooled_tokens(repa_lib.vae_features(vae, frozen["vae"], batch["image"]),
+                                                         patch)
+  return repa_lib.RepaSpec(weight=float(r.weight), layer=int(r.layer),
+                           projector=repa_lib.Projector(hidden=int(r.projector_width), features=features),
+                           targets=targets)
 
 
 def pipeline_params(trained, frozen) -> dict:
   """The parameters of ``Components.pipe`` from the trained ones and the frozen ones (None in pixel space)."""
+  trained = {k: v for k, v in trained.items() if k != repa_lib.PARAMS}  # REPA's projector trains, never samples
   params = {"model": steps.with_frozen(trained, frozen)}
   return params if frozen is None else params | {"vae": frozen["vae"]}
 
@@ -348,7 +372,7 @@ def train_and_evaluate(config, workdir: str) -> steps.TrainState:
   frozen = jax.device_put(c.frozen, replicated)  # None for a pixel-space model
   train_step = jax.jit(
       lambda s, b, f: steps.train_step(s, b, null_tokens, null_mask, model=model, tx=tx, spec=spec, frozen=f,
-                                       encode=encode),
+                                       encode=encode, repa=c.repa),
       in_shardings=(state_sharding, batch_sharding, replicated), out_shardings=(state_sharding, replicated, replicated),
       donate_argnums=0)
   plan = sample_plan(config, spec.process)
@@ -527,11 +551,16 @@ def generate(sample_fn, params, prompts, plan: pipelines.Plan, guidance_scale: f
   return images.to_uint8(np.asarray(x))
 
 
-def load_components(config, workdir: str):
-  """(components, (EMA params, frozen params), step) of the newest checkpoint under ``workdir``."""
+def load_components(config, workdir: str, step: int | None = None):
+  """(components, (EMA params, frozen params), step) of the newest checkpoint under ``workdir``, or of the
+  checkpoint of training step ``step`` (FileNotFoundError naming the steps kept if there is none)."""
   validate(config)
   c = build_components(config)
-  restored = Checkpointer(os.path.join(workdir, "checkpoints")).restore_latest(c.abstract_state)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+  if step is not None:
+    restored = checkpointer.restore(step, c.abstract_state)
+  else:
+    restored = checkpointer.restore_latest(c.abstract_state)
   if restored is None:
     raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints: train first")
   state, _, step = restored
@@ -539,10 +568,10 @@ def load_components(config, workdir: str):
   return c, (state.ema_params, c.frozen), step
 
 
-def load_pipeline(config, workdir: str) -> tuple[Pipeline, dict, int]:
-  """(pipeline, its parameters, step) of the newest checkpoint under ``workdir``: the EMA weights of the
-  network the config describes, with its frozen VAE and text encoder (``pipeline_params``)."""
-  c, (ema, frozen), step = load_components(config, workdir)
+def load_pipeline(config, workdir: str, step: int | None = None) -> tuple[Pipeline, dict, int]:
+  """(pipeline, its parameters, step) of the newest checkpoint under ``workdir`` (or of ``step``): the EMA
+  weights of the network the config describes, with its frozen VAE and text encoder (``pipeline_params``)."""
+  c, (ema, frozen), step = load_components(config, workdir, step)
   return c.pipe, pipeline_params(ema, frozen), step
 
 
@@ -553,8 +582,9 @@ def watermark_of(config) -> wm.Watermark:
                         config.get("watermark_radius", 0.0))
 
 
-def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, output_dir: str, seed: int = 0):
-  """Samples ``num_per_prompt`` images per prompt with the latest checkpoint's EMA weights.
+def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, output_dir: str, seed: int = 0,
+                           step: int | None = None):
+  """Samples ``num_per_prompt`` images per prompt with the latest checkpoint's EMA weights (or ``step``'s).
 
   ``diffjax.pipelines.generate`` on ``load_pipeline``'s pipeline. Writes
   ``output_dir/samples.npz`` (``images`` uint8 (N, H, W, C), ``prompts`` (N,), prompt-major),
@@ -564,7 +594,7 @@ def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, o
   """
   if not prompts:
     raise ValueError("give at least one prompt")
-  pipe, params, step = load_pipeline(config, workdir)
+  pipe, params, step = load_pipeline(config, workdir, step)
   size = config.data.image_size
   out = pipelines.generate(pipe, params, [p for p in prompts for _ in range(num_per_prompt)], height=size,
                            width=size, plan=sample_plan(config, pipe.process, params),
@@ -578,14 +608,14 @@ def sample_from_checkpoint(config, workdir: str, prompts, num_per_prompt: int, o
   return imgs
 
 
-def evaluate_checkpoint(config, workdir: str, output_dir: str) -> dict:
-  """Runs the config's evaluation on the latest checkpoint's EMA weights, writing to ``output_dir``.
+def evaluate_checkpoint(config, workdir: str, output_dir: str, step: int | None = None) -> dict:
+  """Runs the config's evaluation on the latest checkpoint's EMA weights (or ``step``'s), writing to ``output_dir``.
 
   For ablations of a trained model: sampler, NFE, guidance and the evaluation sizes come
   from the config (overrides), so one training run serves any number of evaluations.
   Returns the scores written to ``output_dir/eval.json``.
   """
-  c, params, step = load_components(config, workdir)
+  c, params, step = load_components(config, workdir, step)
   plan = sample_plan(config, c.spec.process, pipeline_params(*params))
   data_dir = dataset_dir(config, workdir)
   scores = evaluate(config, c, make_sample_fn(c, plan, watermark_of(config).latent), params, plan, data_dir, workdir,
@@ -594,8 +624,9 @@ def evaluate_checkpoint(config, workdir: str, output_dir: str) -> dict:
   return scores
 
 
-def calibrate_checkpoint(config, workdir: str, path: str) -> dict:
-  """Fits samplers (``diffjax.samplers.calibration``) to the latest checkpoint's EMA weights, written to ``path``.
+def calibrate_checkpoint(config, workdir: str, path: str, step: int | None = None) -> dict:
+  """Fits samplers (``diffjax.samplers.calibration``) to the latest checkpoint's EMA weights (or ``step``'s),
+  written to ``path``.
 
   ``config.calibration``: ``budgets`` (evaluation counts), ``batch`` and ``validation_batch`` noises
   drawn from ``seed`` (never an evaluation's), each sample with a prompt drawn from ``prompts``
@@ -607,7 +638,7 @@ def calibrate_checkpoint(config, workdir: str, path: str) -> dict:
   A killed calibration resumes.
   """
   cal = config.calibration
-  pipe, params, step = load_pipeline(config, workdir)
+  pipe, params, step = load_pipeline(config, workdir, step)
   prompts = list(cal.get("prompts") or config.get("prompts") or ())
   if not prompts:
     raise ValueError("calibration.prompts (or config.prompts) must name the prompts to calibrate with")
