@@ -6,6 +6,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -60,10 +61,12 @@ def test_tiny_run_trains_checkpoints_and_samples(tmp_path):
   assert record["kind"] == "diffjax" and record["step"] == 6 and record["weights_sha256"]
   np.testing.assert_array_equal(np.load(tmp_path / "generated" / "samples.npz")["images"], sampled)
   assert json.loads((tmp_path / "sample" / "samples.json").read_text())["step"] == 6
-  # --step: an earlier checkpoint's EMA weights (other images); a step that was not kept is refused naming those kept
+  # --step: an earlier checkpoint's EMA weights; a step that was not kept is refused naming those kept
   early = trainer.sample_from_checkpoint(config, str(tmp_path), config.prompts[:2], 2, str(tmp_path / "early"), step=3)
-  assert json.loads((tmp_path / "early" / "samples.json").read_text())["step"] == 3
-  assert early.shape == sampled.shape and not np.array_equal(early, sampled)
+  assert json.loads((tmp_path / "early" / "samples.json").read_text())["step"] == 3 and early.shape == sampled.shape
+  (_, (ema3, _), step3), (_, (ema6, _), step6) = (trainer.load_components(config, str(tmp_path), s) for s in (3, None))
+  assert (step3, step6) == (3, 6)
+  assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), ema3, ema6)))
   with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 4 .*the steps kept are \[3, 6\]"):
     trainer.evaluate_checkpoint(config, str(tmp_path), str(tmp_path / "none"), step=4)
 
