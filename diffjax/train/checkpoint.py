@@ -4,7 +4,8 @@ One checkpoint per saved step holds two items: ``state`` (any pytree of arrays:
 params, EMA params, optimizer state, step, RNG key data) and ``data`` (the grain
 iterator state of every process, one JSON file each, written by grain's orbax handler:
 ``data/process_<i>-of-<n>.json``). Saves are asynchronous, at most ``max_to_keep`` are
-kept. Every process of a multi-host job calls ``save`` and ``restore_latest`` together.
+kept. Every process of a multi-host job calls ``save`` and ``restore_latest`` (or ``restore`` of one step)
+together.
 
 Restoring walks the steps from newest to oldest: a checkpoint that fails to load
 (corrupt or half-written) is skipped with a warning, so a crash during a save never
