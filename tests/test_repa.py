@@ -11,6 +11,7 @@ import numpy as np
 from diffjax.models import layers
 from diffjax.models import vae as vae_lib
 from diffjax.models.mmdit import MMDiT, MMDiTConfig
+from diffjax.pipelines import vae as vae_codec
 from diffjax.train import repa
 
 
@@ -59,13 +60,16 @@ def test_pooled_tokens_are_patch_means_in_the_transformers_token_order():
 
 def test_vae_features_are_what_the_encoder_turns_into_its_moments():
   """The sown features h give the encoder's output: conv_out(silu(conv_norm_out(h))) = the moments before
-  quant_conv (one more evaluation of the same layers: float32 rounding of a 3 x 3 x 32 convolution)."""
+  quant_conv (one more evaluation of the same layers: float32 rounding of a 3 x 3 x 32 convolution); the pass that
+  returns them returns the same posterior as the plain one."""
   config = vae_lib.VAE_CONFIGS["tiny"]
   vae = vae_lib.AutoencoderKL(config)
   x = jax.random.uniform(jax.random.key(3), (2, 16, 16, 3), minval=-1, maxval=1)
   params = vae.init(jax.random.key(4), x)["params"]
-  features = repa.vae_features(vae, params, x)
+  mean, std, features = vae_codec.posterior(vae, params, x, features=True)
   assert features.shape == (2, 8, 8, config.block_out_channels[-1])
+  for a, b in zip((mean, std), vae_codec.posterior(vae, params, x), strict=True):
+    np.testing.assert_array_equal(a, b)
   enc = params["encoder"]
   kw = dict(dtype=jnp.float32, param_dtype=jnp.float32)
   h = jax.nn.silu(layers.group_norm(config.norm_num_groups, 1e-6, **kw).apply({"params": enc["conv_norm_out"]},

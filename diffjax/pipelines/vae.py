@@ -18,10 +18,15 @@ def scaled_latents(vae: AutoencoderKL, mean, std, noise) -> jax.Array:
   return c.scaling_factor * (mean + std * noise - c.shift_factor)
 
 
-def posterior(vae: AutoencoderKL, vae_params, images) -> tuple[jax.Array, jax.Array]:
-  """Posterior (mean, std), each (B, h, w, c), of images (B, H, W, C) in [-1, 1]."""
-  q = vae.apply({"params": vae_params}, images, method="encode")
-  return q.mean, q.std
+def posterior(vae: AutoencoderKL, vae_params, images, features: bool = False) -> tuple[jax.Array, ...]:
+  """Posterior (mean, std), each (B, h, w, c), of images (B, H, W, C) in [-1, 1]; with ``features`` also the
+  encoder's mid-block features (B, h, w, last channels) of the same pass (REPA's targets, ``train/repa.py``)."""
+  if not features:
+    q = vae.apply({"params": vae_params}, images, method="encode")
+    return q.mean, q.std
+  q, state = vae.apply({"params": vae_params}, images, method="encode", mutable=["intermediates"])
+  (h,) = state["intermediates"]["encoder"]["features"]
+  return q.mean, q.std, h
 
 
 def encode(vae: AutoencoderKL, vae_params, images, noise) -> jax.Array:

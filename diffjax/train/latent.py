@@ -49,7 +49,8 @@ class LatentParts(NamedTuple):
       {"text_encoder": params of a frozen pretrained text encoder}} (see ``steps.train_step``).
     latent_shape: (h, w, c) of the diffusion data.
     encode: ``(frozen, batch, key) -> x0`` (B, h, w, c) scaled latents: a posterior sample
-      of ``batch["image"]`` or, with the cache, of {"latent_mean", "latent_std"}.
+      of ``batch["image"]`` or, with the cache, of {"latent_mean", "latent_std"};
+      ``encode(..., features=True) -> (x0, the VAE encoder's mid-block features of the same pass)``.
     decode: ``(frozen, x0) -> images`` (B, H, W, C) in about [-1, 1].
     text_config: the frozen text encoder's architecture (None: trained jointly).
     tokenizer: its tokenizer (None: the byte tokenizer of the joint encoder).
@@ -133,12 +134,13 @@ def build(config) -> LatentParts:
   c = vae.config
   cached = bool(config.data.get("cache_latents"))
 
-  def encode(fz, batch, key):
-    if cached:
+  def encode(fz, batch, key, features=False):
+    if cached:  # (the schema refuses REPA, which needs ``features``, with cached latents)
       mean, std = batch["latent_mean"], batch["latent_std"]
     else:
-      mean, std = vae_codec.posterior(vae, fz["vae"], batch["image"])
-    return vae_codec.scaled_latents(vae, mean, std, jax.random.normal(key, mean.shape, mean.dtype))
+      mean, std, *h = vae_codec.posterior(vae, fz["vae"], batch["image"], features=features)
+    x0 = vae_codec.scaled_latents(vae, mean, std, jax.random.normal(key, mean.shape, mean.dtype))
+    return (x0, h[0]) if features else x0
 
   decode = lambda fz, x: vae_codec.decode(vae, fz["vae"], x)
   logging.info("latent diffusion on %s latents of the VAE in %s (scaling factor %.5g); text encoder: %s", shape,

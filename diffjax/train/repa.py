@@ -43,13 +43,17 @@ class RepaSpec:
     weight: lambda of the alignment term (REPA: 0.5).
     layer: the image tokens after this block (1-based) are aligned (REPA: about a third of the depth).
     projector: the trained MLP (``Projector``).
-    targets: ``(frozen, batch) -> (B, N, features)`` target features of the batch's clean images (no gradient).
+    patch: the denoiser's patch size: the encoder's (B, h, w, C) features are averaged over each patch.
   """
 
   weight: float
   layer: int
   projector: Projector
-  targets: object
+  patch: int
+
+  def targets(self, features: jax.Array) -> jax.Array:
+    """(B, N, C) targets of the frozen encoder's (B, h, w, C) features of the clean images (no gradient)."""
+    return pooled_tokens(jax.lax.stop_gradient(features), self.patch)
 
 
 def pooled_tokens(features: jax.Array, patch: int) -> jax.Array:
@@ -58,13 +62,6 @@ def pooled_tokens(features: jax.Array, patch: int) -> jax.Array:
   b, h, w, c = features.shape
   pooled = features.reshape(b, h // patch, patch, w // patch, patch, c).mean(axis=(2, 4))
   return pooled.reshape(b, (h // patch) * (w // patch), c)
-
-
-def vae_features(vae, vae_params, images: jax.Array) -> jax.Array:
-  """(B, h, w, C) mid-block features of the frozen VAE encoder for images (B, H, W, 3) in [-1, 1]."""
-  _, state = vae.apply({"params": vae_params}, images, method=vae.encode, mutable=["intermediates"])
-  (features,) = state["intermediates"]["encoder"]["features"]
-  return jax.lax.stop_gradient(features)
 
 
 def alignment(projected: jax.Array, targets: jax.Array) -> jax.Array:

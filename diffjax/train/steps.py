@@ -108,15 +108,21 @@ def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask
     compose: ``compose(trained params, frozen) -> the model's parameters`` (default
       ``with_frozen``; LoRA: the frozen base with the trained adapters merged in).
     repa: a ``repa.RepaSpec``: the objective adds ``repa.weight`` times the alignment of the
-      denoiser's image tokens (projected by ``params["repa_projector"]``) with the batch's target
-      features (``RepaTrainMetrics``); None: the denoising loss alone.
+      denoiser's image tokens (projected by ``params["repa_projector"]``) with the features that
+      ``encode(frozen, batch, key, features=True)`` returns beside x0 (``RepaTrainMetrics``);
+      None: the denoising loss alone.
 
   Returns (new state, ``TrainMetrics`` of this step, diagnostics: loss, per-example
   losses, gradient norm and batch image statistics, for the non-finite-loss error).
   """
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   k_t, k_eps, k_drop, k_dropout = jax.random.split(key, 4)
-  x0 = batch["image"] if encode is None else encode(frozen, batch, jax.random.fold_in(key, 1))
+  k_x0 = jax.random.fold_in(key, 1)
+  if repa is None:
+    x0, targets = (batch["image"] if encode is None else encode(frozen, batch, k_x0)), None
+  else:  # one pass of the frozen encoder gives the latents and REPA's features
+    x0, features = encode(frozen, batch, k_x0, features=True)
+    targets = repa.targets(features)
   b = x0.shape[0]
   t = losses.TIME_SAMPLERS[spec.time_sampler](k_t, (b,), spec.process, **dict(spec.time_sampler_options))
   eps = jax.random.normal(k_eps, x0.shape, x0.dtype)
@@ -124,7 +130,6 @@ def train_step(state: TrainState, batch: dict, null_tokens: jax.Array, null_mask
   tokens = jnp.where(drop, null_tokens[None], batch["tokens"])
   mask = jnp.where(drop, null_mask[None], batch["mask"])
   control = {"control": batch["control"]} if "control" in batch else {}  # (kept when the caption is dropped)
-  targets = None if repa is None else repa.targets(frozen, batch)
 
   def loss_fn(params):
     sown = {}

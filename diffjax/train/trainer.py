@@ -276,13 +276,10 @@ def build_repa(config, lat) -> repa_lib.RepaSpec | None:
   r = config.get("repa")
   if r is None or not r.weight:
     return None
-  vae, patch = lat.vae, config.model.patch_size
-  features = vae.config.block_out_channels[-1]
-  targets = lambda frozen, batch: repa_lib.pooled_tokens(repa_lib.vae_features(vae, frozen["vae"], batch["image"]),
-                                                         patch)
+  features = lat.vae.config.block_out_channels[-1]
   return repa_lib.RepaSpec(weight=float(r.weight), layer=int(r.layer),
                            projector=repa_lib.Projector(hidden=int(r.projector_width), features=features),
-                           targets=targets)
+                           patch=int(config.model.patch_size))
 
 
 def pipeline_params(trained, frozen) -> dict:
