@@ -164,3 +164,86 @@ def test_a_configs_calibration_section_names_the_search_settings():
   assert settings_from(cal) == dict(lattice=cal.lattice, tol=cal.tol, chunk=cal.chunk, restarts=1, time_budget_s=None)
   cal.update(dict(restarts=3, minutes=2.5))
   assert settings_from(cal) == dict(lattice=cal.lattice, tol=cal.tol, chunk=cal.chunk, restarts=3, time_budget_s=150.0)
+
+
+# -- from pure noise: rectified flow starts at t = 1, where alpha = 0 and x / alpha is infinite ---------------------
+RF = P.make_process("rectified_flow", shift=3.0)  # SD3's shift: most of the lattice's levels near t = 1
+
+
+def rf_denoise(x, t, cond):
+  """E[x0 | x_t] for x0 ~ N(MEANS[cond], diag(VAR)) under rectified flow (finite at alpha = 0)."""
+  mu, var = jnp.asarray(MEANS, jnp.float32)[cond], jnp.asarray(VAR, jnp.float32)
+  alpha, sigma = RF.alpha(t), RF.sigma(t)
+  return mu + alpha * var / (alpha**2 * var + sigma**2) * (x - alpha * mu)
+
+
+def rf_exact(noise, cond, t):
+  """The exact flow at time t of pure noise x(1) = noise (float64): (x(t), D(x(t), t))."""
+  a, s = float(RF.alpha(t)), float(RF.sigma(t))
+  xt, out = np.empty_like(noise), np.empty_like(noise)
+  for c in (0, 1):
+    rows = np.asarray(cond) == c
+    xt[rows] = flow_map(MEANS[c], np.diag(VAR), noise[rows], (0.0, 1.0), (a, s))
+    out[rows] = MEANS[c] + a * VAR / (a**2 * VAR + s**2) * (xt[rows] - a * MEANS[c])
+  return xt, out
+
+
+def test_a_calibration_from_pure_noise_solves_the_flow_and_fits_a_finite_sampler(tmp_path):
+  """Rectified flow from t = 1: the lattice starts there, the reference's first segment (dy/dq = D in y = x / sigma,
+  q = alpha / sigma) and the rest agree with the closed-form flow, and the fitted samplers (first step DDIM's from
+  pure noise) are finite and beat every classic sampler that can start at pure noise."""
+  from diffjax.samplers import optimized_grids as og
+
+  (x_fit, c_fit), (x_val, c_val) = _batch(1, 256), _batch(2, 512)
+  key = KEY | {"process": "rectified_flow"}
+  record = calibration.calibrate(RF, rf_denoise, x_fit, x_val, (3, 5), key=key, path=str(tmp_path / "rf.json"),
+                                 cond_fit=c_fit, cond_val=c_val, lattice=24, chunk=128, progress=False,
+                                 log=lambda s: None)
+  lattice = np.asarray(record["lattice"])
+  assert lattice[0] == 1.0 and np.all(np.diff(lattice) < 0) and np.isclose(lattice[-1], RF.t_min, rtol=1e-5)
+  with np.load(tmp_path / "rf.json.reference.npz") as z:
+    states, target = z["states"], z["target"]
+  x64 = np.asarray(x_fit, np.float64)
+  np.testing.assert_array_equal(states[0], np.asarray(x_fit))  # x / sigma(1) = x
+  # dopri5 at tol 1e-5 per segment, 23 segments (as the VP test): 23 * 1e-5 * max|x~| at each lattice point
+  for j in (1, 2, 12, 23):
+    xt, _ = rf_exact(x64, c_fit, lattice[j])
+    want = xt / float(RF.alpha(lattice[j]))
+    np.testing.assert_allclose(states[j], want, rtol=0, atol=23 * 1e-5 * np.abs(want).max(), err_msg=f"lattice {j}")
+  _, want = rf_exact(x64, c_fit, lattice[-1])
+  np.testing.assert_allclose(target, want, rtol=0, atol=23 * 1e-5 * np.abs(want).max())
+
+  x, c = _batch(3, 2048)
+  _, exact = rf_exact(np.asarray(x, np.float64), c, RF.t_min)
+  d = lambda x, t: rf_denoise(x, t, c)
+  rmse = lambda out: float(np.sqrt(np.mean((np.asarray(out, np.float64) - exact) ** 2)))
+  for k in (3, 5):
+    fitted = calibration.load_fitted(str(tmp_path / "rf.json"), key, k)
+    assert fitted.ts[0] == 1.0 and fitted.gamma[0] == 0.0
+    ours = fitted.sample(RF, d, x)
+    assert np.all(np.isfinite(np.asarray(ours)))
+    # the float64 step-by-step rollout is the jitted sampler's computation (float32 rounding of unit-scale data)
+    np.testing.assert_allclose(ours, og.rollout(RF, fitted, d, x), rtol=0, atol=1e-4)
+    classic = []
+    for name in ("euler", "dpmpp_2m", "dpmpp_3m", "unipc"):
+      solver = make_solver(name, RF)
+      classic.append(rmse(sample(solver, d, x, grids.uniform_t(RF, points_for_budget(solver, k)))))
+    assert np.all(np.isfinite(classic))
+    assert rmse(ours) < 0.5 * min(classic), (k, rmse(ours), classic)
+
+
+def test_a_fitted_step_from_pure_noise_is_ddim_and_refinement_keeps_the_start():
+  """beta = gamma = 0 from t = 1 is DDIM: x(t1) = alpha_1 D_0 + sigma_1 x / sigma_0 (the solver's limit r -> 0);
+  ``refine`` moves the grid's later points and keeps both t = 1 and its first finite level."""
+  from diffjax.samplers import optimized_grids as og
+
+  x, c = _batch(4, 64)
+  d = lambda x, t: rf_denoise(x, t, c)
+  ts = np.array([1.0, 0.8, 0.3])
+  fitted = og.FittedSampler(ts, np.zeros((2, 1)), np.zeros(1), np.zeros(2))
+  ddim = sample(make_solver("euler", RF), d, x, jnp.asarray(ts, jnp.float32))
+  np.testing.assert_allclose(fitted.sample(RF, d, x), ddim, rtol=0, atol=1e-5)
+  refined, _ = og.refine(RF, fitted, d, x, jnp.asarray(rf_exact(np.asarray(x, np.float64), c, RF.t_min)[1]),
+                         steps=5, learning_rate=1e-2)
+  assert refined.ts[0] == 1.0 and np.isclose(refined.ts[1], 0.8) and refined.ts[2] != 0.3
+  assert np.all(np.isfinite(refined.beta)) and np.all(np.isfinite(refined.gamma))

@@ -5,7 +5,8 @@
 
 1. the probability-flow ODE from the calibration noise is solved by Dormand-Prince 5(4) (rtol = atol
    = ``tol``; ``adaptive.odeint_through``, ``dopri5``'s variables) through a lattice of noise levels
-   (uniform in log sigma), its steps shortened to land on each,
+   (uniform in log sigma), its steps shortened to land on each (from pure noise, as rectified flow's t = 1,
+   the first segment in y = x / sigma against q = alpha / sigma, where the ODE is dy/dq = D and starts finite),
    ``chunk`` samples at a time, and only the states at the lattice are kept (float32, (L, B, ...));
    the clean target is the denoiser's output at the last lattice point (what every sampler's
    final jump returns). The reference's own error is measured by solving the first ``check``
@@ -64,12 +65,22 @@ def starting_grids(process: Process, lattice_ts, k: int) -> list[list[int]]:
   such a grid from them (benchmarks/README.md, the unseen-mixture table)."""
   makers = [functools.partial(grids.karras, rho=rho) for rho in KARRAS_RHO] + [grids.log_snr_uniform, grids.uniform_t,
                                                                              uniform_t_short]
+  if og.noise_start(process, lattice_ts[0]):  # log-SNR spaced grids cannot start at pure noise: they start at the
+    top = float(lattice_ts[1])  # lattice's first finite level, after it
+    spaced = [functools.partial(grids.karras, rho=rho, sigma_max=float(process.edm_sigma(top))) for rho in KARRAS_RHO]
+    spaced.append(functools.partial(grids.log_snr_uniform, t_start=top))
+    makers = [_after_noise(make, float(lattice_ts[0])) for make in spaced] + makers[len(spaced):]
   starts = []
   for make in makers:
     idx = og.snap_to_lattice(lattice_ts, make(process, k))
     if idx not in starts:
       starts.append(idx)
   return starts
+
+
+def _after_noise(make, t_noise: float):
+  """``make``'s grid of k - 1 points after the pure-noise start t_noise: (process, k) -> k points."""
+  return lambda process, k: np.concatenate([[t_noise], np.asarray(make(process, k - 1), np.float64)])
 
 
 def share_of_time(end: float, k: int, remaining) -> float:
@@ -86,18 +97,27 @@ def reference_paths(process: Process, denoise, x, cond, lattice_ts, *, tol: floa
   x (B, ...) is at lattice_ts[0]; cond is a pytree of (B, ...) arrays (or None) handed to
   ``denoise(x, t, cond)``; the ODE is solved ``chunk`` samples at a time (a chunk shares
   dopri5's step sizes). Evaluations count batched denoiser calls of one chunk each.
-  ``keep_states=False``: the target alone (states None).
+  ``keep_states=False``: the target alone (states None). From pure noise (alpha(lattice_ts[0]) = 0)
+  states[0] is x / sigma, the start in the variables of the first segment (``noise_segment``).
   """
   ts = jnp.asarray(lattice_ts, jnp.float32)
   us = jnp.log(process.edm_sigma(ts))
+  from_noise = og.noise_start(process, lattice_ts[0])
 
   @jax.jit
   def run(xc, cc):
     d = lambda x, t: denoise(x, t, cc)
-    x0s = xc / process.alpha(ts[0])
-    path, stats = odeint_through(flow_field(process, d), x0s, us, rtol=tol, atol=tol)
-    states = jnp.concatenate([x0s[None], path]) if keep_states else jnp.zeros(())
-    return states, d(process.alpha(ts[-1]) * path[-1], ts[-1]), stats.nfe + 1
+    if from_noise:
+      first = xc / process.sigma(ts[0])
+      x0s, nfe = noise_segment(process, d, first, ts[1], tol)
+      path, stats = odeint_through(flow_field(process, d), x0s, us[1:], rtol=tol, atol=tol)
+      path, nfe = jnp.concatenate([x0s[None], path]), nfe + stats.nfe
+    else:
+      first = xc / process.alpha(ts[0])
+      path, stats = odeint_through(flow_field(process, d), first, us, rtol=tol, atol=tol)
+      nfe = stats.nfe
+    states = jnp.concatenate([first[None], path]) if keep_states else jnp.zeros(())
+    return states, d(process.alpha(ts[-1]) * path[-1], ts[-1]), nfe + 1
 
   b = x.shape[0]
   states, targets, evaluations = [], [], 0
@@ -112,6 +132,22 @@ def reference_paths(process: Process, denoise, x, cond, lattice_ts, *, tol: floa
     targets.append(np.asarray(t, np.float32))
     evaluations += int(nfe)
   return np.concatenate(states, axis=1) if keep_states else None, np.concatenate(targets), evaluations
+
+
+def noise_segment(process: Process, denoise, y, t_end, tol: float):
+  """(x~ = x / alpha at t_end, evaluations) of the probability-flow ODE from pure noise x = sigma y (alpha = 0).
+
+  In y = x / sigma and q = alpha / sigma (so x~ = y / q, s = 1 / q) the ODE dx~/ds = (x~ - D) / s becomes
+  dy/dq = D(sigma y, t(q)): finite at q = 0, where x~ and log s are not. Dormand-Prince from q = 0 to
+  q(t_end) = 1 / s(t_end), at rtol = atol = ``tol``.
+  """
+  def field(q, y):
+    t = process.t_from_log_snr(2.0 * jnp.log(q))  # q = 0: log-SNR -inf, the process's pure-noise time
+    return denoise(process.sigma(t) * y, t)
+
+  q_end = 1.0 / process.edm_sigma(t_end)
+  ys, stats = odeint_through(field, y, jnp.stack([jnp.zeros_like(q_end), q_end]), rtol=tol, atol=tol)
+  return ys[-1] / q_end, stats.nfe
 
 
 def _write_json(path: str, record: dict) -> None:

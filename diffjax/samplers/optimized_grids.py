@@ -33,7 +33,10 @@ gradient descent:
   calibration error of its fitted solver.
 
 A grid of N points costs N evaluations (N - 1 steps and the final one), like any
-multistep solver. Times are process times; all solvers here need alpha(t) > 0.
+multistep solver. Times are process times; alpha(t) > 0 at every grid point but the first, which may be pure
+noise (alpha = 0, rectified flow's t = 1: s = inf, r = 0). There x~ is infinite, but the step's linear part
+r x~_i = s_{i+1} x_i / sigma_i is not, and a step from pure noise is DDIM's, x~_1 = D_0 + s_1 x_0 / sigma_0
+(the limit of the formula; gamma_0 = 0: x~_0 - D_0 is infinite, and no history exists yet).
 """
 
 from __future__ import annotations
@@ -173,17 +176,18 @@ def fitted_multistep(process: Process, beta, gamma=None) -> Solver:
     return {"i": jnp.zeros((), jnp.int32), "hist": jnp.zeros((max(h - 1, 1),) + x.shape, x.dtype)}
 
   def step(denoise, x, t, t_next, state, key):
-    alpha, s = process.alpha(t), process.edm_sigma(t)
+    alpha, sigma = process.alpha(t), process.sigma(t)
     alpha_n, s_n = process.alpha(t_next), process.edm_sigma(t_next)
     d = denoise(x, t)
-    r = s_n / s
+    r = s_n * alpha / sigma  # s_n / s, 0 from pure noise
     i = jnp.minimum(state["i"], beta.shape[0] - 1)
     b = beta[i].astype(x.dtype)
-    xs = x / alpha
-    combo = d + gamma[i].astype(x.dtype) * (xs - d)
+    signal = alpha > 0
+    xs_minus_d = jnp.where(signal, x / jnp.where(signal, alpha, 1.0) - d, 0.0)  # (gamma's term: 0 from pure noise)
+    combo = d + gamma[i].astype(x.dtype) * xs_minus_d
     if h > 1:
       combo = combo + jnp.tensordot(b, state["hist"][: h - 1] - d[None], axes=1)
-    x_next = alpha_n * (r * xs + (1.0 - r) * combo)
+    x_next = alpha_n * (s_n * x / sigma + (1.0 - r) * combo)  # r x~ = s_n x / sigma: finite at alpha = 0
     hist = jnp.concatenate([d[None], state["hist"][:-1]]) if h > 1 else state["hist"]
     return x_next.astype(x.dtype), {"i": state["i"] + 1, "hist": hist}
 
@@ -274,7 +278,7 @@ def fit_multistep(process: Process, denoise, x, ts, ref_states, target, history:
     x: (B, ...) calibration start at ts[0] in process coordinates.
     ts: (N,) grid, N >= 2.
     ref_states: (N, B, ...) reference trajectory in the sigma-space view x~ = x / alpha
-      at the grid points (ref_states[0] = x / alpha(ts[0])).
+      at the grid points (ref_states[0], the start, is not used).
     target: (B, ...) reference clean samples (the ODE solution at sigma = 0).
     history: H >= 1, outputs combined per step (H = 1: DDIM with a fitted final step).
     free_ratio: also fit gamma, the weight of (x~_i - D_i) (else gamma = 0).
@@ -286,29 +290,27 @@ def fit_multistep(process: Process, denoise, x, ts, ref_states, target, history:
   n = ts.shape[0]
   if n < 2:
     raise ValueError("fit_multistep needs a grid of at least 2 points")
-  alpha = np.asarray(process.alpha(jnp.asarray(ts, jnp.float32)), np.float64)
-  s = np.asarray(process.edm_sigma(jnp.asarray(ts, jnp.float32)), np.float64)
+  alpha, sigma, s = _coefficients(process, ts)
   dtype = jnp.asarray(x).dtype
-  xs = np.asarray(x, np.float64) / alpha[0]
-  if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(np.asarray(ref_states)))
+  x = np.asarray(x, np.float64)
+  if not (np.all(np.isfinite(x)) and np.all(np.isfinite(np.asarray(ref_states[1:])))
           and np.all(np.isfinite(np.asarray(target)))):
     raise ValueError("fit_multistep: x, ref_states and target must be finite")
   outs = []
   beta = np.zeros((n - 1, max(history - 1, 0)))
   gamma = np.zeros(n - 1)
   for i in range(n - 1):
-    d = _evaluate(denoise, alpha[i] * xs, ts[i], dtype)
+    d = _evaluate(denoise, x, ts[i], dtype)
     outs.insert(0, d)
-    r = s[i + 1] / s[i]
-    base, regs = _step_terms(xs, outs[: history], r, free_ratio)
+    base, regs = _step_terms(x, alpha[i], sigma[i], s[i + 1], outs[: history], free_ratio)
     c = _lstsq(regs, np.asarray(ref_states[i + 1], np.float64) - base)
     if free_ratio:
       gamma[i] = c[-1]
       beta[i, : c.size - 1] = c[:-1]
     else:
       beta[i, : c.size] = c
-    xs = base + sum((cj * g for cj, g in zip(c, regs, strict=True)), np.zeros_like(base))
-  outs.insert(0, _evaluate(denoise, alpha[-1] * xs, ts[-1], dtype))
+    x = alpha[i + 1] * (base + sum((cj * g for cj, g in zip(c, regs, strict=True)), np.zeros_like(base)))
+  outs.insert(0, _evaluate(denoise, x, ts[-1], dtype))
   w = _lstsq(_final_terms(outs[: history]), np.asarray(target, np.float64) - outs[0])
   final = np.zeros(max(history - 1, 0))
   final[: w.size] = w
@@ -322,14 +324,21 @@ def _evaluate(denoise, x, t, dtype) -> np.ndarray:
   return _checked(np.asarray(denoise(jnp.asarray(x, dtype), jnp.asarray(t, dtype)), np.float64), t)
 
 
-def _step_terms(xs, outs, r, free_ratio: bool):
+def _coefficients(process: Process, ts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(alpha, sigma, s = sigma / alpha) at the times ts, float64 of the float32 values the samplers use."""
+  t = jnp.asarray(ts, jnp.float32)
+  return tuple(np.asarray(f(t), np.float64) for f in (process.alpha, process.sigma, process.edm_sigma))
+
+
+def _step_terms(x, alpha, sigma, s_next, outs, free_ratio: bool):
   """(DDIM's x~_{i+1}, the regressors whose fitted weights are beta_i (and gamma_i)) of a ``fitted_multistep``
-  step from x~_i with ratio r = s_{i+1} / s_i; outs: D_i, D_{i-1}, ... (most recent first, at most H)."""
-  d = outs[0]
+  step from x_i (process coordinates) at (alpha, sigma) to noise level s_next; outs: D_i, D_{i-1}, ... (most
+  recent first, at most H). From pure noise (alpha = 0) gamma's regressor is 0 (``_lstsq`` gives it weight 0)."""
+  d, r = outs[0], s_next * alpha / sigma
   regs = [(1.0 - r) * (prev - d) for prev in outs[1:]]
   if free_ratio:
-    regs.append((1.0 - r) * (xs - d))
-  return r * xs + (1.0 - r) * d, regs
+    regs.append((1.0 - r) * (x / alpha - d) if alpha > 0 else np.zeros_like(d))
+  return s_next * x / sigma + (1.0 - r) * d, regs
 
 
 def _final_terms(outs):
@@ -352,16 +361,15 @@ def rollout(process: Process, fitted: FittedSampler, denoise, x) -> np.ndarray:
   """(B, ...) float64 output of ``fitted.sample`` computed step by step in float64 (the denoiser called once per
   grid point at x cast to x's dtype): what ``fit_multistep`` computes, for a batch it did not fit on."""
   ts = np.asarray(fitted.ts, np.float64)
-  alpha = np.asarray(process.alpha(jnp.asarray(ts, jnp.float32)), np.float64)
-  s = np.asarray(process.edm_sigma(jnp.asarray(ts, jnp.float32)), np.float64)
+  alpha, sigma, s = _coefficients(process, ts)
   dtype, history = jnp.asarray(x).dtype, fitted.final.size + 1
-  xs, outs = np.asarray(x, np.float64) / alpha[0], []
+  x, outs = np.asarray(x, np.float64), []
   for i in range(len(ts) - 1):
-    outs.insert(0, _evaluate(denoise, alpha[i] * xs, ts[i], dtype))
-    base, regs = _step_terms(xs, outs[: history], s[i + 1] / s[i], True)
+    outs.insert(0, _evaluate(denoise, x, ts[i], dtype))
+    base, regs = _step_terms(x, alpha[i], sigma[i], s[i + 1], outs[: history], True)
     coefs = list(fitted.beta[i, : len(regs) - 1]) + [0.0 if fitted.gamma is None else fitted.gamma[i]]
-    xs = base + sum((cj * g for cj, g in zip(coefs, regs, strict=True)), np.zeros_like(base))
-  outs.insert(0, _evaluate(denoise, alpha[-1] * xs, ts[-1], dtype))
+    x = alpha[i + 1] * (base + sum((cj * g for cj, g in zip(coefs, regs, strict=True)), np.zeros_like(base)))
+  outs.insert(0, _evaluate(denoise, x, ts[-1], dtype))
   return _final_estimate(outs, fitted.final_weights[: min(history, len(ts))])
 
 
@@ -510,11 +518,28 @@ def search_grid(process: Process, denoise, x, lattice_ts, lattice_states, target
 
 
 def log_sigma_lattice(process: Process, size: int, t_start=None, t_end=None) -> Array:
-  """(size,) process times uniform in log(sigma / alpha) from t_start (t_max) to t_end (t_min)."""
+  """(size,) process times uniform in log(sigma / alpha) from t_start (t_max) to t_end (t_min).
+
+  Where t_start is pure noise (alpha = 0: log sigma / alpha is infinite), the lattice is t_start followed by
+  size - 1 times uniform in log(sigma / alpha) from 1 / s(t_end) to s(t_end), s = sigma / alpha: a log-SNR
+  range symmetric about 0 (rectified flow, t_min = 1e-3: s from 999 (t = 0.999) to 1 / 999).
+  """
   t_start = process.t_max if t_start is None else t_start
   t_end = process.t_min if t_end is None else t_end
-  u = jnp.linspace(jnp.log(process.edm_sigma(t_start)), jnp.log(process.edm_sigma(t_end)), size)
+  u_end = jnp.log(process.edm_sigma(t_end))
+  if noise_start(process, t_start):
+    if float(u_end) >= 0.0:
+      raise ValueError(f"t_end = {float(t_end):g} has sigma / alpha = {float(jnp.exp(u_end)):g} >= 1: a lattice from "
+                       "pure noise needs an end with more signal than noise")
+    u = jnp.linspace(-u_end, u_end, size - 1)
+    return jnp.concatenate([jnp.asarray(t_start, u.dtype)[None], process.t_from_edm_sigma(jnp.exp(u))])
+  u = jnp.linspace(jnp.log(process.edm_sigma(t_start)), u_end, size)
   return process.t_from_edm_sigma(jnp.exp(u))
+
+
+def noise_start(process: Process, t) -> bool:
+  """Whether the process is pure noise at the (concrete) time t: alpha(t) = 0, as rectified flow at t = 1."""
+  return float(process.alpha(jnp.asarray(t, jnp.float32))) <= 0.0
 
 
 def snap_to_lattice(lattice_ts, ts) -> list:
@@ -541,7 +566,8 @@ def refine(process: Process, fitted: FittedSampler, denoise, x, target, *, steps
   (greedy, closed form); what matters is the error of the output. This minimizes
   mean((sampler(x) - target)^2) over all coefficients jointly (beta, gamma, final
   weights) and, with ``move_grid``, the interior and last grid points (as log-sigma
-  decrements, so the grid stays decreasing; the first point stays at ts[0]). Needs a
+  decrements, so the grid stays decreasing; the first point stays at ts[0], and from pure noise, where
+  log sigma / alpha is infinite, the second too). Needs a
   denoiser that JAX can differentiate (true of the analytic ones; a network works too).
 
   Args:
@@ -561,7 +587,8 @@ def refine(process: Process, fitted: FittedSampler, denoise, x, target, *, steps
   import optax
 
   ts0 = jnp.asarray(fitted.ts, jnp.float32)
-  log_s0 = jnp.log(process.edm_sigma(ts0))
+  fixed = 2 if noise_start(process, ts0[0]) else 1  # the points that stay
+  log_s0 = jnp.log(process.edm_sigma(ts0[fixed - 1:]))
   gamma0 = np.zeros(len(fitted.ts) - 1) if fitted.gamma is None else fitted.gamma
   params = {"beta": jnp.asarray(fitted.beta, jnp.float32), "gamma": jnp.asarray(gamma0, jnp.float32),
             "final": jnp.asarray(fitted.final, jnp.float32),
@@ -574,8 +601,8 @@ def refine(process: Process, fitted: FittedSampler, denoise, x, target, *, steps
   def grid(p):
     if not move_grid:
       return ts0
-    log_s = jnp.concatenate([log_s0[:1], log_s0[0] - jnp.cumsum(jax.nn.softplus(p["drop"]))])
-    return jnp.concatenate([ts0[:1], process.t_from_edm_sigma(jnp.exp(log_s[1:]))])
+    log_s = log_s0[0] - jnp.cumsum(jax.nn.softplus(p["drop"]))
+    return jnp.concatenate([ts0[:fixed], process.t_from_edm_sigma(jnp.exp(log_s))])
 
   def run(p, xb):
     w = jnp.concatenate([1.0 - jnp.sum(p["final"], keepdims=True), p["final"]])[:history]
