@@ -16,22 +16,18 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 
 import jax
 import jax.numpy as jnp
 
 from benchmarks.model_throughput import xla_flops
+from diffjax import schema
 from diffjax.train import trainer
 
 
 def _load(spec: str, overrides: list[str]):
   """The config of ``path[:arg]`` (its ``get_config``) with ``field=value`` overrides (Python literals)."""
-  file, _, arg = spec.partition(":")
-  module_spec = importlib.util.spec_from_file_location("_config_file", file)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
+  config = schema.load_config_file(spec)
   for item in overrides:
     field, value = item.split("=", 1)
     *path, leaf = field.split(".")

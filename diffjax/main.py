@@ -18,7 +18,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import difflib
-import importlib.util
 import logging as logging_lib
 import sys
 import traceback
@@ -69,11 +68,7 @@ def _unknown_override(argv) -> str | None:
   config_arg = next((a[len("--config="):] for a in argv if a.startswith("--config=")), None)
   if config_arg is None:
     return None
-  file, _, arg = config_arg.partition(":")
-  spec = importlib.util.spec_from_file_location("_config_file", file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  node_path, config = "config", (module.get_config(arg) if arg else module.get_config())
+  node_path, config = "config", schema.load_config_file(config_arg)
   for override in (a for a in argv if a.startswith("--config.")):
     node, node_path = config, "config"
     for key in override[len("--config."):].split("=", 1)[0].split("."):

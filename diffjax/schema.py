@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
@@ -26,6 +27,15 @@ from typing import Any
 
 class ConfigError(ValueError):
   """An invalid config: the message names the field (``config.section.key``) and what is expected."""
+
+
+def load_config_file(spec: str):
+  """The config of a config file named as ``--config`` names it, ``path[:arg]``: its ``get_config(arg)``."""
+  file, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_config_file", file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
 
 
 # ----------------------------------------------------------------------------------
