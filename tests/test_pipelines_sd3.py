@@ -89,3 +89,39 @@ def test_sd3_txt2img_matches_diffusers(sd3):
   assert diff <= ATOL, diff
   # The check has teeth: another guidance scale moves diffusers' images by far more than the tolerance.
   assert float(np.abs(reference(guidance_scale=3.0) - out.images).max()) > 10 * ATOL
+
+
+@pytest.mark.slow  # 7 min beside a training run (three dopri5 compilations of the guided tiny SD3)
+def test_sd3_calibrates_from_pure_noise_and_samples_with_the_fitted_plan(sd3, tmp_path):
+  """--mode=calibrate's pipeline path on a flow-matching pipeline (t = 1 is pure noise): the calibration runs, its
+  3-evaluation sampler is closer to the reference ODE solution on the validation noise than the folder's own
+  FlowMatchEuler schedule at 3 steps, and it samples through the pipeline layer (finite images)."""
+  import jax
+  import jax.numpy as jnp
+
+  from diffjax.pipelines import calibrate
+  from diffjax.samplers import sample
+
+  _, pipe, params = sd3
+  path = str(tmp_path / "calibration.json")
+  key = {"model": "tiny-sd3", "guidance_scale": 5.0}
+  record = calibrate.calibrate(pipe, params, PROMPTS, path, key=key, guidance_scale=5.0, height=SIZE, width=SIZE,
+                               budgets=(2, 3), batch=8, validation_batch=8, seed=7919, lattice=12, tol=1e-5, chunk=8,
+                               log=lambda s: None)
+  assert record["lattice"][0] == 1.0 and np.isfinite(record["reference"]["target_error_rms"])
+  with np.load(path + ".reference.npz") as z:
+    target_val = z["target_val"]
+  x_val, c_val = calibrate.prompted_noise(pipe, params, PROMPTS, 7919, 1, 8, height=SIZE, width=SIZE)
+  denoise = calibrate.guided_denoiser(pipe, params, 5.0)
+  d = jax.jit(lambda x, t: denoise(x, t, c_val))
+  plan = pipelines.plan_for(pipe, 3)
+  theirs = sample(plan.solver, d, plan.init_scale * x_val, jnp.asarray(plan.ts, jnp.float32),
+                  denoise_final=plan.denoise_final)
+  rmse = lambda out: float(np.sqrt(np.mean((np.asarray(out, np.float64) - target_val) ** 2)))
+  fitted = record["samplers"]["3"]["calib_rmse"]  # the validation batch's RMSE of the chosen fit
+  print(f"tiny SD3, 3 evaluations: fitted {fitted:.3e}, FlowMatchEuler {rmse(theirs):.3e}")
+  assert np.isfinite(fitted) and fitted < rmse(theirs)
+  out = pipelines.generate(pipe, params, PROMPTS, negative_prompts=None, height=SIZE, width=SIZE,
+                           plan=calibrate.fitted_plan(pipe.process, path, key, 3), guidance_scale=5.0,
+                           noise=x_val[: len(PROMPTS)])
+  assert out.images.shape == (len(PROMPTS), SIZE, SIZE, 3) and np.all(np.isfinite(out.images))
