@@ -135,7 +135,9 @@ def build(config) -> LatentParts:
   cached = bool(config.data.get("cache_latents"))
 
   def encode(fz, batch, key, features=False):
-    if cached:  # (the schema refuses REPA, which needs ``features``, with cached latents)
+    if cached:
+      if features:  # (the schema refuses REPA with cached latents: this is for direct callers)
+        raise ValueError("the encoder's features need the images: config.data.cache_latents=False")
       mean, std = batch["latent_mean"], batch["latent_std"]
     else:
       mean, std, *h = vae_codec.posterior(vae, fz["vae"], batch["image"], features=features)
