@@ -21,12 +21,8 @@ def scaled_latents(vae: AutoencoderKL, mean, std, noise) -> jax.Array:
 def posterior(vae: AutoencoderKL, vae_params, images, features: bool = False) -> tuple[jax.Array, ...]:
   """Posterior (mean, std), each (B, h, w, c), of images (B, H, W, C) in [-1, 1]; with ``features`` also the
   encoder's mid-block features (B, h, w, last channels) of the same pass (REPA's targets, ``train/repa.py``)."""
-  if not features:
-    q = vae.apply({"params": vae_params}, images, method="encode")
-    return q.mean, q.std
   q, state = vae.apply({"params": vae_params}, images, method="encode", mutable=["intermediates"])
-  (h,) = state["intermediates"]["encoder"]["features"]
-  return q.mean, q.std, h
+  return (q.mean, q.std, *state["intermediates"]["encoder"]["features"]) if features else (q.mean, q.std)
 
 
 def encode(vae: AutoencoderKL, vae_params, images, noise) -> jax.Array:

@@ -63,15 +63,15 @@ def starting_grids(process: Process, lattice_ts, k: int) -> list[list[int]]:
   The last start is there because on mixtures with sharp modes diffusers' samplers on their "linspace"
   spacing beat every sampler on the other grids, and the search, moving one point at a time, did not find
   such a grid from them (benchmarks/README.md, the unseen-mixture table)."""
-  makers = [functools.partial(grids.karras, rho=rho) for rho in KARRAS_RHO] + [grids.log_snr_uniform, grids.uniform_t,
-                                                                             uniform_t_short]
-  if og.noise_start(process, lattice_ts[0]):  # log-SNR spaced grids cannot start at pure noise: they start at the
-    top = float(lattice_ts[1])  # lattice's first finite level, after it
-    spaced = [functools.partial(grids.karras, rho=rho, sigma_max=float(process.edm_sigma(top))) for rho in KARRAS_RHO]
-    spaced.append(functools.partial(grids.log_snr_uniform, t_start=top))
-    makers = [_after_noise(make, float(lattice_ts[0])) for make in spaced] + makers[len(spaced):]
+  # log-SNR spaced grids cannot start at pure noise: there they start at the lattice's first finite level, after it
+  top = float(lattice_ts[1]) if og.noise_start(process, lattice_ts[0]) else None
+  s_top = None if top is None else float(process.edm_sigma(top))
+  spaced = [functools.partial(grids.karras, rho=rho, sigma_max=s_top) for rho in KARRAS_RHO]
+  spaced.append(functools.partial(grids.log_snr_uniform, t_start=top))
+  if top is not None:
+    spaced = [_after_noise(make, float(lattice_ts[0])) for make in spaced]
   starts = []
-  for make in makers:
+  for make in spaced + [grids.uniform_t, uniform_t_short]:
     idx = og.snap_to_lattice(lattice_ts, make(process, k))
     if idx not in starts:
       starts.append(idx)
