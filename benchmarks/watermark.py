@@ -142,7 +142,8 @@ def latent_p_values(pipe, params, images_u8: np.ndarray, key, args) -> tuple[np.
   ps, t = [], time.perf_counter()
   for s in range(0, len(images_u8), args.batch):
     x = images_u8[s:s + args.batch].astype(np.float32) / 255.0
-    inverted = pipelines.invert_images(pipe, params, x, "", height=args.size, width=args.size, plan=plan)
+    inverted = pipelines.invert_images(pipe, params, x, "", height=args.size, width=args.size, plan=plan,
+                                       decoder_steps=args.decoder_steps, decoder_learning_rate=args.decoder_lr)
     ps.append(wm.latent.detect(inverted.noise, key).p_values)
   return np.concatenate(ps), (time.perf_counter() - t) / len(images_u8)
 
@@ -175,6 +176,9 @@ def main(argv=None):
   parser.add_argument("--guidance", type=float, default=-1.0, help="default: the run's sampler.guidance_scale, or 7.5")
   parser.add_argument("--invert", default="dpmpp_2m", help="the deterministic solver that inverts the images")
   parser.add_argument("--invert_nfe", type=int, default=20)
+  parser.add_argument("--decoder_steps", type=int, default=0,
+                      help="refine the encoder's latents by this many decoder-inversion steps before inverting")
+  parser.add_argument("--decoder_lr", type=float, default=0.05, help="the decoder inversion's Adam learning rate")
   parser.add_argument("--radii", default="0", help="latent key radii to compare (0: the default for the size)")
   parser.add_argument("--seed", type=int, default=20261206, help="the latent key's seed")
   parser.add_argument("--attacks", default=",".join(ATTACKS))
@@ -208,7 +212,8 @@ def main(argv=None):
   shape = pipe.latent_shape(args.size, args.size)
   print(f"{args.pretrained}: {args.count} marked + {args.count} unmarked images at {args.size} px, latent {shape}; "
         f"{args.sampler} {args.nfe} NFE on {args.grid}, guidance {args.guidance}; inversion {args.invert} "
-        f"{args.invert_nfe} NFE", flush=True)
+        f"{args.invert_nfe} NFE" + (f", decoder inversion {args.decoder_steps} steps (learning rate "
+                                    f"{args.decoder_lr:g})" if args.decoder_steps else ""), flush=True)
   results = {"args": vars(args), "latent_shape": list(shape), "radii": {}}
   for radius in (float(r) for r in args.radii.split(",")):
     key = wm.LatentKey(seed=args.seed, radius=radius or None, min_rank=0)  # any rank: the study is the point

@@ -91,8 +91,10 @@ def get_config(arg: str = ""):
   config.watermark_radius = 0.0  # the latent key's radius in frequency units (0: 10/64 of the latent's side)
   # --mode=detect: the images to read (a folder, a glob or comma-separated files); a mark is reported when its
   # p-value is below alpha. The latent mark is read by inverting each image with config.pretrained (the empty prompt,
-  # guidance 1, config.sampler's plan, at height x width)
-  config.detect = ml_collections.ConfigDict(dict(images="", alpha=1e-3))
+  # guidance 1, config.sampler's plan, at height x width). decoder_steps > 0 first refines the VAE encoder's latents by
+  # that many gradient steps on the decoder's pixel error (pipelines.decoder_inversion: each a decoder forward and
+  # backward pass; what it buys is measured in benchmarks/README.md, the watermark section)
+  config.detect = ml_collections.ConfigDict(dict(images="", alpha=1e-3, decoder_steps=0))
   if arg == "tiny":
     config.height = config.width = 64
     config.sampler.steps = 4

@@ -84,10 +84,12 @@ def _fit(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def latent_reports(pipe, params, batch: list[np.ndarray], key: wm.LatentKey, plan, height: int, width: int,
-                   alpha: float) -> list[dict]:
-  """Images (each (H, W, C) in [0, 1], C the pipeline's) -> their latent-mark reports (inverted in one call)."""
+                   alpha: float, decoder_steps: int = 0) -> list[dict]:
+  """Images (each (H, W, C) in [0, 1], C the pipeline's) -> their latent-mark reports (inverted in one call;
+  ``decoder_steps``: ``pipelines.invert_images``' decoder inversion)."""
   fitted = np.stack([_fit(x, height, width) for x in batch])
-  inverted = pipelines.invert_images(pipe, params, fitted, "", height=height, width=width, plan=plan)
+  inverted = pipelines.invert_images(pipe, params, fitted, "", height=height, width=width, plan=plan,
+                                     decoder_steps=decoder_steps if pipe.decode is not None else 0)
   found = wm.latent.detect(inverted.noise, key)
   out = []
   for x, scores, p in zip(batch, found.scores, found.p_values, strict=True):
@@ -144,7 +146,7 @@ def detect(config, output_dir: str) -> dict:
                              dynamic_ncols=True):
       chunk = invertible[start:start + config.batch_size]
       reports = latent_reports(pipe, params, [x for _, x in chunk], mark.latent, plan, config.height, config.width,
-                               alpha)
+                               alpha, config.detect.get("decoder_steps", 0))
       for (row, _), report in zip(chunk, reports, strict=True):
         row["latent"] = report
   for row in rows:
