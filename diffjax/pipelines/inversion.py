@@ -84,20 +84,30 @@ def _decoder_inversion_program(pipe: core.Pipeline, steps: int):
 
   def run(params, images, z0, learning_rate):
     tx = optax.adam(optax.cosine_decay_schedule(learning_rate, steps))
-    grad_of = jax.grad(lambda z: jnp.sum(per_image_mse(params, images, z)))  # image i's gradient is its own
+
+    def total(z):  # summed over the images: image i's gradient is its own
+      mse = per_image_mse(params, images, z)
+      return jnp.sum(mse), mse
+
+    # The losses come with the gradient (one forward pass a step): each iterate is scored before the step that
+    # leaves it, the last one after the loop.
+    loss_and_grad = jax.value_and_grad(total, has_aux=True)
+
+    def keep_better(best_z, best, z, loss):
+      better = loss < best
+      return jnp.where(better[:, None, None, None], z, best_z), jnp.where(better, loss, best)
 
     def step(carry, _):
       z, opt_state, best_z, best = carry
-      updates, opt_state = tx.update(grad_of(z), opt_state)
-      z = optax.apply_updates(z, updates)
-      loss = per_image_mse(params, images, z)
-      better = loss < best
-      best_z = jnp.where(better[:, None, None, None], z, best_z)
-      return (z, opt_state, best_z, jnp.minimum(loss, best)), None
+      (_, loss), grad = loss_and_grad(z)
+      best_z, best = keep_better(best_z, best, z, loss)
+      updates, opt_state = tx.update(grad, opt_state)
+      return (optax.apply_updates(z, updates), opt_state, best_z, best), loss
 
-    start = per_image_mse(params, images, z0)
-    (_, _, best_z, best), _ = jax.lax.scan(step, (z0, tx.init(z0), z0, start), None, length=steps)
-    return best_z, jnp.sqrt(start), jnp.sqrt(best)
+    (z, _, best_z, best), losses = jax.lax.scan(step, (z0, tx.init(z0), z0, jnp.full(z0.shape[:1], jnp.inf)), None,
+                                                length=steps)
+    best_z, best = keep_better(best_z, best, z, per_image_mse(params, images, z))
+    return best_z, jnp.sqrt(losses[0]), jnp.sqrt(best)
 
   return programs.program(pipe, run, "decoder_inversion", steps)
 
