@@ -178,7 +178,7 @@ def main(argv=None):
   parser.add_argument("--invert_nfe", type=int, default=20)
   parser.add_argument("--decoder_steps", type=int, default=0,
                       help="refine the encoder's latents by this many decoder-inversion steps before inverting")
-  parser.add_argument("--decoder_lr", type=float, default=0.05, help="the decoder inversion's Adam learning rate")
+  parser.add_argument("--decoder_lr", type=float, default=0.1, help="the decoder inversion's Adam learning rate")
   parser.add_argument("--radii", default="0", help="latent key radii to compare (0: the default for the size)")
   parser.add_argument("--seed", type=int, default=20261206, help="the latent key's seed")
   parser.add_argument("--attacks", default=",".join(ATTACKS))

@@ -57,7 +57,7 @@ def _program(pipe: core.Pipeline, name: str, options: tuple, guidance: core.Guid
                                                   options=guidance), "invert", name, options, guidance)
 
 
-def decoder_inversion(pipe: core.Pipeline, params, images, latents, steps: int, learning_rate: float = 0.05):
+def decoder_inversion(pipe: core.Pipeline, params, images, latents, steps: int, learning_rate: float = 0.1):
   """Latents whose decoding is closer to ``images``: Adam on each image's mean squared pixel error.
 
   Args:
@@ -125,7 +125,7 @@ class Inverted:
 def invert_images(pipe: core.Pipeline, params, image, prompts: str | Sequence[str] = "", *, height: int, width: int,
                   negative_prompts=None, plan: Plan | None = None, guidance_scale: float = 1.0,
                   guidance: core.Guidance | None = None, image_noise=None, decoder_steps: int = 0,
-                  decoder_learning_rate: float = 0.05) -> Inverted:
+                  decoder_learning_rate: float = 0.1) -> Inverted:
   """Images -> the initial noise of ``plan`` (default the folder's scheduler, 50 steps) that generates them.
 
   Args:
