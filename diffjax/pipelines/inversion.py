@@ -145,16 +145,15 @@ def invert_images(pipe: core.Pipeline, params, image, prompts: str | Sequence[st
   if isinstance(prompts, str):
     prompts = [prompts] * pixels.shape[0]
   req = request(pipe, prompts, negative_prompts, 0, height, width)
-  pixels = batched(pixels, req.shape[0], "images")
+  images = jnp.asarray(2.0 * batched(pixels, req.shape[0], "images") - 1.0)  # [-1, 1]
   if pipe.encode_image is None:
-    latents = jnp.asarray(2.0 * pixels - 1.0)
+    latents = images
   else:
     noise = given_or(jnp.zeros(req.shape, jnp.float32), image_noise, "image_noise")
-    latents = _encoder(pipe)(params, jnp.asarray(2.0 * pixels - 1.0), noise)
+    latents = _encoder(pipe)(params, images, noise)
   refined = None
   if decoder_steps:
-    latents, before, after = decoder_inversion(pipe, params, 2.0 * pixels - 1.0, latents, decoder_steps,
-                                               decoder_learning_rate)
+    latents, before, after = decoder_inversion(pipe, params, images, latents, decoder_steps, decoder_learning_rate)
     refined = {"steps": int(decoder_steps), "learning_rate": float(decoder_learning_rate),
                "pixel_rms_error": {"encoder": np.asarray(before).tolist(), "refined": np.asarray(after).tolist()}}
   ts = np.asarray(plan.ts)[::-1].copy()
