@@ -222,7 +222,7 @@ def test_a_calibration_from_pure_noise_solves_the_flow_and_fits_a_finite_sampler
     assert fitted.ts[0] == 1.0 and fitted.gamma[0] == 0.0
     ours = fitted.sample(RF, d, x)
     assert np.all(np.isfinite(np.asarray(ours)))
-    # the float64 step-by-step rollout is the jitted sampler's computation (float32 rounding of unit-scale data)
+    # the step-by-step rollout is the jitted sampler's computation (float32 rounding of unit-scale data)
     np.testing.assert_allclose(ours, og.rollout(RF, fitted, d, x), rtol=0, atol=1e-4)
     classic = []
     for name in ("euler", "dpmpp_2m", "dpmpp_3m", "unipc"):
