@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks.model_throughput import cudnn_attention_calls, matmul_peak, xla_flops  # noqa: E402
+from diffjax.adapters import num_params  # noqa: E402
 from diffjax.models.dit import DIT_CONFIGS, DiT, DiTConfig  # noqa: E402
 from diffjax.models.mmdit import MMDIT_CONFIGS, MMDiT, MMDiTConfig  # noqa: E402
 
@@ -109,29 +110,34 @@ def train_step_fn(module, tx):
   return step
 
 
-def _count(tree) -> int:
-  return int(sum(np.prod(a.shape) for a in jax.tree.leaves(tree)))
-
-
 def tokens_per_sample(name: str, preset: Preset) -> int:
   """Tokens the transformer's blocks carry per sample (image patches, plus the text for an MMDiT)."""
   h, w, _ = preset.latent
   return (h // preset.config.patch_size) * (w // preset.config.patch_size) + (preset.text if name == 'mmdit' else 0)
 
 
-def bench(name: str, preset: Preset, attention: str | None, remat: bool, reps: int, peak: float | None) -> dict:
-  """One model's row: FLOPs, step time, MFU (None without a known peak), parameters, compile time."""
-  tx = optax.adamw(1e-4, weight_decay=0.01)
-  # FLOPs: the float32 twin with the einsum attention, lowered from shapes only (XLA's analysis of the
-  # unoptimised HLO; no memory is allocated for it).
+def make_optimizer():
+  return optax.adamw(1e-4, weight_decay=0.01)
+
+
+def step_flops(name: str, preset: Preset) -> tuple[float, float]:
+  """(forward, training step) FLOPs at ``preset``: XLA's analysis of the unoptimised HLO of the float32 twin with
+  the einsum attention, lowered from shapes only (no memory is allocated for it)."""
   twin, inputs, target = make_model(name, preset, jnp.float32, 'einsum', False)
   shapes = jax.eval_shape(lambda: twin.init(jax.random.key(0), *inputs)['params'])
-  flops = xla_flops(jax.jit(train_step_fn(twin, tx)), shapes, jax.eval_shape(tx.init, shapes), inputs, target)
-  forward_flops = xla_flops(jax.jit(lambda p: twin.apply({'params': p}, *inputs)), shapes)
+  tx = make_optimizer()
+  forward = xla_flops(jax.jit(lambda p: twin.apply({'params': p}, *inputs)), shapes)
+  train = xla_flops(jax.jit(train_step_fn(twin, tx)), shapes, jax.eval_shape(tx.init, shapes), inputs, target)
+  return forward, train
 
+
+def bench(name: str, preset: Preset, attention: str | None, remat: bool, reps: int, peak: float | None) -> dict:
+  """One model's row: FLOPs, step time, MFU (None without a known peak), parameters, compile time."""
+  tx = make_optimizer()
+  forward_flops, flops = step_flops(name, preset)
   module, inputs, target = make_model(name, preset, jnp.bfloat16, attention, remat)
   params = jax.jit(lambda: module.init(jax.random.key(0), *inputs)['params'])()
-  n_params = _count(params)
+  n_params = num_params(params)
   opt_state = tx.init(params)
   start = time.perf_counter()
   compiled = jax.jit(train_step_fn(module, tx), donate_argnums=(0, 1)).lower(params, opt_state, inputs,

@@ -75,6 +75,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
+from diffjax.adapters import num_params  # noqa: E402
 from diffjax.convert import load_pretrained  # noqa: E402
 from diffjax.convert.keys import to_torch_array, torch_key  # noqa: E402
 from diffjax.models.flux import image_ids, pack_latents, rotary_for  # noqa: E402
@@ -193,10 +194,6 @@ def split_trained(params: dict, trained_names: set[str]) -> tuple[dict, dict]:
   return trained, {k: v for k, v in flat.items() if k not in trained}
 
 
-def _size(tree) -> int:
-  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
-
-
 def _timed(call) -> float:
   start = time.perf_counter()
   call()
@@ -234,7 +231,7 @@ def bench(model: str, size: str, batch: int, reps: int, torch_compile: bool = Fa
   row = dict(model=model, size=size, diffusers_class=DIFFUSERS_CLASSES[model], config=kwargs, latent=list(latent),
              text_tokens=text, image_tokens=(latent[0] // 2) * (latent[1] // 2), batch=batch,
              diffjax_module=type(module).__name__, params_torch=sum(p.numel() for p in ref.parameters()),
-             params_diffjax=_size(trained), params_frozen=_size(frozen))
+             params_diffjax=num_params(trained), params_frozen=num_params(frozen))
   if {torch_key(k) for k in trained} != trained_names:
     raise RuntimeError(f'{model}: diffjax has no parameter for {sorted(trained_names - set(map(torch_key, trained)))}')
 

@@ -4,23 +4,10 @@ step time and the peak. Timings are never asserted."""
 import dataclasses
 import math
 
-import jax
-import jax.numpy as jnp
-import optax
 import pytest
 
 from benchmarks import transformer_mfu as tm
-from benchmarks.model_throughput import xla_flops
 from diffjax.models.dit import DIT_CONFIGS
-
-
-def _flops(name, preset):
-  twin, inputs, target = tm.make_model(name, preset, jnp.float32, 'einsum', False)
-  shapes = jax.eval_shape(lambda: twin.init(jax.random.key(0), *inputs)['params'])
-  tx = optax.adamw(1e-4, weight_decay=0.01)
-  forward = xla_flops(jax.jit(lambda p: twin.apply({'params': p}, *inputs)), shapes)
-  train = xla_flops(jax.jit(tm.train_step_fn(twin, tx)), shapes, jax.eval_shape(tx.init, shapes), inputs, target)
-  return forward, train
 
 
 def test_the_flop_count_is_the_dit_matrix_products():
@@ -28,7 +15,7 @@ def test_the_flop_count_is_the_dit_matrix_products():
   forward against the matrix products counted by hand (2 FLOPs per multiply-add)."""
   config = dataclasses.replace(DIT_CONFIGS['dit_xl_2_256'], num_layers=2)
   b, t, w, layers, p, c = 2, 256, config.width, 2, config.patch_size, config.in_channels
-  forward, train = _flops('dit', tm.Preset(config, (32, 32, c), b))
+  forward, train = tm.step_flops('dit', tm.Preset(config, (32, 32, c), b))
   # per block: adaLN (W -> 6 W, once per sample), q k v and out projections, Q K^T and A V, the 4x MLP
   blocks = layers * b * (2 * w * 6 * w + 4 * 2 * t * w * w + 2 * 2 * t * t * w + 2 * 2 * t * w * 4 * w)
   embeddings = (2 * b * t * p * p * c * w          # patches
@@ -49,7 +36,7 @@ def test_the_script_reports_mfu_as_flops_over_time_and_peak(name, tmp_path):
                   '--json', str(tmp_path / 'mfu.json')])
   assert row['model'] == name and len(row['times']) == 2 and row['step_s'] > 0
   assert all(math.isfinite(v) for v in row['losses'])
-  forward, train = _flops(name, tm.PRESETS['tiny'][name])
+  forward, train = tm.step_flops(name, tm.PRESETS['tiny'][name])
   assert row['flops'] == train and row['forward_flops'] == forward
   assert row['mfu'] == pytest.approx(train / row['step_s'] / peak, rel=1e-12)
   assert row['tokens'] == row['batch'] * tm.tokens_per_sample(name, tm.PRESETS['tiny'][name])
