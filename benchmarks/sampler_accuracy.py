@@ -371,11 +371,11 @@ def calibration_batch_sizes(dim: int, lattice: int = CALIB_LATTICE) -> tuple[int
   return fit, int(np.clip(2**23 // dim, 16384, 32768))
 
 
-SEARCH_SHARE = 0.7  # of a calibration's time budget: reference paths and grid searches
-REFINE_END = 0.95  # refinements stop by this share: a candidate or a step running at a deadline ends after it
+CALIB_END = 0.95  # of --calib_minutes: a candidate or an iteration running at a deadline ends after it
+REFINE_CHUNK = 2048  # samples per Jacobian block of the refinement
 
 
-def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine_steps: int = 0,
+def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine_iterations: int = 0,
               log=print, lattice_size: int = CALIB_LATTICE, val_batch: int | None = None,
               time_budget_s: float | None = None) -> dict:
   """Fits ``optimized_grids`` samplers to ``problem``'s model for every budget k <= ``max_nfe`` with the library's
@@ -386,12 +386,10 @@ def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine
   ``val_batch`` validation samples); states kept at ``lattice_size`` noise levels uniform in log
   sigma; history CALIB_HISTORY; the library's grid search (moves of 1, 2 and 4 lattice points, descending
   from each of its ``starting_grids`` in turn, best first, while the time allows; candidates scored on the
-  validation batch). Then ``refine_steps`` Adam steps
-  of ``optimized_grids.refine`` on the fitting batch's final error (coefficients and grid jointly;
-  the iterate best on the validation batch is kept). The model is evaluated with
-  ``Problem.fast_denoiser``. ``time_budget_s`` bounds the whole calibration: SEARCH_SHARE of it for
-  the reference and the searches (the library's ``time_budget_s``), what is left up to REFINE_END of it
-  for the refinements, shared in proportion to k. Returns the JSON-able record, costs included.
+  validation batch), then at most ``refine_iterations`` Levenberg-Marquardt iterations of the library's
+  refinement (coefficients and grid jointly, the iterate best on the validation batch kept). The model is
+  evaluated with ``Problem.fast_denoiser``. ``time_budget_s`` bounds the whole calibration (the library's,
+  CALIB_END of it: the work running at a deadline finishes). Returns the JSON-able record, costs included.
   """
   from diffjax.samplers import calibration
   from diffjax.samplers import optimized_grids as og
@@ -405,7 +403,6 @@ def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine
   lattice = np.asarray(og.log_sigma_lattice(p, lattice_size), np.float64)
   sig = np.asarray(p.edm_sigma(jnp.asarray(lattice, jnp.float32)), np.float64)
   alpha0 = float(p.alpha(jnp.float32(lattice[0])))
-  targets = {}  # the exact references the library asked for (the refinement reuses them)
 
   def exact(x, cond, keep_states):
     """The mixture's float64 flow from x (at t_max) in the library's reference contract."""
@@ -415,41 +412,19 @@ def calibrate(problem: Problem, nfes, calib_seed: int, max_nfe: int = 10, refine
       states, target = problem.reference_path(start, sig)
     else:
       states, target = None, problem.reference(start, float(sig[0]))
-    targets[keep_states] = np.asarray(target, np.float32)
-    return states, targets[keep_states], problem.ref_nfe - nfe0
+    return states, np.asarray(target, np.float32), problem.ref_nfe - nfe0
 
   fast = problem.fast_denoiser()
   budgets = [k for k in nfes if 2 <= k <= min(lattice_size, max_nfe)]
   lib = calibration.calibrate(p, lambda x, t, cond: fast(x, t), x_fit, x_val, budgets, key={}, path=None,
-                              lattice=lattice_size, history=CALIB_HISTORY, restarts=None,
-                              reference=exact, progress=False,
-                              time_budget_s=None if time_budget_s is None else SEARCH_SHARE * time_budget_s,
+                              lattice=lattice_size, history=CALIB_HISTORY, restarts=None, reference=exact,
+                              refine_iterations=refine_iterations, chunk=REFINE_CHUNK, progress=False,
+                              time_budget_s=None if time_budget_s is None else CALIB_END * time_budget_s,
                               log=lambda s: log(f"  {s}"))
   record = dict(sha256=_sha256(problem.path), process=problem.process_name, calib_seed=calib_seed, batch=batch,
                 val_batch=val_batch, lattice=lattice_size, history=CALIB_HISTORY, time_budget_s=time_budget_s,
                 reference_cost=dict(seconds=lib["reference"]["seconds"], evaluations=lib["reference"]["evaluations"]),
-                samplers={}, device=jax.devices()[0].device_kind)
-  x_fit_t, x_val_t = p.prior_std * x_fit, p.prior_std * x_val  # at t_max, as the library starts
-  ks = sorted(lib["samplers"], key=int)
-  for i, k in enumerate(ks):
-    entry = lib["samplers"][k]
-    fitted, t_refine = og.FittedSampler.from_dict(entry), time.time()
-    searched_rmse = fitted.calib_rmse
-    deadline = (None if time_budget_s is None else
-                calibration.share_of_time(t0 + REFINE_END * time_budget_s, int(k), [int(j) for j in ks[i:]]))
-    done = 0
-    if refine_steps:
-      fitted, trace = og.refine(p, fitted, fast, x_fit_t, jnp.asarray(targets[True]), steps=refine_steps,
-                                validation=(x_val_t, jnp.asarray(targets[False])), deadline=deadline)
-      done = trace[-1][0] if trace else 0  # fewer than refine_steps when the deadline stopped it
-    t_refine = time.time() - t_refine
-    record["samplers"][k] = dict(entry, **fitted.to_dict(), seconds=entry["seconds"] + t_refine,
-                                 searched_rmse=searched_rmse, refine_steps=done,
-                                 refine_evaluations=done * int(k))  # each with its backward pass
-    log(f"  calibrated k={k}: validation RMSE {searched_rmse:.3e} after the grid search ({entry['candidates']} "
-        f"candidate grids, {entry['evaluations']} batched evaluations, {entry['seconds']:.0f}s"
-        f"{', stopped by the time budget' if entry.get('stopped_early') else ''}), "
-        f"{fitted.calib_rmse:.3e} after {done} refinement steps ({t_refine:.0f}s)")
+                samplers=lib["samplers"], device=jax.devices()[0].device_kind)
   record["seconds"] = time.time() - t0
   return record
 
@@ -488,7 +463,7 @@ def calibrated_config(args) -> Config:
                 f"{args.calibration_file}: {name} skipped (fit it with --calibration live)", flush=True)
       else:
         print(f"  [{problem.name}] calibrating {name} (seed {args.calib_seed}) ...", flush=True)
-        rec = calibrate(problem, args.nfes, args.calib_seed, args.calib_max_nfe, args.refine_steps,
+        rec = calibrate(problem, args.nfes, args.calib_seed, args.calib_max_nfe, args.refine_iterations,
                         log=lambda s: print(s, flush=True), val_batch=args.calib_val_batch,
                         time_budget_s=60.0 * args.calib_minutes if args.calib_minutes > 0 else None)
         rec["computed_now"] = True
@@ -723,15 +698,16 @@ def evaluate(problem: Problem, configs, nfes, dump_dir=None, log=print):
 
 def calibration_summary(rec) -> str:
   """One line: what the fitted samplers cost to calibrate."""
-  search_s = sum(e["seconds"] for e in rec["samplers"].values())
-  search_ev = sum(e["evaluations"] for e in rec["samplers"].values())
+  entries = rec["samplers"].values()
+  search_ev = sum(e["evaluations"] for e in entries)
+  fit_s = sum(e["seconds"] + e.get("refine_seconds", 0.0) for e in entries)
   ref = rec["reference_cost"]
   return (f"calibration of fitted_ms{rec['history']}-searched (seed {rec['calib_seed']}, batches {rec['batch']} + "
           f"{rec['val_batch']}, "
           f"lattice {rec['lattice']}): references {ref['evaluations']} float64 evaluations / {ref['seconds']:.0f}s, "
-          f"search {search_ev} float32 evaluations + refinement "
-          f"{sum(e.get('refine_evaluations', 0) for e in rec['samplers'].values())} evaluations with gradients "
-          f"/ {search_s:.0f}s (all budgets), total {rec['seconds']:.0f}s on {rec.get('device', 'cpu')}"
+          f"search {search_ev} float32 evaluations + {sum(e.get('refine_iterations', 0) for e in entries)} "
+          f"Levenberg-Marquardt iterations / {fit_s:.0f}s (all budgets), total {rec['seconds']:.0f}s on "
+          f"{rec.get('device', 'cpu')}"
           + (f" (time budget {rec['time_budget_s']:.0f}s)" if rec.get("time_budget_s") else ""))
 
 
@@ -848,8 +824,9 @@ def parse_args(argv=None):
   ap.add_argument("--calib_max_nfe", type=int, default=10,
                   help="fit samplers for budgets up to this NFE (the search cost grows with the budget, the gain "
                        "over the standard solvers shrinks)")
-  ap.add_argument("--refine_steps", type=int, default=500,
-                  help="Adam steps refining each fitted sampler on its final error (0: the grid search only)")
+  ap.add_argument("--refine_iterations", type=int, default=20,
+                  help="Levenberg-Marquardt iterations refining each fitted sampler on its final error (0: the grid "
+                       "search only)")
   ap.add_argument("--calib_minutes", type=float, default=10.0,
                   help="wall-clock bound of a live calibration per mixture (searches and refinement stop early, "
                   "keeping the best found); 0: none")

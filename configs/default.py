@@ -35,9 +35,10 @@ def get_config(arg: str = ""):
   c.watermark = "pixel+latent"
   c.watermark_seed = 20261206
   c.watermark_radius = 0.0  # the latent key's radius in frequency units (0: 10/64 of the latent's side)
-  # restarts: starting grids each budget's search descends from; minutes: the calibration's time bound (0: none)
+  # restarts: starting grids each budget's search descends from; refine: Levenberg-Marquardt iterations on each
+  # searched sampler's final error (0: none); minutes: the calibration's time bound (0: none)
   c.calibration = dict(budgets=(4, 5, 6, 8, 10), batch=256, validation_batch=256, lattice=48, tol=1e-5, chunk=256,
-                       seed=7919, prompts=(), restarts=1, minutes=0.0)
+                       seed=7919, prompts=(), restarts=1, refine=0, minutes=0.0)
   # Device mesh (data x fsdp = all devices; data=-1: what fsdp leaves) and the rules mapping the parameters'
   # logical axes (diffjax.models.layers) to mesh axes, tried in order; fsdp > 1 shards params and optimizer state.
   c.mesh = dict(data=-1, fsdp=1, rules=(("embed", "fsdp"), ("mlp", "fsdp"), ("vocab", "fsdp")))

@@ -79,10 +79,11 @@ def get_config(arg: str = ""):
   # --mode=calibrate (txt2img at height x width, guided as sampler and negative_prompt say): fitted samplers for
   # these evaluation counts, from dopri5 reference paths of batch noises with prompts drawn from prompts
   # (default config.prompts), kept at a lattice of noise levels, chunk samples at a time
-  # restarts: starting grids each budget's search descends from; minutes: the calibration's time bound (0: none)
+  # restarts: starting grids each budget's search descends from; refine: Levenberg-Marquardt iterations on each
+  # searched sampler's final error (0: none); minutes: the calibration's time bound (0: none)
   config.calibration = ml_collections.ConfigDict(dict(budgets=(4, 5, 6, 8, 10), batch=64, validation_batch=64,
                                                       lattice=48, tol=1e-5, chunk=8, seed=7919, prompts=(),
-                                                      restarts=1, minutes=0.0))
+                                                      restarts=1, refine=0, minutes=0.0))
   # Marks on every image (diffjax.watermark): "pixel+latent", "pixel" (dwtDct, RGB >= 256 x 256), "latent" (the
   # key's pattern in txt2img's initial noise) or "none"; watermark_seed is the latent mark's key (the public default
   # marks "made with diffjax": set your own to keep it secret)

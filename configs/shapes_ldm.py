@@ -46,7 +46,7 @@ def get_config(arg: str = ""):
   c.watermark_seed = 20261206
   c.watermark_radius = 0.0  # the latent key's radius in frequency units (0: 10/64 of the latent's side)
   c.calibration = dict(budgets=(4, 5, 6, 8, 10), batch=256, validation_batch=256, lattice=48, tol=1e-5, chunk=128,
-                       seed=7919, prompts=(), restarts=1, minutes=0.0)  # --mode=calibrate (configs/default.py)
+                       seed=7919, prompts=(), restarts=1, refine=0, minutes=0.0)  # --mode=calibrate (default.py)
   c.mesh = dict(data=-1, fsdp=1)
   c.eval = dict(samples_per_prompt=8, digits_per_prompt=0, shapes_prompts=36, shapes_samples_per_prompt=8,
                 shapes_splits=("held_out", "validation"))

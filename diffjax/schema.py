@@ -305,7 +305,8 @@ def _divides(k: int, values) -> bool:
 # --mode=calibrate (samplers.calibration): budgets (evaluations), noise batches, reference lattice and tolerance
 CALIBRATION = dict(budgets=sequence(integer(2), min_len=1), batch=COUNT, validation_batch=COUNT, lattice=integer(2),
                    tol=POSITIVE, chunk=COUNT, seed=NONNEG, prompts=sequence(text(), optional=True),
-                   restarts=integer(1, optional=True), minutes=real(0.0, optional=True), optional=True)
+                   restarts=integer(1, optional=True), refine=integer(0, optional=True),
+                   minutes=real(0.0, optional=True), optional=True)
 FITTED_RULES = (
     Rule("sampler.calibration", lambda c: bool(c.sampler.get("calibration")),
          lambda c: "a calibration file (--mode=calibrate writes it: calibration.json) for sampler.name='fitted'",

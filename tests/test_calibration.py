@@ -137,6 +137,27 @@ def test_a_calibration_out_of_time_fits_every_budget_from_its_starting_grids(cal
     assert full["calib_rmse"] <= cut["calib_rmse"] and np.isfinite(cut["calib_rmse"])
 
 
+def test_the_refinement_keeps_each_sample_with_its_condition(calibrated):
+  """``refine_iterations``: each searched sampler is refined with the fitting batch's conditions, chunk by chunk
+  (chunk < batch), and the record's calib_rmse is the refined sampler's RMSE on the validation batch with its own
+  conditions, no worse than the search's (the start is one of the iterates it chooses from)."""
+  path, record, (x_fit, c_fit, x_val, c_val) = calibrated
+  with np.load(path + ".reference.npz") as z:
+    stored = {True: (z["states"], z["target"]), False: (None, z["target_val"])}
+  out = calibration.calibrate(SD, denoise, x_fit, x_val, (3,), key=KEY, path=None, cond_fit=c_fit, cond_val=c_val,
+                              lattice=24, reference=lambda x, cond, keep_states: (*stored[keep_states], 0),
+                              refine_iterations=3, chunk=96, progress=False, log=lambda s: None)
+  entry = out["samplers"]["3"]
+  assert entry["searched_rmse"] == pytest.approx(record["samplers"]["3"]["calib_rmse"], rel=1e-6)
+  assert 1 <= entry["refine_iterations"] <= 3 and entry["calib_rmse"] <= entry["searched_rmse"]
+  from diffjax.samplers import optimized_grids as og
+
+  fitted = og.FittedSampler.from_dict(entry)
+  ours = fitted.sample(SD, lambda x, t: denoise(x, t, c_val), SD.prior_std * x_val)
+  rmse = float(np.sqrt(np.mean((np.asarray(ours, np.float64) - stored[False][1]) ** 2)))
+  np.testing.assert_allclose(entry["calib_rmse"], rmse, rtol=1e-4)
+
+
 @pytest.mark.parametrize("k", [5, 8, 10])
 def test_the_search_starts_from_diffusers_linspace_timesteps(k):
   """One starting grid is where diffusers' UniPC evaluates its network on "linspace" spacing (k + 1 timesteps
@@ -161,9 +182,10 @@ def test_a_configs_calibration_section_names_the_search_settings():
   from diffjax.pipelines.calibrate import settings_from
 
   cal = default.get_config("tiny").calibration
-  assert settings_from(cal) == dict(lattice=cal.lattice, tol=cal.tol, chunk=cal.chunk, restarts=1, time_budget_s=None)
-  cal.update(dict(restarts=3, minutes=2.5))
-  assert settings_from(cal) == dict(lattice=cal.lattice, tol=cal.tol, chunk=cal.chunk, restarts=3, time_budget_s=150.0)
+  base = dict(lattice=cal.lattice, tol=cal.tol, chunk=cal.chunk)
+  assert settings_from(cal) == base | dict(restarts=1, refine_iterations=0, time_budget_s=None)
+  cal.update(dict(restarts=3, refine=5, minutes=2.5))
+  assert settings_from(cal) == base | dict(restarts=3, refine_iterations=5, time_budget_s=150.0)
 
 
 # -- from pure noise: rectified flow starts at t = 1, where alpha = 0 and x / alpha is infinite ---------------------
@@ -243,7 +265,7 @@ def test_a_fitted_step_from_pure_noise_is_ddim_and_refinement_keeps_the_start():
   fitted = og.FittedSampler(ts, np.zeros((2, 1)), np.zeros(1), np.zeros(2))
   ddim = sample(make_solver("euler", RF), d, x, jnp.asarray(ts, jnp.float32))
   np.testing.assert_allclose(fitted.sample(RF, d, x), ddim, rtol=0, atol=1e-5)
-  refined, _ = og.refine(RF, fitted, d, x, jnp.asarray(rf_exact(np.asarray(x, np.float64), c, RF.t_min)[1]),
-                         steps=5, learning_rate=1e-2)
+  refined, _ = og.refine(RF, fitted, lambda x, t, cond: d(x, t), x,
+                         jnp.asarray(rf_exact(np.asarray(x, np.float64), c, RF.t_min)[1]), iterations=3)
   assert refined.ts[0] == 1.0 and np.isclose(refined.ts[1], 0.8) and refined.ts[2] != 0.3
   assert np.all(np.isfinite(refined.beta)) and np.all(np.isfinite(refined.gamma))

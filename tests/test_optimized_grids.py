@@ -235,24 +235,32 @@ def test_bad_arguments_raise():
 
 
 def test_refine_lowers_the_validation_error_and_keeps_a_valid_grid():
+  """Levenberg-Marquardt from DDIM with a final jump: every accepted iteration lowers the fitting error, the
+  returned sampler is the iterate best on the validation batch (its calib_rmse is its error there), the grid
+  keeps its first point and stays decreasing; chunked Jacobians give the same iterates as one block."""
   denoise = MIXTURE.denoiser(SD)
   ts = grids.karras(SD, 4)
   fine = jax.jit(lambda x: sample(make_solver("dpmpp_2m", SD), denoise, x, grids.log_snr_uniform(SD, 200)))
   x_fit, x_val = (jax.random.normal(jax.random.key(k), (256, 2)) * SD.sigma(ts[0]) for k in (6, 7))
   start = og.FittedSampler(np.asarray(ts), beta=np.zeros((3, 2)), final=np.zeros(2))  # DDIM + final jump
   start_val = float(jnp.sqrt(jnp.mean((start.sample(SD, denoise, x_val) - fine(x_val)) ** 2)))
-  out, log = og.refine(SD, start, denoise, x_fit, fine(x_fit), steps=40, learning_rate=1e-2,
-                       validation=(x_val, fine(x_val)), eval_every=10)
-  assert [i for i, _, _ in log] == [10, 20, 30, 40]
+  d3 = lambda x, t, cond: denoise(x, t)
+  out, log = og.refine(SD, start, d3, x_fit, fine(x_fit), validation=(x_val, fine(x_val)), iterations=6, chunk=256)
+  assert [i for i, _, _ in log] == list(range(len(log))) and len(log) >= 3
+  fits = [f for _, f, _ in log]
+  assert all(b < a for a, b in zip(fits, fits[1:], strict=False)), fits
+  assert out.calib_rmse == min(v for _, _, v in log) and log[0][2] == pytest.approx(start_val, rel=1e-4)
   assert out.calib_rmse < 0.8 * start_val, (out.calib_rmse, start_val)
   np.testing.assert_allclose(out.calib_rmse, jnp.sqrt(jnp.mean((out.sample(SD, denoise, x_val) - fine(x_val)) ** 2)),
                              rtol=1e-4)
   assert out.ts[0] == pytest.approx(float(ts[0])) and np.all(np.diff(out.ts) < 0)
   assert out.beta[0, 0] == 0 and out.beta[1, 1] == 0  # no weight on outputs before the first point
-  # Past its deadline, refinement stops after one step and scores the iterate it reached.
-  _, cut = og.refine(SD, start, denoise, x_fit, fine(x_fit), steps=40, learning_rate=1e-2,
-                     validation=(x_val, fine(x_val)), eval_every=10, deadline=time.time() - 1)
-  assert [i for i, _, _ in cut] == [1]
+  _, chunked = og.refine(SD, start, d3, x_fit, fine(x_fit), validation=(x_val, fine(x_val)), iterations=2, chunk=64)
+  np.testing.assert_allclose([f for _, f, _ in chunked], fits[:3], rtol=1e-3)
+  # Past its deadline, refinement stops after one iteration and scores the iterate it reached.
+  _, cut = og.refine(SD, start, d3, x_fit, fine(x_fit), validation=(x_val, fine(x_val)), iterations=6,
+                     deadline=time.time() - 1)
+  assert [i for i, _, _ in cut] == [0, 1]
 
 
 def test_lstsq_drops_a_zero_regressor():

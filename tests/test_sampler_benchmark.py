@@ -130,12 +130,16 @@ def test_calibration_helpers():
 
 
 def test_calibration_record_scores_on_the_requested_validation_batch():
-  """``calibrate`` with ``val_batch``: the record says so, and each fit's score is its RMSE on that batch."""
+  """``calibrate`` with ``val_batch``: the record says so, and each fit's score is its RMSE on that batch, the
+  refinement's no worse than the search's (the start is one of the iterates it chooses from)."""
   from diffjax.samplers import optimized_grids as og
 
   problem = sa.Problem(GMM, "sd", 8, 0, 1e-6)
-  rec = sa.calibrate(problem, [3], calib_seed=7, refine_steps=0, log=lambda s: None, lattice_size=12, val_batch=512)
+  rec = sa.calibrate(problem, [3], calib_seed=7, refine_iterations=2, log=lambda s: None, lattice_size=12,
+                     val_batch=512)
   assert rec["val_batch"] == 512 and list(rec["samplers"]) == ["3"]
+  entry = rec["samplers"]["3"]
+  assert 1 <= entry["refine_iterations"] <= 2 and entry["calib_rmse"] <= entry["searched_rmse"]
   fitted = og.FittedSampler.from_dict(rec["samplers"]["3"])
   p = problem.process
   x_val = jax.random.normal(jax.random.key(8), (512, problem.dim), jnp.float32)  # calib_seed + 1

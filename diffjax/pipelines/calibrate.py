@@ -55,10 +55,11 @@ def prompted_noise(pipe: core.Pipeline, params, prompts: Sequence[str], seed: in
 
 def settings_from(cal) -> dict:
   """``calibration.calibrate``'s settings from a config's ``calibration`` section: ``lattice``, ``tol``, ``chunk``,
-  ``restarts`` (default 1) and ``minutes`` (the time bound; 0 or absent: none)."""
+  ``restarts`` (default 1), ``refine`` (Levenberg-Marquardt iterations; default 0) and ``minutes`` (the time
+  bound; 0 or absent: none)."""
   minutes = float(cal.get("minutes") or 0.0)
   return dict(lattice=cal.lattice, tol=cal.tol, chunk=cal.chunk, restarts=int(cal.get("restarts") or 1),
-              time_budget_s=60.0 * minutes if minutes > 0 else None)
+              refine_iterations=int(cal.get("refine") or 0), time_budget_s=60.0 * minutes if minutes > 0 else None)
 
 
 def calibrate(pipe: core.Pipeline, params, prompts: Sequence[str], path: str, *, key: dict, guidance_scale: float,

@@ -13,7 +13,9 @@
    samples again at ``tol / 10``;
 2. for each budget k (grid points = denoiser evaluations), ``search_grid`` picks k lattice
    points and fits the multistep and final coefficients on the fitting batch, scoring each
-   candidate on a second, validation batch (``starting_grids`` seed the search);
+   candidate on a second, validation batch (``starting_grids`` seed the search); optionally
+   (``refine_iterations``) the searched sampler is then refined jointly by Levenberg-Marquardt on
+   the final error (``optimized_grids.refine``), the iterate best on the validation batch kept;
 3. the record is written to ``path`` after the reference and after every budget (atomically),
    with the reference states beside it (``path + '.reference.npz'``): a killed calibration
    restarts where it stopped. The record's ``key`` (the model's fingerprint, process,
@@ -43,6 +45,7 @@ from diffjax.samplers.adaptive import flow_field, odeint_through
 FORMAT = 1
 FITTED = "fitted"  # the name of a calibrated sampler (configs' sampler.name, a Plan's name)
 KARRAS_RHO = (3.0, 5.0, 7.0, 10.0)  # Karras grids that seed the search, with uniform log-SNR and uniform t
+SEARCH_SHARE = 0.7  # of a budget's time share when the refinement follows its search (the refinement has the rest)
 
 
 def uniform_t_short(process: Process, k: int):
@@ -212,7 +215,7 @@ def _reference_error(process, denoise, x, cond, lattice_ts, states, target, tol:
 def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, path: str | None, cond_fit=None,
               cond_val=None, lattice: int = 64, history: int = 3, tol: float = 1e-5, chunk: int = 256, check: int = 64,
               reference=None, moves=(1, 2, 4), max_sweeps: int = 6, restarts: int | None = 1,
-              time_budget_s: float | None = None,
+              refine_iterations: int = 0, time_budget_s: float | None = None,
               progress: bool = True, log=print) -> dict:
   """Fits a sampler for every budget in ``budgets`` and writes the record to ``path`` (module docstring).
 
@@ -237,9 +240,14 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
     moves, max_sweeps, restarts: the grid search's (``optimized_grids.search_grid``; ``restarts``: how many
       of the ``starting_grids``, best first, a search descends from, None: all; with ``time_budget_s``, as
       many as the budget's share allows).
+    refine_iterations: > 0: each searched sampler is then refined jointly (coefficients and grid) by at most
+      this many Levenberg-Marquardt iterations on the fitting batch's final error, the iterate best on the
+      validation batch kept (``optimized_grids.refine``, ``chunk`` samples per Jacobian block). Each
+      iteration costs about P + 2 sampler runs on the fitting batch (P: the sampler's 20-50 unknowns).
     time_budget_s: wall-clock seconds for this call: what the reference paths leave is shared among
       the budgets still to fit in proportion to k (each search stops at its share's end, keeping the
-      best grid found; its entry says ``stopped_early``). None: every search runs to its end.
+      best grid found; its entry says ``stopped_early``; with ``refine_iterations`` the search has
+      ``SEARCH_SHARE`` of the share and the refinement the rest). None: every search runs to its end.
 
   Returns:
     The record: ``key``, ``lattice`` (times), ``reference`` (tol, error, evaluations, seconds)
@@ -289,17 +297,28 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
   val_denoise = jax.jit(lambda x, t: denoise(x, t, cond_val))
   todo = [k for k in budgets if str(k) not in record["samplers"]]
   for i, k in enumerate(tqdm.tqdm(todo, desc="fitting budgets", unit="budget", disable=not progress)):
-    deadline = None if time_budget_s is None else share_of_time(t_start + time_budget_s, k, todo[i:])
+    deadline = search_deadline = None
+    if time_budget_s is not None:
+      deadline = share_of_time(t_start + time_budget_s, k, todo[i:])
+      search_deadline = time.time() + (SEARCH_SHARE if refine_iterations > 0 else 1.0) * (deadline - time.time())
     res = og.search_grid(process, fit_denoise, x_fit, lattice_ts, states, target, k, history=min(history, k),
                          validation=(x_val, jnp.asarray(target_val)), validation_denoise=val_denoise,
                          init=starting_grids(process, lattice_ts, k), moves=moves, max_sweeps=max_sweeps,
-                         restarts=restarts, deadline=deadline)
-    record["samplers"][str(k)] = res.sampler.to_dict() | {
-        "indices": res.indices, "candidates": res.candidates, "evaluations": res.evaluations, "seconds": res.seconds,
-        "stopped_early": res.stopped_early, "descents": res.descents}
+                         restarts=restarts, deadline=search_deadline)
+    fitted, entry = res.sampler, {"indices": res.indices, "candidates": res.candidates, "evaluations": res.evaluations,
+                                  "seconds": res.seconds, "stopped_early": res.stopped_early, "descents": res.descents}
+    note = ""
+    if refine_iterations > 0:
+      t0 = time.time()
+      fitted, trace = og.refine(process, fitted, denoise, x_fit, target, cond=cond_fit, validation=(x_val, target_val),
+                                validation_cond=cond_val, iterations=refine_iterations, chunk=chunk, deadline=deadline)
+      entry |= {"searched_rmse": res.sampler.calib_rmse, "refine_iterations": trace[-1][0],
+                "refine_seconds": time.time() - t0}
+      note = f", refined to {fitted.calib_rmse:.3e} in {trace[-1][0]} iterations ({entry['refine_seconds']:.0f} s)"
+    record["samplers"][str(k)] = fitted.to_dict() | entry
     if path is not None:
       _write_json(path, record)
     log(f"NFE {k}: validation RMSE {res.sampler.calib_rmse:.3e} ({res.candidates} candidate grids, "
         f"{res.descents} descent{'s' if res.descents > 1 else ''}, "
-        f"{res.seconds:.0f} s{', stopped by the time budget' if res.stopped_early else ''})")
+        f"{res.seconds:.0f} s{', stopped by the time budget' if res.stopped_early else ''}){note}")
   return record
