@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tolerances
 from gaussian_oracle import flow_map
 
 from diffjax import processes as P
@@ -149,7 +150,9 @@ def test_the_refinement_keeps_each_sample_with_its_condition(calibrated):
                               refine_iterations=3, chunk=96, progress=False, log=lambda s: None)
   entry = out["samplers"]["3"]
   assert entry["searched_rmse"] == pytest.approx(record["samplers"]["3"]["calib_rmse"], rel=1e-6)
-  assert 1 <= entry["refine_iterations"] <= 3 and entry["calib_rmse"] <= entry["searched_rmse"]
+  # no worse than the search's score, up to the rounding of two float32 runs of the sampler (rollout and sample)
+  slack = tolerances.sampler_rtol(3) * np.abs(stored[False][1]).max()
+  assert 1 <= entry["refine_iterations"] <= 3 and entry["calib_rmse"] <= entry["searched_rmse"] + slack
   from diffjax.samplers import optimized_grids as og
 
   fitted = og.FittedSampler.from_dict(entry)

@@ -138,14 +138,16 @@ def test_calibration_record_scores_on_the_requested_validation_batch():
   rec = sa.calibrate(problem, [3], calib_seed=7, refine_iterations=2, log=lambda s: None, lattice_size=12,
                      val_batch=512)
   assert rec["val_batch"] == 512 and list(rec["samplers"]) == ["3"]
-  entry = rec["samplers"]["3"]
-  assert 1 <= entry["refine_iterations"] <= 2 and entry["calib_rmse"] <= entry["searched_rmse"]
   fitted = og.FittedSampler.from_dict(rec["samplers"]["3"])
   p = problem.process
   x_val = jax.random.normal(jax.random.key(8), (512, problem.dim), jnp.float32)  # calib_seed + 1
   target = problem.reference(np.asarray(x_val) / float(p.alpha(fitted.ts[0])), float(p.edm_sigma(fitted.ts[0])))
   out = fitted.sample(p, problem.fast_denoiser(), x_val)
   np.testing.assert_allclose(rec["samplers"]["3"]["calib_rmse"], np.sqrt(np.mean((out - target) ** 2)), rtol=1e-3)
+  # the refinement's choice is no worse than the search's, up to the rounding of two float32 runs of the sampler
+  entry = rec["samplers"]["3"]
+  slack = tolerances.sampler_rtol(3) * np.abs(target).max()
+  assert 1 <= entry["refine_iterations"] <= 2 and entry["calib_rmse"] <= entry["searched_rmse"] + slack
 
 
 def test_random_mixtures_span_the_family_and_the_robustness_table_reads_the_benchmark_json(tmp_path):

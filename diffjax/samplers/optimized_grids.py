@@ -616,7 +616,8 @@ def refine(process: Process, fitted: FittedSampler, denoise, x, target, *, cond=
 
   Returns:
     (FittedSampler, history): ``calib_rmse`` is the returned sampler's validation (or fitting)
-    RMSE; history lists (iteration, fitting RMSE, validation RMSE or nan), iteration 0 the start.
+    RMSE (the starting sampler itself when no iterate beats it); history lists (iteration, fitting RMSE,
+    validation RMSE or nan), iteration 0 the start.
   """
   from jax.flatten_util import ravel_pytree
 
@@ -668,7 +669,7 @@ def refine(process: Process, fitted: FittedSampler, denoise, x, target, *, cond=
     score = lambda v: rmse(v, x_val, target_val, validation_cond)
   else:
     score = lambda v: rmse(v, x, target, cond)
-  fit = rmse(flat, x, target, cond)
+  start, fit = flat, rmse(flat, x, target, cond)
   log = [(0, fit, score(flat) if validation is not None else float("nan"))]
   best = (log[0][2] if validation is not None else fit, flat)
   damping = 1e-3
@@ -701,6 +702,8 @@ def refine(process: Process, fitted: FittedSampler, denoise, x, target, *, cond=
       best = (val if validation is not None else fit, flat)
     if gain < min_gain or (deadline is not None and time.time() > deadline):
       break
+  if best[1] is start:  # no iterate beat the start: its exact coefficients (not their float32 round trip)
+    return dataclasses.replace(fitted, calib_rmse=best[0]), log
   chosen = unravel(best[1])
   out = FittedSampler(np.asarray(grid(chosen), np.float64), np.asarray(chosen["beta"] * mask, np.float64),
                       np.asarray(chosen["final"], np.float64), np.asarray(chosen["gamma"], np.float64), best[0])
