@@ -649,8 +649,9 @@ def refine(process: Process, fitted: FittedSampler, denoise, x, target, *, cond=
 
   @jax.jit
   def normal_block(v, xb, tb, cb):
+    """(J^T J, J^T r) of one block of samples."""
     r, jac = residual(v, xb, tb, cb), jax.jacfwd(residual)(v, xb, tb, cb)
-    return jac.T @ jac, jac.T @ r, jnp.sum(r * r)
+    return jac.T @ jac, jac.T @ r
 
   squares = jax.jit(lambda v, xb, tb, cb: jnp.sum(residual(v, xb, tb, cb) ** 2))
 
@@ -664,21 +665,23 @@ def refine(process: Process, fitted: FittedSampler, denoise, x, target, *, cond=
     return float(np.sqrt(total / np.prod(tb.shape)))
 
   target = jnp.asarray(target, jnp.float32)
-  if validation is not None:
-    x_val, target_val = validation[0], jnp.asarray(validation[1], jnp.float32)
-    score = lambda v: rmse(v, x_val, target_val, validation_cond)
-  else:
-    score = lambda v: rmse(v, x, target, cond)
+  def validated(v, fit: float) -> tuple[float, float]:
+    """(the validation RMSE or nan, the score that chooses the iterate: it, or the fitting RMSE without one)."""
+    if validation is None:
+      return float("nan"), fit
+    val = rmse(v, validation[0], jnp.asarray(validation[1], jnp.float32), validation_cond)
+    return val, val
+
   start, fit = flat, rmse(flat, x, target, cond)
-  log = [(0, fit, score(flat) if validation is not None else float("nan"))]
-  best = (log[0][2] if validation is not None else fit, flat)
+  val, score = validated(flat, fit)
+  log, best = [(0, fit, val)], (score, flat)
   damping = 1e-3
   for it in range(1, iterations + 1):
     if deadline is not None and time.time() > deadline and it > 1:
       break
     jtj, jtr = np.zeros((flat.size, flat.size)), np.zeros(flat.size)
     for b in blocks(x, target, cond):
-      a, g, _ = normal_block(flat, *b)
+      a, g = normal_block(flat, *b)
       jtj += np.asarray(a, np.float64)
       jtr += np.asarray(g, np.float64)
     diag = np.diag(jtj)
@@ -694,12 +697,12 @@ def refine(process: Process, fitted: FittedSampler, denoise, x, target, *, cond=
       damping *= 4.0
     else:
       break  # no damping lowers the error: a minimum (to float32 rounding)
-    damping /= 3.0
+    damping = max(damping / 3.0, 1e-9)  # (J^T J + damping diag) stays well conditioned
     gain, flat, fit = (fit - new) / fit, trial, new
-    val = score(flat) if validation is not None else float("nan")
+    val, score = validated(flat, fit)
     log.append((it, fit, val))
-    if (val if validation is not None else fit) < best[0]:
-      best = (val if validation is not None else fit, flat)
+    if score < best[0]:
+      best = (score, flat)
     if gain < min_gain or (deadline is not None and time.time() > deadline):
       break
   if best[1] is start:  # no iterate beat the start: its exact coefficients (not their float32 round trip)
