@@ -665,11 +665,13 @@ def refine(process: Process, fitted: FittedSampler, denoise, x, target, *, cond=
     return float(np.sqrt(total / np.prod(tb.shape)))
 
   target = jnp.asarray(target, jnp.float32)
+  target_val = None if validation is None else jnp.asarray(validation[1], jnp.float32)  # once, not per iteration
+
   def validated(v, fit: float) -> tuple[float, float]:
     """(the validation RMSE or nan, the score that chooses the iterate: it, or the fitting RMSE without one)."""
     if validation is None:
       return float("nan"), fit
-    val = rmse(v, validation[0], jnp.asarray(validation[1], jnp.float32), validation_cond)
+    val = rmse(v, validation[0], target_val, validation_cond)
     return val, val
 
   start, fit = flat, rmse(flat, x, target, cond)
