@@ -10,6 +10,12 @@ fitted sampler's output to that reference, of the best classic sampler at the sa
 sampler at twice the NFE, with the ratios. The fitted sampler runs with the coefficients fitted at
 the calibration's guidance scale also at other scales ("transfer").
 
+Several calibration files of the same weights (``--calibration=A,B,...``: e.g. without and with
+``calibration.refine``, or made at another guidance scale) are scored on the same held-out noise,
+references and classic runs: the table is the first file's, and a second table gives each file's
+RMSE and ratio to the best classic sampler, marking where a file is used at another guidance scale
+than its own.
+
   python benchmarks/calibrated_checkpoint.py --config=configs/default.py --workdir=/tmp/digits \\
       --calibration=/tmp/digits/calibration.json --json=/tmp/digits/held_out.json
 
@@ -42,7 +48,8 @@ HELD_OUT_SEED = 104729  # noise seed; the calibration's default is 7919 (config.
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "the training config of the workdir", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "trained workdir (newest checkpoint's EMA weights)")
-_CALIBRATION = flags.DEFINE_string("calibration", None, "calibration file (--mode=calibrate)")
+_CALIBRATION = flags.DEFINE_list("calibration", None, "calibration files (--mode=calibrate) of the workdir's "
+                                  "weights; the first is the table's, each other one a column of a second table")
 _BATCH = flags.DEFINE_integer("batch", 256, "held-out noises per (prompt set, guidance scale)")
 _NFE = flags.DEFINE_list("nfe", ["4", "5", "6", "8", "10"], "evaluation budgets")
 _GUIDANCE = flags.DEFINE_list("guidance", [], "guidance scales (default: the calibration's, then 1.5x it)")
@@ -93,16 +100,20 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax's and tfds' INFO lines would bury the table
   config = _CONFIG.value
-  record = calibration.read_record(_CALIBRATION.value)
   pipe, params, step = trainer.load_pipeline(config, _WORKDIR.value)
   key = trainer.calibration_key(config, params)
-  if record["key"]["model"] != key["model"]:
-    raise SystemExit(f"{_CALIBRATION.value} was calibrated for other weights than {_WORKDIR.value}'s step {step}")
-  calibrated_scale = float(record["key"]["guidance_scale"])
-  scales = [float(g) for g in _GUIDANCE.value] or [calibrated_scale, 1.5 * calibrated_scale]
   budgets = [int(k) for k in _NFE.value]
-  fitted = {k: og.FittedSampler.from_dict(record["samplers"][str(k)]) for k in budgets
-            if str(k) in record["samplers"]}
+  records, fitted = {}, {}  # file -> record, file -> {k: FittedSampler}
+  for path in _CALIBRATION.value:
+    records[path] = calibration.read_record(path)
+    if records[path]["key"]["model"] != key["model"]:
+      raise SystemExit(f"{path} was calibrated for other weights than {_WORKDIR.value}'s step {step}")
+    fitted[path] = {k: og.FittedSampler.from_dict(records[path]["samplers"][str(k)]) for k in budgets
+                    if str(k) in records[path]["samplers"]}
+  main_file, record = _CALIBRATION.value[0], records[_CALIBRATION.value[0]]
+  scale_of = {path: float(r["key"]["guidance_scale"]) for path, r in records.items()}
+  calibrated_scale = scale_of[main_file]
+  scales = [float(g) for g in _GUIDANCE.value] or [calibrated_scale, 1.5 * calibrated_scale]
   cal = config.calibration
   prompt_sets = {"seen": list(cal.get("prompts") or config.prompts), "unseen": unseen_prompts(config)}
   process, tol, size = pipe.process, float(record["reference"]["tol"]), config.data.image_size
@@ -129,11 +140,14 @@ def main(argv):
       for k in budgets:
         best_name, best = min(classic[k].items(), key=lambda kv: kv[1])
         best2_name, best2 = min(classic[2 * k].items(), key=lambda kv: kv[1])
-        ours = float("nan")
-        if k in fitted:
-          run = jax.jit(lambda x, c, f=fitted[k], g=guided: f.sample(process, functools.partial(g, context=c), x))
-          ours = rmse(run(x, context), target)
+        by_file = {}
+        for path, samplers in fitted.items():
+          if k in samplers:
+            run = jax.jit(lambda x, c, f=samplers[k], g=guided: f.sample(process, functools.partial(g, context=c), x))
+            by_file[path] = {"rmse": rmse(run(x, context), target), "transfer": g != scale_of[path]}
+        ours = by_file.get(main_file, {}).get("rmse", float("nan"))
         rows.append(dict(set=set_name, guidance=g, transfer=g != calibrated_scale, nfe=k, fitted=ours,
+                         fitted_by_file=by_file,
                          fitted_psnr=psnr(ours), best=best, best_name=best_name, best_2x=best2, best_2x_name=best2_name,
                          ratio=ours / best, ratio_2x=ours / best2, reference_error=ref_error, classic=classic[k]))
   print("\n| prompts | guidance | NFE | fitted RMSE (PSNR) | best classic | ratio | best classic at 2x NFE | ratio |")
@@ -142,6 +156,17 @@ def main(argv):
     scale = f"{r['guidance']:g}" + (" (transfer)" if r["transfer"] else "")
     print(f"| {r['set']} | {scale} | {r['nfe']} | {r['fitted']:.4f} ({r['fitted_psnr']:.1f} dB) | {r['best']:.4f} "
           f"{r['best_name']} | {r['ratio']:.2f}x | {r['best_2x']:.4f} {r['best_2x_name']} | {r['ratio_2x']:.2f}x |")
+  if len(fitted) > 1:  # every calibration on the same held-out batch and reference, against the best classic
+    names = list(fitted)
+    print("\n| prompts | guidance | NFE | " + " | ".join(names) + " | best classic |")
+    print("|---|---|---|" + "---|" * len(names) + "---|")
+    for r in rows:
+      cells = []
+      for path in names:
+        got = r["fitted_by_file"].get(path)
+        cells.append("-" if got is None else f"{got['rmse']:.4f} ({got['rmse'] / r['best']:.2f}x"
+                     + (", transfer)" if got["transfer"] else ")"))
+      print(f"| {r['set']} | {r['guidance']:g} | {r['nfe']} | " + " | ".join(cells) + f" | {r['best']:.4f} |")
   if _JSON.value:
     with open(_JSON.value, "w", encoding="utf-8") as f:
       json.dump(dict(workdir=_WORKDIR.value, step=step, calibration=_CALIBRATION.value, seed=_SEED.value,

@@ -102,6 +102,17 @@ def test_calibrated_samplers_of_a_tiny_run(tmp_path):
   assert all(np.isfinite([r["fitted"], r["best"], r["best_2x"], r["reference_error"]]).all() for r in rows)
   assert rows[0]["best_name"].startswith("euler/") and len(rows[0]["classic"]) == 3  # one solver, three grids
   config.sampler.guidance_scale = 3.0
+  # several calibrations on one held-out batch: each file's RMSE, and transfer marked against each file's own scale
+  path3 = str(tmp_path / "calibration3.json")
+  trainer.calibrate_checkpoint(config, str(tmp_path), path3)
+  subprocess.run([sys.executable, "benchmarks/calibrated_checkpoint.py", "--config=configs/default.py:tiny",
+                  f"--workdir={tmp_path}", f"--calibration={path},{path3}", "--batch=8", "--nfe=2", "--guidance=2,3",
+                  "--sets=unseen", "--solvers=euler", "--check=4", f"--json={out}"], check=True, cwd=ROOT)
+  both = json.loads(out.read_text())["rows"]
+  assert [r["fitted"] for r in both] == [r["fitted"] for r in rows]  # the first file's column is the table's
+  assert [{f: v["transfer"] for f, v in r["fitted_by_file"].items()} for r in both] == [
+      {path: False, path3: True}, {path: True, path3: False}]
+  assert all(np.isfinite(v["rmse"]) for r in both for v in r["fitted_by_file"].values())
   with pytest.raises(calibration.CalibrationError, match="calibrated for guidance_scale = 2.0, this run has 3.0"):
     trainer.sample_from_checkpoint(config, str(tmp_path), config.prompts[:1], 1, str(tmp_path / "refused"))
   with pytest.raises(ConfigError, match="not while training"):
