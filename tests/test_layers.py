@@ -126,6 +126,17 @@ def test_subpixel_upsample_conv_is_upsample_then_conv_values_and_gradients(shape
       n=n, extra_ops=4)
   for a, b, bound, name in zip(*grads, grad_bounds, ("dx", "dkernel"), strict=True):
     tolerances.assert_within(a, b, 2 * bound, name)
+  # Forward mode too (the fitted sampler's refinement takes jacfwd through the denoiser): the JVP in x and
+  # kernel is direct(dx, kernel) + direct(x, dkernel), the same sums of products as the forward pass, + 1
+  # rounding for the sum of the two terms.
+  tangents = [jnp.asarray(rng.standard_normal(a.shape), jnp.float32) for a in (x, kernel)]
+  jvps = [jax.jvp(f, (x, kernel), tuple(tangents))[1] for f in (upsample_conv_subpixel, direct)]
+  jvp_bound = tolerances.multilinear_bound(lambda x, k, dx, dk: jax.jvp(direct, (x, k), (dx, dk))[1], x, kernel,
+                                           *tangents, n=9 * shape[-1], extra_ops=3)
+  tolerances.assert_within(jvps[0], jvps[1], 2 * jvp_bound, "jvp")
+  only_x = jax.jvp(lambda x: upsample_conv_subpixel(x, kernel), (x,), (tangents[0],))[1]
+  x_bound = tolerances.multilinear_bound(direct, tangents[0], kernel, n=9 * shape[-1], extra_ops=2)
+  tolerances.assert_within(only_x, direct(tangents[0], kernel), 2 * x_bound, "jvp in x alone")
 
 
 def test_upsample_parameters_and_outputs_match_conv_on_the_upsampled_image():

@@ -79,10 +79,13 @@ def test_calibrated_samplers_of_a_tiny_run(tmp_path):
   sampled = trainer.sample_from_checkpoint(config, str(tmp_path), config.prompts[:2], 2, str(tmp_path / "sample"))
   # --mode=calibrate fits samplers to the checkpoint; sampler.name=fitted samples and evaluates with them, and
   # refuses a calibration made for another guidance scale, and any use while training
-  config.calibration.update(dict(budgets=(2, 3), batch=16, validation_batch=16, lattice=8, chunk=16, restarts=2))
+  # refine: Levenberg-Marquardt takes forward-mode Jacobians through the U-Net (its CPU upsampling included)
+  config.calibration.update(dict(budgets=(2, 3), batch=16, validation_batch=16, lattice=8, chunk=16, restarts=2,
+                                 refine=1))
   path = str(tmp_path / "calibration.json")
   made = trainer.calibrate_checkpoint(config, str(tmp_path), path)
   assert sorted(made["samplers"], key=int) == ["2", "3"] and made["key"]["guidance_scale"] == 2.0
+  assert all(made["samplers"][k]["refine_iterations"] in (0, 1) for k in ("2", "3"))  # (0: no step lowered it)
   # calibration.restarts reached each search (both budgets have >= 2 starting grids on an 8-point lattice)
   assert [made["samplers"][k]["descents"] for k in ("2", "3")] == [2, 2]
   config.sampler.update(dict(name="fitted", calibration=path, nfe=3))

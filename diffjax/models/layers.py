@@ -28,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from diffjax.models.attention import dot_product_attention
 
@@ -249,27 +250,40 @@ def _fold_taps(k: Array, axis: int) -> Array:
   return jnp.stack([jnp.stack([k0, k1 + k2], axis), jnp.stack([k0 + k1, k2], axis)])
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _conv_valid(x: Array, kernel: Array) -> Array:
-  """VALID stride-1 convolution (NHWC, HWIO) whose kernel gradient is one matmul per tap (see ``_UpsampleConv``)."""
+  """VALID stride-1 convolution (NHWC, HWIO) whose kernel gradient is one matmul per tap (see ``_UpsampleConv``).
+
+  A custom JVP, not a custom VJP, so that forward mode (``jax.jvp``, ``jax.jacfwd``: the fitted sampler's
+  refinement differentiates the denoiser that way) works too: the tangent in the kernel is written tap by
+  tap as matmuls, and reverse mode transposes those into one matmul per tap for the kernel gradient.
+  """
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID', dimension_numbers=_NHWC)
 
 
-def _conv_valid_fwd(x, kernel):
-  return _conv_valid(x, kernel), (x, kernel)
+def _conv_valid_by_taps(x: Array, kernel: Array) -> Array:
+  """``_conv_valid(x, kernel)`` as a sum of one (B H W, C) x (C, D) matmul per kernel tap (linear in kernel)."""
+  kh, kw, c, d = kernel.shape
+  h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  out = 0.0
+  for u in range(kh):
+    for v in range(kw):
+      out = out + (x[:, u:u + h, v:v + w].reshape(-1, c) @ kernel[u, v]).reshape(x.shape[0], h, w, d)
+  return out
 
 
-def _conv_valid_bwd(res, g):
-  x, kernel = res
-  dx = jax.vjp(lambda x: jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID', dimension_numbers=_NHWC), x)[1](g)[0]
-  kh, kw, c, _ = kernel.shape
-  h, w = g.shape[1:3]
-  g2 = g.reshape(-1, g.shape[-1])
-  dk = jnp.stack([jnp.stack([x[:, u:u + h, v:v + w].reshape(-1, c).T @ g2 for v in range(kw)]) for u in range(kh)])
-  return dx, dk.astype(kernel.dtype)
+def _conv_valid_jvp(primals, tangents):
+  (x, kernel), (dx, dkernel) = primals, tangents
+  y = _conv_valid(x, kernel)
+  dy = jnp.zeros_like(y)  # the symbolic zeros (a tangent that is not being followed) cost nothing
+  if not isinstance(dx, SymbolicZero):
+    dy = dy + jax.lax.conv_general_dilated(dx, kernel, (1, 1), 'VALID', dimension_numbers=_NHWC)
+  if not isinstance(dkernel, SymbolicZero):
+    dy = dy + _conv_valid_by_taps(x, dkernel).astype(y.dtype)
+  return y, dy
 
 
-_conv_valid.defvjp(_conv_valid_fwd, _conv_valid_bwd)
+_conv_valid.defjvp(_conv_valid_jvp, symbolic_zeros=True)
 
 
 def upsample_conv_subpixel(x: Array, kernel: Array) -> Array:
