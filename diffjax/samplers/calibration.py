@@ -243,8 +243,8 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
     refine_iterations: > 0: each searched sampler is then refined jointly (coefficients and grid) by at most
       this many Levenberg-Marquardt iterations on the fitting batch's final error, the iterate best on the
       validation batch kept (``optimized_grids.refine``, ``chunk`` samples per Jacobian block). An
-      iteration runs the sampler on the fitting batch with P forward-mode tangents (P: its 20-50 unknowns),
-      once more per damping tried, and once on the validation batch.
+      iteration runs the sampler on the fitting batch with P forward-mode tangents (P: its unknowns, about
+      3-5 per evaluation), once more per damping tried, and once on the validation batch.
     time_budget_s: wall-clock seconds for this call: what the reference paths leave is shared among
       the budgets still to fit in proportion to k (each search stops at its share's end, keeping the
       best grid found; its entry says ``stopped_early``; with ``refine_iterations`` the search has
