@@ -50,7 +50,7 @@ def _batch(seed, n):
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("calibration") / "fitted.json")
+  path = str(tmp_path_factory.mktemp("calibration") / "not" / "made" / "fitted.json")  # folders made by calibrate
   (x_fit, c_fit), (x_val, c_val) = _batch(1, 256), _batch(2, 512)
   record = calibration.calibrate(SD, denoise, x_fit, x_val, (3, 5), key=KEY, path=path, cond_fit=c_fit,
                                  cond_val=c_val, lattice=24, chunk=128, progress=False, log=lambda s: None)
@@ -119,6 +119,17 @@ def test_a_calibration_for_something_else_is_refused_in_one_line(calibrated, tmp
     calibration.load_fitted(str(bad), KEY, 5)
   with pytest.raises(ValueError, match=r"budgets \[1\] are outside \[2, 24\]"):
     calibration.calibrate(SD, denoise, x_fit, x_val, (1,), key=KEY, path=str(tmp_path / "x.json"), lattice=24)
+
+
+def test_a_calibration_it_cannot_write_fails_before_solving_anything(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  (x_fit, c_fit), (x_val, c_val) = _batch(1, 8), _batch(2, 8)
+  calls = []
+  with pytest.raises(OSError):  # the folder cannot be made: a file has its name
+    calibration.calibrate(SD, lambda x, t, c: calls.append(t) or denoise(x, t, c), x_fit, x_val, (3,), key=KEY,
+                          path=str(tmp_path / "a_file" / "fitted.json"), cond_fit=c_fit, cond_val=c_val, lattice=24,
+                          progress=False, log=lambda s: None)
+  assert calls == []
 
 
 def test_a_calibration_out_of_time_fits_every_budget_from_its_starting_grids(calibrated):

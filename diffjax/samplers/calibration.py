@@ -269,6 +269,8 @@ def calibrate(process: Process, denoise, x_fit, x_val, budgets, *, key: dict, pa
     log(f"resuming the calibration in {path}: fitted {sorted(record['samplers'], key=int) or 'none'}")
   else:
     record = {"format": FORMAT, "key": key, "lattice": lattice_ts.tolist(), "history": history, "samplers": {}}
+    if path is not None:  # before the reference solve: a place that cannot be written fails now, not minutes later
+      _write_json(path, record)
   x_fit, x_val = (process.prior_std * jnp.asarray(x, jnp.float32) for x in (x_fit, x_val))
   ref_file = None if path is None else path + ".reference.npz"
   if "reference" in record and os.path.isfile(ref_file):
