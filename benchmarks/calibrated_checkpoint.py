@@ -26,21 +26,26 @@ after the first, which ``config.prompts`` uses), or ``--unseen_prompts`` (a file
 
 from __future__ import annotations
 
+import argparse
 import functools
-import json
+import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from diffjax.data import digits
-from diffjax.pipelines import calibrate
-from diffjax.samplers import calibration, grids, make_solver, points_for_budget, sample
-from diffjax.samplers import optimized_grids as og
-from diffjax.train import trainer
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from benchmarks.results import output_path, write_json  # noqa: E402
+from diffjax.data import digits  # noqa: E402
+from diffjax.pipelines import calibrate  # noqa: E402
+from diffjax.samplers import calibration, grids, make_solver, points_for_budget, sample  # noqa: E402
+from diffjax.samplers import optimized_grids as og  # noqa: E402
+from diffjax.train import trainer  # noqa: E402
 
 CLASSIC_SOLVERS = ("dpmpp_2m", "dpmpp_3m", "unipc", "ipndm", "euler")
 CLASSIC_GRIDS = {"karras": grids.karras, "log_snr": grids.log_snr_uniform, "uniform_t": grids.uniform_t}
@@ -100,6 +105,10 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax's and tfds' INFO lines would bury the table
   config = _CONFIG.value
+  try:
+    output_path(_JSON.value)  # now, not after the hour of measuring
+  except argparse.ArgumentTypeError as e:
+    raise SystemExit(f"--json {e}") from None
   pipe, params, step = trainer.load_pipeline(config, _WORKDIR.value)
   key = trainer.calibration_key(config, params)
   budgets = [int(k) for k in _NFE.value]
@@ -168,9 +177,8 @@ def main(argv):
                      + (", transfer)" if got["transfer"] else ")"))
       print(f"| {r['set']} | {r['guidance']:g} | {r['nfe']} | " + " | ".join(cells) + f" | {r['best']:.4f} |")
   if _JSON.value:
-    with open(_JSON.value, "w", encoding="utf-8") as f:
-      json.dump(dict(workdir=_WORKDIR.value, step=step, calibration=_CALIBRATION.value, seed=_SEED.value,
-                     batch=_BATCH.value, rows=rows), f, indent=1)
+    write_json(_JSON.value, dict(workdir=_WORKDIR.value, step=step, calibration=_CALIBRATION.value,
+               seed=_SEED.value, batch=_BATCH.value, rows=rows), indent=1)
 
 
 if __name__ == "__main__":

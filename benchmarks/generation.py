@@ -85,6 +85,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout, uninstalled
+from benchmarks.results import output_path, write_json  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, dramatic light"
 NEGATIVE = "blurry, low quality"
@@ -369,7 +370,7 @@ def main(argv=None):
   parser.add_argument("--folder", default="",
                       help="the random-weight folder of --arch (made on first use; default: "
                       "<tmp>/diffjax_bench_<arch>)")
-  parser.add_argument("--json", default="", help="also write the results here")
+  parser.add_argument("--json", default="", type=output_path, help="also write the results here")
   parser.add_argument("--numpy_hugepages", action="store_true",
                       help="keep numpy's transparent-huge-page advice in the children "
                       "(default: NUMPY_MADVISE_HUGEPAGE=0)")
@@ -448,11 +449,10 @@ def main(argv=None):
     print(f"WARNING: fresh memory took up to {max(faults):.2f} s/GiB to fault in (a quiet machine: ~0.15): "
           f"loading, first calls and allocation-heavy steps are slowed; do not compare these figures")
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"arch": args.arch, "precision": args.precision, "folder": args.folder, "steps": args.steps,
-                 "reps": args.reps, "cores": os.cpu_count(), "fresh_memory_s_per_gib": faults,
-                 "numpy_hugepages": args.numpy_hugepages, "advised_fresh_memory_s_per_gib": advised,
-                 "rows": rows}, f, indent=2)
+    write_json(args.json, {"arch": args.arch, "precision": args.precision, "folder": args.folder,
+               "steps": args.steps, "reps": args.reps, "cores": os.cpu_count(),
+               "fresh_memory_s_per_gib": faults, "numpy_hugepages": args.numpy_hugepages,
+               "advised_fresh_memory_s_per_gib": advised, "rows": rows}, indent=2)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import k_diffusion_loader
+from benchmarks.results import output_path, write_json
 from diffjax.analytic import GaussianMixture
 from diffjax.processes import EDM, make_process
 from diffjax.samplers import SOLVERS, grids, make_solver, num_evaluations, sample
@@ -814,7 +815,8 @@ def parse_args(argv=None):
   ap.add_argument("--dump", default=None, help="directory for <config>-nfe<k>.npz files")
   ap.add_argument("--plot", default=None, help="PNG path (default: DIR/sampler_accuracy.png or ./sampler_accuracy.png)")
   ap.add_argument("--ref_tol", type=float, default=1e-8, help="rtol = atol of the float64 dopri5 reference")
-  ap.add_argument("--json", default=None, help="also write every result, the ratios and the calibration here")
+  ap.add_argument("--json", default=None, type=output_path,
+                  help="also write every result, the ratios and the calibration here")
   ap.add_argument("--only", default=None, help="regex: run only matching configurations")
   ap.add_argument("--no-peers", dest="peers", action="store_false", help="skip diffusers / k-diffusion")
   ap.add_argument("--extended", action="store_true", help="more grid options for diffjax and the peers")
@@ -884,7 +886,7 @@ def main(argv=None):
                  "calibration": calibrations.get(mix),
                  "ratio_best_diffjax_to_best_peer": {str(k): ratios[(mix, k)] for k in args.nfes}}
            for mix, (results, extra) in all_results.items()}
-    pathlib.Path(args.json).write_text(json.dumps(out, indent=1, default=float) + "\n")
+    write_json(args.json, out, indent=1, default=float)
   plot_path = pathlib.Path(args.plot) if args.plot else (dump / "sampler_accuracy.png" if dump else
                                                          pathlib.Path("sampler_accuracy.png"))
   plot_path.parent.mkdir(parents=True, exist_ok=True)

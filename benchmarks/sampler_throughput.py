@@ -59,6 +59,7 @@ from typing import Any, NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout, uninstalled
+from benchmarks.results import output_path, write_json  # noqa: E402
 
 ROW_MARK = "SAMPLER_THROUGHPUT_ROW "  # a child's result lines on stdout start with this
 MODELS = ("digits", "shapes", "sd15")
@@ -526,7 +527,7 @@ def parse_args(argv=None):
   parser.add_argument("--seeds", default="0,1", help="seeds of the compile-count sweep")
   parser.add_argument("--platforms", default="auto", help="cpu, accelerator, or auto (cpu and any accelerator)")
   parser.add_argument("--no_warm", action="store_true", help="skip the warm-cache child (no warm compile time)")
-  parser.add_argument("--json", default="", help="also write the rows here")
+  parser.add_argument("--json", default="", type=output_path, help="also write the rows here")
   parser.add_argument("--cache_dir", default="", help="persistent compilation caches go under this folder (emptied "
                       "per point; default: a temporary folder, with several processes one named by the port)")
   parser.add_argument("--timeout", type=float, default=3600, help="seconds per child process")
@@ -630,10 +631,9 @@ def main(argv=None) -> int:
         "the fixed global batch; weak eff. = t(n0) / t(n) at the fixed per-device batch; n0 the fewest devices. "
         "collectives: all-reduce/all-gather/all-to-all/collective-permute/reduce-scatter ops in the program.")
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"cores": cores, "load_average": os.getloadavg()[0], "num_processes": args.num_processes,
-                 "accelerator": accel, "notes": notes, "argv": sys.argv[1:] if argv is None else list(argv),
-                 "rows": rows}, f, indent=2)
+    write_json(args.json, {"cores": cores, "load_average": os.getloadavg()[0],
+               "num_processes": args.num_processes, "accelerator": accel, "notes": notes,
+               "argv": sys.argv[1:] if argv is None else list(argv), "rows": rows}, indent=2)
   if bad_counts:
     print(f"FAIL: {len(bad_counts)} program(s) compiled more than once over the sweep: "
           + ", ".join(f"{r['model']} {r['solver']} NFE {r['nfe']} on {r['devices']} devices, batch "

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import sys
@@ -39,6 +38,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks.model_throughput import cudnn_attention_calls, matmul_peak, xla_flops  # noqa: E402
+from benchmarks.results import output_path, write_json  # noqa: E402
 from diffjax.adapters import num_params  # noqa: E402
 from diffjax.models.dit import DIT_CONFIGS, DiT, DiTConfig  # noqa: E402
 from diffjax.models.mmdit import MMDIT_CONFIGS, MMDiT, MMDiTConfig  # noqa: E402
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   ap.add_argument('--remat', action='store_true', help='gradient checkpointing of every block')
   ap.add_argument('--reps', type=int, default=5)
   ap.add_argument('--peak', type=float, default=None, help='peak dense bf16 FLOP/s of the device (overrides the table)')
-  ap.add_argument('--json', default=None)
+  ap.add_argument('--json', default=None, type=output_path)
   args = ap.parse_args(argv)
   models = args.models.split(',')
   unknown = set(models) - set(TARGETS)
@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{name}: {1e3 * rows[-1]['step_s']:.1f} ms / step", flush=True)
   print_table(rows, device.device_kind, peak, measured, n)
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump({'device': device.device_kind, 'peak': peak, 'matmul': measured, 'rows': rows}, f, indent=1)
+    write_json(args.json, {'device': device.device_kind, 'peak': peak, 'matmul': measured, 'rows': rows},
+               indent=1)
   return rows
 
 

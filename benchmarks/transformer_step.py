@@ -60,7 +60,6 @@ Sizes (``SIZES``; latents are (H, W, C), tokens = image tokens + text tokens per
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -75,6 +74,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
+from benchmarks.results import output_path, write_json  # noqa: E402
 from diffjax.adapters import num_params  # noqa: E402
 from diffjax.convert import load_pretrained  # noqa: E402
 from diffjax.convert.keys import to_torch_array, torch_key  # noqa: E402
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument('--torch_threads', type=int, default=os.cpu_count() or 1,
                       help='torch.set_num_threads (default: os.cpu_count())')
   parser.add_argument('--torch_compile', action='store_true', help='also time torch.compile(model) forward')
-  parser.add_argument('--json', help='write the results (with every timing) to this file')
+  parser.add_argument('--json', type=output_path, help='write the results (with every timing) to this file')
   args = parser.parse_args(argv)
   models, sizes = args.models.split(','), args.sizes.split(',')
   for name, chosen, known in (('model', models, MODELS), ('size', sizes, SIZES)):
@@ -395,8 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
   result['load_end'] = [round(v, 2) for v in os.getloadavg()]
   print_tables(result)
   if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(result, f, indent=1)
+    write_json(args.json, result, indent=1)
   if not all(r['parity']['ok'] for r in result['rows']):
     print(f'WARNING: parity beyond {PARITY_BOUND:g}: the two sides do not compute the same function', file=sys.stderr)
   return result

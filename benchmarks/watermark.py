@@ -34,6 +34,7 @@ from scipy import ndimage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout, uninstalled
+from benchmarks.results import output_path, write_json  # noqa: E402
 
 
 def _pil(image: np.ndarray) -> Image.Image:
@@ -182,7 +183,7 @@ def main(argv=None):
   parser.add_argument("--radii", default="0", help="latent key radii to compare (0: the default for the size)")
   parser.add_argument("--seed", type=int, default=20261206, help="the latent key's seed")
   parser.add_argument("--attacks", default=",".join(ATTACKS))
-  parser.add_argument("--json", default="")
+  parser.add_argument("--json", default="", type=output_path)
   parser.add_argument("--plot", default="")
   args = parser.parse_args(argv)
 
@@ -266,8 +267,7 @@ def main(argv=None):
     print(cost, flush=True)
     results["radii"][str(rec["radius"])] = entry
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(results, f, indent=2)
+    write_json(args.json, results, indent=2)
   if args.plot:
     plot(results, attacks, args.plot)
 
