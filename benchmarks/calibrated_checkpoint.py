@@ -40,7 +40,8 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from benchmarks.results import output_path, write_json  # noqa: E402
+from benchmarks.results import output_path  # noqa: E402
+from diffjax.convert.files import write_json  # noqa: E402
 from diffjax.data import digits  # noqa: E402
 from diffjax.pipelines import calibrate  # noqa: E402
 from diffjax.samplers import calibration, grids, make_solver, points_for_budget, sample  # noqa: E402

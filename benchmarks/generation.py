@@ -85,7 +85,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout, uninstalled
-from benchmarks.results import output_path, write_json  # noqa: E402
+from benchmarks.results import output_path  # noqa: E402
+from diffjax.convert.files import write_json  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, detailed, dramatic light"
 NEGATIVE = "blurry, low quality"

@@ -1,11 +1,8 @@
 """Where a benchmark writes its results (``--json``): the folder made and checked when the run starts, not after
-an hour of measuring, and the file written whole or not at all."""
+an hour of measuring (the file is then written whole or not at all by ``diffjax.convert.files.write_json``)."""
 
 import argparse
-import json
 import os
-
-from diffjax.convert.files import write_atomically
 
 
 def output_path(path: str | None) -> str | None:
@@ -20,12 +17,3 @@ def output_path(path: str | None) -> str | None:
     if not os.access(folder, os.W_OK):
       raise argparse.ArgumentTypeError(f"{path}: cannot write into {folder}")
   return path
-
-
-def write_json(path: str, obj, **dump_options) -> None:
-  """``obj`` as JSON in ``path`` (``json.dump``'s options, e.g. ``indent``), replacing it whole."""
-  def write(tmp):
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(obj, f, **dump_options)
-      f.write("\n")
-  write_atomically(path, write)

@@ -60,8 +60,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import k_diffusion_loader
-from benchmarks.results import output_path, write_json
+from benchmarks.results import output_path
 from diffjax.analytic import GaussianMixture
+from diffjax.convert.files import write_json
 from diffjax.processes import EDM, make_process
 from diffjax.samplers import SOLVERS, grids, make_solver, num_evaluations, sample
 

@@ -59,7 +59,8 @@ from typing import Any, NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout, uninstalled
-from benchmarks.results import output_path, write_json  # noqa: E402
+from benchmarks.results import output_path  # noqa: E402
+from diffjax.convert.files import write_json  # noqa: E402
 
 ROW_MARK = "SAMPLER_THROUGHPUT_ROW "  # a child's result lines on stdout start with this
 MODELS = ("digits", "shapes", "sd15")

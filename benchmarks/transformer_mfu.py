@@ -38,8 +38,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from benchmarks.model_throughput import cudnn_attention_calls, matmul_peak, xla_flops  # noqa: E402
-from benchmarks.results import output_path, write_json  # noqa: E402
+from benchmarks.results import output_path  # noqa: E402
 from diffjax.adapters import num_params  # noqa: E402
+from diffjax.convert.files import write_json  # noqa: E402
 from diffjax.models.dit import DIT_CONFIGS, DiT, DiTConfig  # noqa: E402
 from diffjax.models.mmdit import MMDIT_CONFIGS, MMDiT, MMDiTConfig  # noqa: E402
 

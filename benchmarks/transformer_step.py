@@ -74,9 +74,10 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from benchmarks.results import output_path, write_json  # noqa: E402
+from benchmarks.results import output_path  # noqa: E402
 from diffjax.adapters import num_params  # noqa: E402
 from diffjax.convert import load_pretrained  # noqa: E402
+from diffjax.convert.files import write_json  # noqa: E402
 from diffjax.convert.keys import to_torch_array, torch_key  # noqa: E402
 from diffjax.models.flux import image_ids, pack_latents, rotary_for  # noqa: E402
 

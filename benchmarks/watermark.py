@@ -34,7 +34,8 @@ from scipy import ndimage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout, uninstalled
-from benchmarks.results import output_path, write_json  # noqa: E402
+from benchmarks.results import output_path  # noqa: E402
+from diffjax.convert.files import write_json  # noqa: E402
 
 
 def _pil(image: np.ndarray) -> Image.Image:

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from benchmarks import sampler_accuracy
-from benchmarks.results import output_path, write_json
+from benchmarks.results import output_path
+from diffjax.convert.files import write_json
 
 
 def test_the_json_folder_is_made_when_the_arguments_are_read(tmp_path):

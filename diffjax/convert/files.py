@@ -141,6 +141,18 @@ def write_atomically(path: str | os.PathLike, write: Callable[[str], None], suff
     raise
 
 
+def write_json(path: str | os.PathLike, obj, **dump_options) -> None:
+  """``obj`` as JSON in ``path`` (``json.dumps``' options, e.g. ``indent``), replacing it whole
+  (``write_atomically``)."""
+  text = json.dumps(obj, **dump_options) + '\n'
+
+  def write(tmp):
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.write(text)
+
+  write_atomically(path, write)
+
+
 def read_json_config(path: str | os.PathLike, what: str = 'a JSON object') -> dict:
   """The JSON object in ``path`` (a config.json, model_index.json, shard index ...); the one place JSON files are
   parsed. WeightFileError naming the file if it is empty, not UTF-8 JSON, or not an object (``what`` says what

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import pathlib
 import time
 
 import jax
@@ -36,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from diffjax.convert.files import write_atomically
+from diffjax.convert.files import write_atomically, write_json
 from diffjax.processes import Process
 from diffjax.samplers import grids
 from diffjax.samplers import optimized_grids as og
@@ -155,7 +154,7 @@ def noise_segment(process: Process, denoise, y, t_end, tol: float):
 
 def _write_json(path: str, record: dict) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(record, indent=1), encoding="utf-8"))
+  write_json(path, record, indent=1)
 
 
 def read_record(path: str) -> dict:
